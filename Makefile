@@ -1,0 +1,64 @@
+# Stowage — developer entry points. `make run` and `make test` work on a fresh Debian machine
+# as root: they install what they need (apt packages, .venv, csi-sanity, helm) first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+STATE ?= $(CURDIR)/.run
+REPORTS ?= $(CURDIR)/reports
+PROTO_GEN := $(PY) -m grpc_tools.protoc -I . --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) csi_proto/csi.proto
+
+.PHONY: help deps proto check-generated lint test test-unit test-integration test-chart sanity run image clean
+
+help:
+	@echo "make run              start the driver on an embedded XFS pool and run the demo"
+	@echo "make test             lint, check generated code, unit + integration + chart tests, csi-sanity"
+	@echo "make proto            regenerate csi_proto/ stubs from csi_proto/csi.proto"
+	@echo "make check-generated  prove the committed stubs match csi.proto"
+
+deps:
+	@tests/tools/install-deps.sh
+
+proto: deps
+	$(call PROTO_GEN,.)
+
+check-generated: deps
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	mkdir -p "$$tmp/csi_proto"; cp csi_proto/csi.proto "$$tmp/csi_proto/"; \
+	(cd "$$tmp" && $(CURDIR)/$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
+	  --mypy_out=. --mypy_grpc_out=. csi_proto/csi.proto >/dev/null); \
+	for f in csi_pb2.py csi_pb2.pyi csi_pb2_grpc.py csi_pb2_grpc.pyi; do \
+	  diff -u "csi_proto/$$f" "$$tmp/csi_proto/$$f" >/dev/null || { echo "csi_proto/$$f is stale: run make proto"; exit 1; }; \
+	done; echo "generated code matches csi_proto/csi.proto"
+
+lint: deps
+	$(VENV)/bin/ruff check driver tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test-unit: deps
+	$(PY) -m pytest -q tests/unit
+
+test-integration: deps
+	$(PY) -m pytest -q tests/integration
+
+test-chart: deps
+	STOWAGE_HELM=$$(tests/tools/install-helm.sh | tail -n 1) $(PY) -m pytest -q tests/chart
+
+sanity: deps
+	STOWAGE_CSI_SANITY=$$(tests/tools/install-csi-sanity.sh | tail -n 1) REPORTS=$(REPORTS) \
+	  $(PY) -m pytest -q tests/conformance
+
+test: deps check-generated lint
+	STOWAGE_CSI_SANITY=$$(tests/tools/install-csi-sanity.sh | tail -n 1) \
+	STOWAGE_HELM=$$(tests/tools/install-helm.sh | tail -n 1) REPORTS=$(REPORTS) \
+	  $(PY) -m pytest -q -p no:cacheprovider --junitxml=$(REPORTS)/pytest.xml tests
+
+run: deps
+	STATE=$(STATE) PY=$(PY) deploy/local/run.sh
+
+image:
+	docker build -f deploy/Dockerfile -t stowage-csi:$$($(PY) -c 'import driver; print(driver.__version__)') .
+
+clean:
+	rm -rf $(REPORTS) .mypy_cache .ruff_cache .pytest_cache

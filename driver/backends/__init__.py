@@ -1,0 +1,1 @@
+"""Storage backends: where a volume's bytes live. No gRPC, no protobuf here."""

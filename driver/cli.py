@@ -1,0 +1,80 @@
+"""`stowage-csi`: parse flags, start the server, stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+
+from driver import DRIVER_NAME, __version__, logs
+from driver.config import Config, Mode
+from driver.errors import StowageError
+
+log = logging.getLogger("driver")
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="stowage-csi", description=f"{DRIVER_NAME} CSI driver")
+    p.add_argument("--endpoint", default="unix:///run/stowage/csi.sock",
+                   help="unix:///path/csi.sock or tcp://host:port")
+    p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.ALL.value)
+    p.add_argument("--node-id", default=os.environ.get("NODE_NAME") or socket.gethostname())
+    p.add_argument("--pool-dir", default="/var/lib/stowage")
+    p.add_argument("--metrics-address", default="", help="host:port for /metrics; empty = off")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--max-volumes-per-node", type=int, default=0)
+    p.add_argument("--reserved-bytes", type=int, default=0,
+                   help="pool space kept free and never reported as capacity")
+    p.add_argument("--loop-sector-size", type=int, default=4096, choices=[512, 1024, 2048, 4096],
+                   help="logical sector size of loop devices for new volumes (kept per volume)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0)
+    p.add_argument("--version", action="version", version=f"stowage-csi {__version__}")
+    a = p.parse_args(argv)
+    if a.max_volumes_per_node < 0 or a.reserved_bytes < 0:
+        p.error("--max-volumes-per-node and --reserved-bytes must not be negative")
+    return Config(
+        endpoint=a.endpoint,
+        mode=Mode(a.mode),
+        node_id=a.node_id,
+        pool_dir=os.path.abspath(a.pool_dir),
+        metrics_address=a.metrics_address,
+        log_level=a.log_level,
+        log_format=a.log_format,
+        max_volumes_per_node=a.max_volumes_per_node,
+        reserved_bytes=a.reserved_bytes,
+        loop_sector_size=a.loop_sector_size,
+        shutdown_grace=a.shutdown_grace,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(argv)
+    logs.setup(cfg.log_level, cfg.log_format)
+    from driver import server  # imported late: flag errors should not pay for gRPC start-up
+
+    try:
+        running = server.start(cfg)
+    except StowageError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s; finishing in-flight calls", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    running.stop(cfg.shutdown_grace)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

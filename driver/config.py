@@ -1,0 +1,32 @@
+"""Command-line flags become one frozen configuration."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Mode(enum.StrEnum):
+    ALL = "all"
+    NODE = "node"
+    CONTROLLER = "controller"
+
+
+@dataclass(frozen=True)
+class Config:
+    endpoint: str
+    mode: Mode
+    node_id: str
+    pool_dir: str
+    metrics_address: str = ""
+    log_level: str = "info"
+    log_format: str = "text"
+    max_volumes_per_node: int = 0
+    reserved_bytes: int = 0
+    loop_sector_size: int = 4096
+    shutdown_grace: float = 30.0
+    workers: int = 16
+
+    @property
+    def serves_pool(self) -> bool:
+        return self.mode in (Mode.ALL, Mode.NODE)

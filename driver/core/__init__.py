@@ -1,0 +1,1 @@
+"""Domain services: the orchestration behind each CSI call, free of gRPC and protobuf."""

@@ -1,0 +1,460 @@
+"""Controller-side operations on the local pool: volumes, snapshots, attachments, capacity."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from driver import TOPOLOGY_KEY, ids, validation
+from driver.core.pool import PoolContext
+from driver.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from driver.model import (
+    AccessType,
+    Attachment,
+    Capability,
+    CapacityRange,
+    Condition,
+    ContentSource,
+    Page,
+    Snapshot,
+    Volume,
+)
+
+log = logging.getLogger(__name__)
+
+Segment = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class VolumeStatus:
+    volume: Volume
+    published_nodes: list[str]
+    condition: Condition
+
+
+class ControllerCore:
+    def __init__(self, ctx: PoolContext) -> None:
+        self.ctx = ctx
+
+    # --- topology -----------------------------------------------------------------------------
+    @property
+    def segment(self) -> dict[str, str]:
+        return {TOPOLOGY_KEY: self.ctx.node_id}
+
+    def _reachable(self, segments: Sequence[Segment]) -> bool:
+        """True when one of `segments` names this node (segments with other keys never do)."""
+        return any(dict(s) == self.segment for s in segments)
+
+    # --- volumes ------------------------------------------------------------------------------
+    def create_volume(
+        self,
+        name: str,
+        caps: Sequence[Capability],
+        rng: CapacityRange,
+        parameters: Mapping[str, str],
+        source: ContentSource | None,
+        requisite: Sequence[Segment] = (),
+        preferred: Sequence[Segment] = (),
+    ) -> Volume:
+        validation.check_string("name", name)
+        validation.check_capabilities(caps)
+        validation.check_parameters(parameters)
+        access, fs_type = validation.fs_type_for(caps, parameters)
+        if (requisite or preferred) and not self._reachable([*requisite, *preferred]):
+            raise ResourceExhausted(
+                f"this driver can only provision on node {self.ctx.node_id}, which the "
+                "accessibility requirements do not include"
+            )
+        self.ctx.require_healthy()
+        keys = ["name:" + name]
+        if source:
+            keys.append(source.id)
+        with self.ctx.locks.hold(*keys):
+            existing = self.ctx.store.volume_by_name(name)
+            if existing is not None:
+                return self._same_volume(existing, rng, access, fs_type, source)
+            floor = 0
+            formatted = False
+            origin: Volume | Snapshot | None = None
+            if source is not None:
+                origin = self._source(source)
+                if origin.access_type is not access:
+                    raise InvalidArgument(
+                        f"source {source.id} is a {origin.access_type.value} volume; "
+                        f"cannot make a {access.value} volume from it"
+                    )
+                if origin.formatted:
+                    explicit = {c.fs_type for c in caps if c.fs_type}
+                    if explicit and explicit != {origin.fs_type}:
+                        raise InvalidArgument(
+                            f"source {source.id} holds {origin.fs_type}; requested {sorted(explicit)}"
+                        )
+                    fs_type = origin.fs_type
+                floor = origin.size
+                formatted = origin.formatted
+            size = validation.resolve_size(rng, access, fs_type or "ext4", floor)
+            # A filesystem made on one sector size may not mount on another: a clone or restore
+            # keeps its origin's, a new volume takes the node's current setting.
+            sector_size = origin.sector_size if origin is not None else self.ctx.loop_sector_size
+            usage = self.ctx.backend.usage()
+            if size > usage.available_bytes and not (source and usage.reflink):
+                raise ResourceExhausted(
+                    f"the pool on {self.ctx.node_id} has {usage.available_bytes} bytes free; "
+                    f"a volume of {size} bytes does not fit"
+                )
+            vol = Volume(
+                id=ids.new_volume_id(),
+                name=name,
+                size=size,
+                access_type=access,
+                fs_type=fs_type,
+                formatted=formatted,
+                source=source,
+                parameters=dict(parameters),
+                created_at=time.time(),
+                sector_size=sector_size,
+            )
+            seq = self.ctx.store.journal_begin("create-volume", vol.id, {"name": name})
+            if source is None:
+                self.ctx.backend.create(
+                    vol.id, size, preallocate=parameters.get("preallocate") == "true"
+                )
+            elif source.kind == "snapshot":
+                self.ctx.backend.restore_snapshot(source.id, vol.id, size)
+            else:
+                with self._quiesced(source.id):
+                    self.ctx.backend.clone_volume(source.id, vol.id, size)
+            self.ctx.store.add_volume(vol)
+            self.ctx.store.journal_end(seq)
+            log.info("created volume %s (%s, %d bytes) as %s", vol.id, access.value, size, name)
+            return vol
+
+    def _source(self, source: ContentSource) -> Volume | Snapshot:
+        if source.kind == "snapshot":
+            validation.require_snapshot_id(source.id, "volume_content_source.snapshot.snapshot_id")
+            snap = self.ctx.store.get_snapshot(source.id)
+            if snap is None:
+                raise NotFound(f"source snapshot {source.id} does not exist")
+            return snap
+        validation.require_volume_id(source.id, "volume_content_source.volume.volume_id")
+        vol = self.ctx.store.get_volume(source.id)
+        if vol is None:
+            raise NotFound(f"source volume {source.id} does not exist")
+        return vol
+
+    @staticmethod
+    def _same_volume(
+        existing: Volume,
+        rng: CapacityRange,
+        access: AccessType,
+        fs_type: str,
+        source: ContentSource | None,
+    ) -> Volume:
+        """A retried CreateVolume gets the volume it made; anything incompatible is refused."""
+        problems = []
+        if existing.size < rng.required or (rng.limit and existing.size > rng.limit):
+            problems.append(f"its size is {existing.size} bytes")
+        if existing.access_type is not access:
+            problems.append(f"it is a {existing.access_type.value} volume")
+        if access is AccessType.MOUNT and existing.source is None and existing.fs_type != fs_type:
+            problems.append(f"it uses {existing.fs_type}")
+        if existing.source != source:
+            problems.append("it has a different content source")
+        if problems:
+            raise AlreadyExists(
+                f"a volume named {existing.name!r} already exists and is incompatible: "
+                + "; ".join(problems)
+            )
+        return existing
+
+    @contextlib.contextmanager
+    def _quiesced(self, volume_id: str) -> Iterator[None]:
+        """Freeze the volume's filesystem while its image is copied, if it is mounted here."""
+        staging = self.ctx.store.staging(volume_id)
+        if staging is None or staging.access_type is not AccessType.MOUNT:
+            yield
+            return
+        if not self.ctx.mounter.is_mounted(staging.path):
+            yield
+            return
+        with self.ctx.fs.frozen(staging.path):
+            yield
+
+    def delete_volume(self, volume_id: str) -> None:
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        if not ids.is_volume_id(volume_id):
+            return  # not ours and never was: nothing to delete
+        self.ctx.require_healthy()
+        with self.ctx.locks.hold(volume_id):
+            vol = self.ctx.store.get_volume(volume_id)
+            if vol is None:
+                return
+            if self.ctx.store.staging(volume_id) or self.ctx.store.publications(volume_id):
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still staged or published on {self.ctx.node_id}"
+                )
+            nodes = [a.node_id for a in self.ctx.store.attachments(volume_id)]
+            if nodes:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still published to node(s) {', '.join(nodes)}"
+                )
+            seq = self.ctx.store.journal_begin("delete-volume", volume_id, {"name": vol.name})
+            self.ctx.store.remove_volume(volume_id)
+            self.ctx.backend.delete_volume(volume_id)
+            self.ctx.store.journal_end(seq)
+            log.info("deleted volume %s (%s)", volume_id, vol.name)
+
+    def expand_volume(self, volume_id: str, rng: CapacityRange | None) -> tuple[int, bool]:
+        validation.require_volume_id(volume_id)
+        if rng is None or (rng.required == 0 and rng.limit == 0):
+            raise InvalidArgument("capacity_range is required")
+        self.ctx.require_healthy()
+        with self.ctx.locks.hold(volume_id):
+            vol = self._volume(volume_id)
+            size = self._grow(vol, rng)
+            return size, True
+
+    def _grow(self, vol: Volume, rng: CapacityRange) -> int:
+        """Grow the image (idempotent) and then record the size: rule 11 of the design."""
+        want = validation.resolve_size(
+            CapacityRange(rng.required, rng.limit), vol.access_type, vol.fs_type or "ext4"
+        )
+        if want <= vol.size:
+            if rng.limit and vol.size > rng.limit:
+                raise InvalidArgument(
+                    f"volume {vol.id} is already {vol.size} bytes, above limit_bytes {rng.limit}; "
+                    "volumes never shrink"
+                )
+            return vol.size
+        usage = self.ctx.backend.usage()
+        if want - vol.size > usage.available_bytes:
+            raise ResourceExhausted(
+                f"the pool has {usage.available_bytes} bytes free; growing {vol.id} by "
+                f"{want - vol.size} bytes does not fit"
+            )
+        seq = self.ctx.store.journal_begin("expand-volume", vol.id, {"size": want})
+        self.ctx.backend.expand(vol.id, want)
+        self.ctx.store.set_volume_size(vol.id, want)
+        self.ctx.store.journal_end(seq)
+        log.info("expanded volume %s from %d to %d bytes", vol.id, vol.size, want)
+        return want
+
+    def _volume(self, volume_id: str) -> Volume:
+        vol = self.ctx.store.get_volume(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return vol
+
+    def condition(self, vol: Volume) -> Condition:
+        size = self.ctx.backend.volume_size(vol.id)
+        if size is None:
+            return Condition(True, f"the image of {vol.id} is missing from the pool")
+        if size < vol.size:
+            return Condition(True, f"the image is {size} bytes, smaller than recorded {vol.size}")
+        return Condition(False, "healthy")
+
+    def volume_status(self, volume_id: str) -> VolumeStatus:
+        validation.require_volume_id(volume_id)
+        vol = self._volume(volume_id)
+        return self._status(vol)
+
+    def _status(self, vol: Volume) -> VolumeStatus:
+        nodes = sorted(a.node_id for a in self.ctx.store.attachments(vol.id))
+        return VolumeStatus(vol, nodes, self.condition(vol))
+
+    def list_volumes(self, max_entries: int, token: str) -> Page[VolumeStatus]:
+        after = self._token(max_entries, token, ids.is_volume_id)
+        rows = self.ctx.store.list_volumes(after, max_entries + 1 if max_entries else 0)
+        more = bool(max_entries) and len(rows) > max_entries
+        rows = rows[:max_entries] if max_entries else rows
+        return Page([self._status(v) for v in rows], rows[-1].id if more else "")
+
+    @staticmethod
+    def _token(max_entries: int, token: str, valid: Callable[[str], bool]) -> str:
+        if max_entries < 0:
+            raise InvalidArgument("max_entries must not be negative")
+        if token and not valid(token):
+            raise Aborted(f"starting_token {token[:64]!r} is not a token this driver issued")
+        return token
+
+    def validate_capabilities(
+        self, volume_id: str, caps: Sequence[Capability], parameters: Mapping[str, str]
+    ) -> str:
+        """Empty string when every capability is supported for the volume, else the reason."""
+        validation.require_volume_id(volume_id)
+        if not caps:
+            raise InvalidArgument("volume_capabilities is required")
+        vol = self._volume(volume_id)
+        for cap in caps:
+            try:
+                validation.check_capability(cap)
+            except InvalidArgument as exc:
+                return str(exc)
+            if cap.access_type is not vol.access_type:
+                return f"volume {volume_id} is a {vol.access_type.value} volume"
+            if cap.fs_type and vol.formatted and cap.fs_type != vol.fs_type:
+                return f"volume {volume_id} holds {vol.fs_type}, not {cap.fs_type}"
+        return ""
+
+    def capacity(
+        self, caps: Sequence[Capability], segment: Segment | None
+    ) -> tuple[int, int]:
+        """(available bytes, maximum volume size) for volumes with `caps` in `segment`."""
+        if segment is not None and dict(segment) != self.segment:
+            return 0, 0
+        for cap in caps:
+            try:
+                validation.check_capability(cap)
+            except InvalidArgument:
+                return 0, 0
+        self.ctx.require_healthy()
+        available = self.ctx.backend.usage().available_bytes
+        return available, available
+
+    # --- attachments ------------------------------------------------------------------------------
+    def publish(
+        self, volume_id: str, node_id: str, cap: Capability, readonly: bool
+    ) -> dict[str, str]:
+        validation.require_volume_id(volume_id)
+        validation.check_string("node_id", node_id)
+        validation.check_capability(cap)
+        vol = self._volume(volume_id)
+        if node_id != self.ctx.node_id:
+            raise NotFound(f"node {node_id!r} is not served by this driver")
+        if cap.access_type is not vol.access_type:
+            raise InvalidArgument(
+                f"volume {volume_id} is a {vol.access_type.value} volume, "
+                f"requested as {cap.access_type.value}"
+            )
+        with self.ctx.locks.hold(volume_id):
+            for a in self.ctx.store.attachments(volume_id):
+                if a.node_id == node_id:
+                    if a.readonly != readonly or a.access_mode != cap.access_mode:
+                        raise AlreadyExists(
+                            f"volume {volume_id} is already published to {node_id} with "
+                            f"readonly={a.readonly} and mode {a.access_mode.name}"
+                        )
+                    return self._publish_context(vol, readonly)
+                raise FailedPrecondition(
+                    f"volume {volume_id} is published to node {a.node_id}; a node-local "
+                    "volume can be published to one node at a time"
+                )
+            limit = self.ctx.max_volumes_per_node
+            if limit and self.ctx.store.attachment_count(node_id) >= limit:
+                raise ResourceExhausted(
+                    f"node {node_id} already has {limit} volumes published, its maximum"
+                )
+            self.ctx.store.add_attachment(Attachment(volume_id, node_id, readonly, cap.access_mode))
+            return self._publish_context(vol, readonly)
+
+    @staticmethod
+    def _publish_context(vol: Volume, readonly: bool) -> dict[str, str]:
+        return {
+            "stowage.csi.io/access-type": vol.access_type.value,
+            "stowage.csi.io/fs-type": vol.fs_type,
+            "stowage.csi.io/readonly": "true" if readonly else "false",
+        }
+
+    def unpublish(self, volume_id: str, node_id: str) -> None:
+        validation.require_volume_id(volume_id)
+        if node_id:
+            validation.check_string("node_id", node_id)
+        with self.ctx.locks.hold(volume_id):
+            for a in self.ctx.store.attachments(volume_id):
+                if not node_id or a.node_id == node_id:
+                    self.ctx.store.remove_attachment(volume_id, a.node_id)
+
+    # --- snapshots -------------------------------------------------------------------------------
+    def create_snapshot(
+        self, name: str, source_volume_id: str, parameters: Mapping[str, str]
+    ) -> Snapshot:
+        validation.check_string("name", name)
+        if not source_volume_id:
+            raise InvalidArgument("source_volume_id is required")
+        if parameters:
+            raise InvalidArgument(
+                f"snapshot parameters are not supported: {', '.join(sorted(parameters))}"
+            )
+        self.ctx.require_healthy()
+        with self.ctx.locks.hold("snapshot-name:" + name):
+            existing = self.ctx.store.snapshot_by_name(name)
+            if existing is not None:
+                if existing.source_volume_id != source_volume_id:
+                    raise AlreadyExists(
+                        f"a snapshot named {name!r} already exists for volume "
+                        f"{existing.source_volume_id}"
+                    )
+                return existing
+            validation.require_volume_id(source_volume_id, "source_volume_id")
+            with self.ctx.locks.hold(source_volume_id):
+                vol = self._volume(source_volume_id)
+                snap = Snapshot(
+                    id=ids.new_snapshot_id(),
+                    name=name,
+                    source_volume_id=vol.id,
+                    size=vol.size,
+                    fs_type=vol.fs_type,
+                    access_type=vol.access_type,
+                    formatted=vol.formatted,
+                    created_at=time.time(),
+                    sector_size=vol.sector_size,
+                )
+                seq = self.ctx.store.journal_begin("create-snapshot", snap.id, {"name": name})
+                with self._quiesced(vol.id):
+                    self.ctx.backend.snapshot(vol.id, snap.id)
+                self.ctx.store.add_snapshot(snap)
+                self.ctx.store.journal_end(seq)
+                log.info("created snapshot %s of %s as %s", snap.id, vol.id, name)
+                return snap
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        if not snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        if not ids.is_snapshot_id(snapshot_id):
+            return
+        self.ctx.require_healthy()
+        with self.ctx.locks.hold(snapshot_id):
+            snap = self.ctx.store.get_snapshot(snapshot_id)
+            if snap is None:
+                return
+            seq = self.ctx.store.journal_begin("delete-snapshot", snapshot_id, {"name": snap.name})
+            self.ctx.store.remove_snapshot(snapshot_id)
+            self.ctx.backend.delete_snapshot(snapshot_id)
+            self.ctx.store.journal_end(seq)
+            log.info("deleted snapshot %s (%s)", snapshot_id, snap.name)
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        validation.require_snapshot_id(snapshot_id)
+        snap = self.ctx.store.get_snapshot(snapshot_id)
+        if snap is None:
+            raise NotFound(f"snapshot {snapshot_id} does not exist")
+        return snap
+
+    def list_snapshots(
+        self, max_entries: int, token: str, snapshot_id: str, source_volume_id: str
+    ) -> Page[Snapshot]:
+        after = self._token(max_entries, token, ids.is_snapshot_id)
+        if snapshot_id:
+            snap = self.ctx.store.get_snapshot(snapshot_id) if ids.is_snapshot_id(snapshot_id) else None
+            if snap is None or (source_volume_id and snap.source_volume_id != source_volume_id):
+                return Page([], "")
+            return Page([snap], "")
+        if source_volume_id and not ids.is_volume_id(source_volume_id):
+            return Page([], "")
+        rows = self.ctx.store.list_snapshots(
+            after, max_entries + 1 if max_entries else 0, source_volume_id
+        )
+        more = bool(max_entries) and len(rows) > max_entries
+        rows = rows[:max_entries] if max_entries else rows
+        return Page(rows, rows[-1].id if more else "")

@@ -1,0 +1,405 @@
+"""Node-side operations: stage (loop + format-if-safe + mount), publish (bind), stats, expand."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+from driver import validation
+from driver.core.pool import PoolContext
+from driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from driver.model import (
+    AccessType,
+    Capability,
+    CapacityRange,
+    Condition,
+    Publication,
+    Staging,
+    Volume,
+    VolumeStats,
+)
+from driver.mount import mountinfo
+from driver.mount.loop import LoopDevice
+from driver.mount.mounter import SAFE_DEFAULTS
+
+log = logging.getLogger(__name__)
+
+# Options we add per filesystem: clones and restores of an xfs volume share its UUID, so xfs
+# volumes are mounted nouuid or a clone could not be staged next to its origin.
+_FS_OPTIONS = {"ext4": [], "xfs": ["nouuid"], "btrfs": []}
+# A filesystem this much smaller than its device is grown at stage (offline expansion). Metadata
+# keeps every filesystem a little smaller than its device, so "any difference" would be wrong.
+_GROW_SLACK = 64 * 1024 * 1024
+
+
+class NodeCore:
+    def __init__(self, ctx: PoolContext) -> None:
+        self.ctx = ctx
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _volume(self, volume_id: str) -> Volume:
+        vol = self.ctx.store.get_volume(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist on node {self.ctx.node_id}")
+        return vol
+
+    def _check_access(self, vol: Volume, cap: Capability) -> None:
+        if cap.access_type is not vol.access_type:
+            raise FailedPrecondition(
+                f"volume {vol.id} was created for {vol.access_type.value} access and cannot be "
+                f"used as {cap.access_type.value} (that could format or expose raw data)"
+            )
+        if cap.fs_type and vol.formatted and cap.fs_type != vol.fs_type:
+            raise FailedPrecondition(
+                f"volume {vol.id} holds {vol.fs_type}; it cannot be mounted as {cap.fs_type}"
+            )
+
+    def _loop(self, vol: Volume) -> LoopDevice | None:
+        found = self.ctx.loops.find(self.ctx.backend.image_path(vol.id))
+        return found[0] if len(found) == 1 else None
+
+    def _carries(self, path: str, device: str) -> bool:
+        """True when the top mount at `path` is the filesystem on `device`."""
+        top = mountinfo.top_mount_at(path)
+        return top is not None and mountinfo.is_on(top, device)
+
+    def _staged_ok(self, vol: Volume, staging: Staging) -> bool:
+        loop = self._loop(vol)
+        if loop is None or loop.device != staging.device:
+            return False
+        if staging.access_type is AccessType.BLOCK:
+            return True
+        return self._carries(staging.path, loop.device)
+
+    # --- stage -------------------------------------------------------------------------------------
+    def stage(self, volume_id: str, staging_path: str, cap: Capability) -> None:
+        validation.require_volume_id(volume_id)
+        staging_path = validation.require_path("staging_target_path", staging_path)
+        validation.check_capability(cap)
+        self.ctx.require_healthy()
+        with self.ctx.locks.hold(volume_id):
+            self._stage(self._volume(volume_id), staging_path, cap)
+
+    def _stage(self, vol: Volume, staging_path: str, cap: Capability) -> Staging:
+        self._check_access(vol, cap)
+        readonly = cap.access_mode.read_only
+        flags = tuple(validation.check_mount_flags(cap.mount_flags))
+        current = self.ctx.store.staging(vol.id)
+        if current is not None:
+            if current.path != staging_path:
+                raise FailedPrecondition(
+                    f"volume {vol.id} is already staged at {current.path} on this node"
+                )
+            if self._staged_ok(vol, current):
+                if current.readonly != readonly or current.mount_flags != flags:
+                    raise AlreadyExists(
+                        f"volume {vol.id} is staged at {staging_path} with different options"
+                    )
+                return current
+            log.warning("staging record of %s is stale (node restarted?); staging again", vol.id)
+            self.ctx.store.remove_staging(vol.id)
+
+        image = self.ctx.backend.image_path(vol.id)
+        if self.ctx.backend.volume_size(vol.id) is None:
+            raise FailedPrecondition(f"the image of volume {vol.id} is missing from the pool")
+        loop = self.ctx.loops.attach(image, sector_size=vol.sector_size)
+        if vol.access_type is AccessType.BLOCK:
+            staging = Staging(vol.id, staging_path, loop.device, AccessType.BLOCK, "", readonly, ())
+            self.ctx.store.put_staging(staging)
+            return staging
+
+        fs_type = vol.fs_type or cap.fs_type or "ext4"
+        self.ctx.mounter.ensure_dir(staging_path)
+        top = mountinfo.top_mount_at(staging_path)
+        if top is not None and not mountinfo.is_on(top, loop.device):
+            raise FailedPrecondition(
+                f"{staging_path} already has another filesystem ({top.source}) mounted"
+            )
+        if top is None:
+            self._ensure_formatted(vol, loop.device, fs_type, readonly)
+            if fs_type == "ext4" and not readonly:
+                self._grow_ext4_offline(loop.device)
+            options = [*SAFE_DEFAULTS, *_FS_OPTIONS.get(fs_type, []), *flags]
+            if readonly:
+                options.append("ro")
+            self.ctx.mounter.mount(loop.device, staging_path, fs_type, options)
+        if not readonly and fs_type != "ext4":
+            self._grow_if_needed(loop.device, staging_path, fs_type)
+        staging = Staging(vol.id, staging_path, loop.device, AccessType.MOUNT, fs_type, readonly, flags)
+        self.ctx.store.put_staging(staging)
+        log.info("staged %s (%s on %s) at %s", vol.id, fs_type, loop.device, staging_path)
+        return staging
+
+    def _ensure_formatted(self, vol: Volume, device: str, fs_type: str, readonly: bool) -> None:
+        """Rule 1: format only when our metadata says never formatted and blkid sees nothing."""
+        found = self.ctx.fs.probe(device)
+        if vol.formatted:
+            if found is None:
+                raise FailedPrecondition(
+                    f"volume {vol.id} should hold {vol.fs_type} but no filesystem signature "
+                    "was found; refusing to format a volume that may hold data"
+                )
+            self.ctx.fs.check(device, fs_type)
+            return
+        if found is not None:
+            if found != fs_type:
+                raise FailedPrecondition(
+                    f"volume {vol.id} was never formatted by Stowage but carries a {found} "
+                    "signature; refusing to format it"
+                )
+            # mkfs finished before a crash could record it: adopt the filesystem.
+            self.ctx.fs.check(device, fs_type)
+        else:
+            if readonly:
+                raise FailedPrecondition(
+                    f"volume {vol.id} has no filesystem yet and cannot be staged read-only"
+                )
+            self.ctx.fs.format(device, fs_type)
+        self.ctx.store.set_formatted(vol.id, fs_type)
+
+    def _grow_ext4_offline(self, device: str) -> None:
+        """ext4 grows before it is mounted: offline resize needs no extra capability."""
+        if self.ctx.loops.size_bytes(device) - self.ctx.fs.ext4_size(device) > _GROW_SLACK:
+            self.ctx.fs.grow_offline(device, "ext4")
+
+    def _grow_if_needed(self, device: str, mount_point: str, fs_type: str) -> None:
+        """Offline expansion finishes here: the image grew while the volume was not staged."""
+        dev_size = self.ctx.loops.size_bytes(device)
+        if dev_size and dev_size - self.ctx.fs.size_bytes(mount_point) > _GROW_SLACK:
+            self.ctx.fs.grow(device, mount_point, fs_type)
+
+    def unstage(self, volume_id: str, staging_path: str) -> None:
+        validation.require_volume_id(volume_id)
+        staging_path = validation.require_path("staging_target_path", staging_path)
+        with self.ctx.locks.hold(volume_id):
+            current = self.ctx.store.staging(volume_id)
+            if current is not None and current.path != staging_path:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is staged at {current.path}, not {staging_path}"
+                )
+            pubs = self.ctx.store.publications(volume_id)
+            if pubs:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is still published at {', '.join(p.target for p in pubs)}"
+                )
+            image = self.ctx.backend.image_path(volume_id)
+            loops = self.ctx.loops.find(image)
+            top = mountinfo.top_mount_at(staging_path)
+            if top is not None:
+                if not any(mountinfo.is_on(top, lo.device) for lo in loops):
+                    raise FailedPrecondition(
+                        f"{staging_path} carries a filesystem that is not volume {volume_id}; "
+                        "not unmounting it"
+                    )
+                self.ctx.mounter.unmount(staging_path)
+            for lo in loops:
+                if mountinfo.mounts_of(lo.device):
+                    raise FailedPrecondition(
+                        f"{lo.device} of volume {volume_id} is still mounted elsewhere"
+                    )
+                self.ctx.loops.detach(lo.device)
+            self.ctx.store.remove_staging(volume_id)
+            log.info("unstaged %s from %s", volume_id, staging_path)
+
+    # --- publish -------------------------------------------------------------------------------------
+    def publish(
+        self,
+        volume_id: str,
+        staging_path: str,
+        target: str,
+        cap: Capability,
+        readonly: bool,
+    ) -> None:
+        validation.require_volume_id(volume_id)
+        staging_path = validation.require_path("staging_target_path", staging_path)
+        target = validation.require_path("target_path", target)
+        validation.check_capability(cap)
+        self.ctx.require_healthy()
+        with self.ctx.locks.hold(volume_id):
+            vol = self._volume(volume_id)
+            self._check_access(vol, cap)
+            readonly = readonly or cap.access_mode.read_only
+            existing = self.ctx.store.publication(target)
+            if existing is not None:
+                if existing.volume_id != volume_id:
+                    raise AlreadyExists(f"{target} already publishes volume {existing.volume_id}")
+                staging = self.ctx.store.staging(volume_id)
+                if staging is not None and self._published_ok(vol, staging, target):
+                    if existing.readonly != readonly or existing.access_mode != cap.access_mode:
+                        raise AlreadyExists(
+                            f"volume {volume_id} is already published at {target} with "
+                            f"readonly={existing.readonly}"
+                        )
+                    return
+                log.warning("publication of %s at %s is stale; publishing again", volume_id, target)
+                if self.ctx.mounter.is_mounted(target):
+                    self.ctx.mounter.unmount(target)
+                self.ctx.store.remove_publication(target)
+            others = [p for p in self.ctx.store.publications(volume_id) if p.target != target]
+            if others and (cap.access_mode.single_target or any(p.access_mode.single_target for p in others)):
+                raise FailedPrecondition(
+                    f"volume {volume_id} is {cap.access_mode.name} and already published at "
+                    f"{others[0].target}"
+                )
+            # Rule 7: after a reboot kubelet may publish without staging; check the staging
+            # path really carries this volume and stage it again if not.
+            staging = self.ctx.store.staging(volume_id)
+            if staging is None or staging.path != staging_path or not self._staged_ok(vol, staging):
+                if staging is not None and staging.path != staging_path:
+                    raise FailedPrecondition(
+                        f"volume {volume_id} is staged at {staging.path}, not {staging_path}"
+                    )
+                staging = self._stage(vol, staging_path, cap)
+            if vol.access_type is AccessType.BLOCK:
+                self.ctx.mounter.ensure_file(target)
+                self.ctx.mounter.bind(staging.device, target, readonly=readonly, options=[])
+            else:
+                self.ctx.mounter.ensure_dir(target)
+                flags = validation.check_mount_flags(cap.mount_flags)
+                self.ctx.mounter.bind(
+                    staging.path, target, readonly=readonly, options=[*SAFE_DEFAULTS, *flags]
+                )
+                if cap.mount_group and not readonly:
+                    _apply_group(target, int(cap.mount_group))
+            self.ctx.store.put_publication(Publication(volume_id, target, readonly, cap.access_mode))
+            log.info("published %s at %s (readonly=%s)", volume_id, target, readonly)
+
+    def _published_ok(self, vol: Volume, staging: Staging, target: str) -> bool:
+        if not self._staged_ok(vol, staging):
+            return False
+        if staging.access_type is AccessType.BLOCK:
+            return self._is_device_at(target, staging.device)
+        return self._carries(target, staging.device)
+
+    def _is_device_at(self, path: str, device: str) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return stat.S_ISBLK(st.st_mode) and st.st_rdev == self.ctx.loop_rdev(device)
+
+    def unpublish(self, volume_id: str, target: str) -> None:
+        validation.require_volume_id(volume_id)
+        target = validation.require_path("target_path", target)
+        with self.ctx.locks.hold(volume_id):
+            pub = self.ctx.store.publication(target)
+            if pub is not None and pub.volume_id != volume_id:
+                raise FailedPrecondition(f"{target} publishes volume {pub.volume_id}, not {volume_id}")
+            if self.ctx.mounter.is_mounted(target):
+                if pub is None:
+                    raise FailedPrecondition(
+                        f"{target} is mounted but Stowage did not publish {volume_id} there"
+                    )
+                self.ctx.mounter.unmount(target)
+            self.ctx.mounter.remove_target(target)
+            self.ctx.store.remove_publication(target)
+            log.info("unpublished %s from %s", volume_id, target)
+
+    # --- stats and expansion ----------------------------------------------------------------------
+    def _locate(self, vol: Volume, path: str) -> Staging:
+        """The staging of `vol` if `path` is its staging path or one of its targets."""
+        missing = NotFound(f"volume {vol.id} is not staged or published at {path!r}")
+        if not os.path.isabs(path):
+            raise missing
+        path = os.path.normpath(path)
+        staging = self.ctx.store.staging(vol.id)
+        if staging is None:
+            raise missing
+        if staging.access_type is AccessType.BLOCK:
+            if path == staging.path or self._is_device_at(path, staging.device):
+                return staging
+            raise missing
+        if self._carries(path, staging.device):
+            return staging
+        raise missing
+
+    def stats(self, volume_id: str, path: str) -> VolumeStats:
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        if not path:
+            raise InvalidArgument("volume_path is required")
+        validation.require_volume_id(volume_id)
+        vol = self._volume(volume_id)
+        staging = self._locate(vol, path)
+        condition = self._condition(vol, staging)
+        if staging.access_type is AccessType.BLOCK:
+            size = self.ctx.loops.size_bytes(staging.device)
+            return VolumeStats(size, 0, 0, None, None, None, condition)
+        st = os.statvfs(path)
+        total = st.f_blocks * st.f_frsize
+        avail = st.f_bavail * st.f_frsize
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        return VolumeStats(
+            total, used, avail, st.f_files, st.f_files - st.f_ffree, st.f_favail, condition
+        )
+
+    def _condition(self, vol: Volume, staging: Staging) -> Condition:
+        if self.ctx.backend.volume_size(vol.id) is None:
+            return Condition(True, f"the image of {vol.id} is missing from the pool")
+        loop = self._loop(vol)
+        if loop is None:
+            return Condition(True, f"no loop device backs {vol.id} although it is staged")
+        if staging.fs_type == "ext4":
+            errors_path = f"/sys/fs/ext4/{loop.name}/errors_count"
+            try:
+                with open(errors_path, encoding="ascii") as fh:
+                    count = int(fh.read().strip() or 0)
+            except (OSError, ValueError):
+                count = 0
+            if count:
+                return Condition(True, f"ext4 on {loop.device} recorded {count} error(s); run e2fsck")
+        return Condition(False, "healthy")
+
+    def expand(self, volume_id: str, path: str, rng: CapacityRange | None) -> int:
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        if not path:
+            raise InvalidArgument("volume_path is required")
+        validation.require_volume_id(volume_id)
+        self.ctx.require_healthy()
+        with self.ctx.locks.hold(volume_id):
+            vol = self._volume(volume_id)
+            staging = self._locate(vol, path)
+            want = max(vol.size, rng.required if rng else 0)
+            if rng and rng.limit and want > rng.limit:
+                raise InvalidArgument(f"volume {volume_id} is {want} bytes, above limit_bytes")
+            if want > vol.size:
+                want = validation.resolve_size(
+                    CapacityRange(want, rng.limit if rng else 0), vol.access_type, vol.fs_type or "ext4"
+                )
+            # Rule 11: image, then loop, then filesystem, then the record; each step idempotent.
+            self.ctx.backend.expand(volume_id, want)
+            self.ctx.loops.refresh_capacity(staging.device)
+            if staging.access_type is AccessType.MOUNT:
+                if staging.readonly:
+                    raise FailedPrecondition(f"volume {volume_id} is staged read-only")
+                self.ctx.fs.grow(staging.device, staging.path, staging.fs_type)
+            if want != vol.size:
+                self.ctx.store.set_volume_size(volume_id, want)
+            log.info("expanded %s on the node to %d bytes", volume_id, want)
+            return want
+
+
+def _apply_group(root: str, gid: int) -> None:
+    """VOLUME_MOUNT_GROUP: give the group ownership and write access, like kubelet's fsGroup with
+    fsGroupChangePolicy OnRootMismatch (nothing to do when the root already matches)."""
+    st = os.lstat(root)
+    if st.st_gid == gid and st.st_mode & stat.S_ISGID:
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            _chgrp(os.path.join(dirpath, name), gid)
+        _chgrp(dirpath, gid)
+
+
+def _chgrp(path: str, gid: int) -> None:
+    st = os.lstat(path)
+    os.lchown(path, -1, gid)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode) | stat.S_IRGRP | stat.S_IWGRP
+    if stat.S_ISDIR(st.st_mode):
+        mode |= stat.S_IXGRP | stat.S_ISGID
+    os.chmod(path, mode)
+

@@ -1,0 +1,113 @@
+"""Start-up reconciliation (design rule 5): bring metadata, files, loop devices and mounts back
+into agreement after a crash or a reboot. Nothing is deleted outright: orphans go to trash."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from driver.core.pool import PoolContext
+from driver.model import AccessType
+from driver.mount import mountinfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    journal_rolled: list[str] = field(default_factory=list)
+    trashed: list[str] = field(default_factory=list)
+    missing_images: list[str] = field(default_factory=list)
+    detached: list[str] = field(default_factory=list)
+    stale_stagings: list[str] = field(default_factory=list)
+    stale_publications: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """What a person should look at: everything but routine clean-up."""
+        return [f"image missing for volume {v}" for v in self.missing_images]
+
+
+def reconcile(ctx: PoolContext) -> Report:
+    report = Report()
+    store, backend = ctx.store, ctx.backend
+
+    # 1. Operations that were under way when the process ended.
+    for seq, op, key, payload in store.journal():
+        if op == "create-volume" and store.get_volume(key) is None:
+            if backend.trash_orphan("volume", key):
+                report.trashed.append(key)
+        elif op == "delete-volume" and store.get_volume(key) is None:
+            if backend.trash_orphan("volume", key):
+                report.trashed.append(key)
+        elif op == "create-snapshot" and store.get_snapshot(key) is None:
+            if backend.trash_orphan("snapshot", key):
+                report.trashed.append(key)
+        elif op == "delete-snapshot" and store.get_snapshot(key) is None:
+            if backend.trash_orphan("snapshot", key):
+                report.trashed.append(key)
+        elif op == "expand-volume":
+            vol = store.get_volume(key)
+            size = backend.volume_size(key)
+            if vol is not None and size is not None and size >= int(payload["size"]) > vol.size:
+                store.set_volume_size(key, int(payload["size"]))
+        report.journal_rolled.append(f"{op} {key}")
+        store.journal_end(seq)
+
+    # 2. Files no row describes (a crash between writing a file and recording it).
+    known_vols = {v.id for v in store.list_volumes()}
+    for vid in sorted(backend.volume_ids() - known_vols):
+        if backend.trash_orphan("volume", vid):
+            report.trashed.append(vid)
+    known_snaps = {s.id for s in store.list_snapshots()}
+    for sid in sorted(backend.snapshot_ids() - known_snaps):
+        if backend.trash_orphan("snapshot", sid):
+            report.trashed.append(sid)
+    for vid in sorted(known_vols):
+        if backend.volume_size(vid) is None:
+            report.missing_images.append(vid)
+            log.error("volume %s is recorded but its image is missing from the pool", vid)
+
+    # 3. Loop devices and mounts against staging records.
+    entries = mountinfo.read()
+    pool_images = {backend.image_path(v): v for v in known_vols}
+    stagings = {s.volume_id: s for s in store.stagings()}
+    for loop in ctx.loops.list():
+        if not backend.owns(loop.backing_file):
+            continue
+        vid = pool_images.get(loop.backing_file)
+        if mountinfo.mounts_of(loop.device, entries):
+            continue  # in use; never pull a device from under a mount
+        keep = vid is not None and not loop.deleted and vid in stagings and \
+            stagings[vid].device == loop.device
+        if not keep:
+            ctx.loops.detach(loop.device)
+            report.detached.append(loop.device)
+
+    for vid, staging in stagings.items():
+        found = ctx.loops.find(backend.image_path(vid)) if vid in known_vols else []
+        ok = len(found) == 1 and found[0].device == staging.device
+        if ok and staging.access_type is AccessType.MOUNT:
+            tops = mountinfo.mounts_at(staging.path, entries)
+            top = tops[-1] if tops else None
+            ok = top is not None and mountinfo.is_on(top, staging.device)
+        if not ok:
+            store.remove_staging(vid)
+            report.stale_stagings.append(vid)
+            for pub in store.publications(vid):
+                store.remove_publication(pub.target)
+                report.stale_publications.append(pub.target)
+
+    for pub in store.publications():
+        if pub.volume_id in report.stale_stagings:
+            continue
+        if not mountinfo.mounts_at(pub.target, entries):
+            store.remove_publication(pub.target)
+            report.stale_publications.append(pub.target)
+
+    log.info(
+        "reconciled: %d journal entries, %d orphans to trash, %d loops detached, "
+        "%d stale stagings, %d stale publications, %d missing images",
+        len(report.journal_rolled), len(report.trashed), len(report.detached),
+        len(report.stale_stagings), len(report.stale_publications), len(report.missing_images),
+    )
+    return report

@@ -1,0 +1,1 @@
+"""stowagectl: the operator CLI over the CSI socket, and the `make run` demo client."""

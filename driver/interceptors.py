@@ -1,0 +1,62 @@
+"""One interceptor for every RPC: log (secrets stripped), time, count, map errors to codes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from driver import status
+from driver.errors import StowageError
+from driver.metrics import Metrics
+from driver.redact import loggable
+
+log = logging.getLogger("driver.rpc")
+
+
+class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        metrics = self._metrics
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.monotonic()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s request: %s", method, loggable(request))
+            code, message = grpc.StatusCode.OK, ""
+            try:
+                response = inner(request, context)
+            except StowageError as exc:
+                code, message = status.code_for(exc), str(exc)
+            except Exception as exc:  # noqa: BLE001 - anything unexpected is INTERNAL, logged
+                log.exception("%s failed unexpectedly; request: %s", method, loggable(request))
+                code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            elapsed = time.monotonic() - started
+            metrics.observe(method, code.name, elapsed)
+            if code is grpc.StatusCode.OK:
+                log.info("%s ok in %.3fs", method, elapsed)
+                return response
+            level = logging.WARNING if code is not grpc.StatusCode.INTERNAL else logging.ERROR
+            log.log(level, "%s -> %s in %.3fs: %s", method, code.name, elapsed, message)
+            context.abort(code, message)
+            return None  # not reached: abort raises
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

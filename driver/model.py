@@ -1,0 +1,164 @@
+"""Domain model: what a volume, a snapshot and a capability are, free of protobuf."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class AccessType(enum.StrEnum):
+    MOUNT = "mount"
+    BLOCK = "block"
+
+
+class AccessMode(enum.IntEnum):
+    """CSI VolumeCapability.AccessMode.Mode values (same numbers as the wire)."""
+
+    UNKNOWN = 0
+    SINGLE_NODE_WRITER = 1
+    SINGLE_NODE_READER_ONLY = 2
+    MULTI_NODE_READER_ONLY = 3
+    MULTI_NODE_SINGLE_WRITER = 4
+    MULTI_NODE_MULTI_WRITER = 5
+    SINGLE_NODE_SINGLE_WRITER = 6
+    SINGLE_NODE_MULTI_WRITER = 7
+
+    @property
+    def read_only(self) -> bool:
+        return self in (AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY)
+
+    @property
+    def multi_node(self) -> bool:
+        return self in (
+            AccessMode.MULTI_NODE_READER_ONLY,
+            AccessMode.MULTI_NODE_SINGLE_WRITER,
+            AccessMode.MULTI_NODE_MULTI_WRITER,
+        )
+
+    @property
+    def single_target(self) -> bool:
+        """At most one publication (target path) on the node at a time."""
+        return self is AccessMode.SINGLE_NODE_SINGLE_WRITER
+
+
+SUPPORTED_FS_TYPES = ("ext4", "xfs", "btrfs")
+DEFAULT_FS_TYPE = "ext4"
+
+# Smallest filesystem each mkfs accepts (with our options), so CreateVolume can round up or refuse.
+MIN_FS_SIZE = {"ext4": 1 * MiB, "xfs": 300 * MiB, "btrfs": 128 * MiB}
+MIN_BLOCK_SIZE = 1 * MiB
+SIZE_ALIGNMENT = 1 * MiB
+DEFAULT_VOLUME_SIZE = 1 * GiB
+
+
+@dataclass(frozen=True)
+class Capability:
+    access_type: AccessType
+    access_mode: AccessMode
+    fs_type: str = ""
+    mount_flags: tuple[str, ...] = ()
+    mount_group: str = ""
+
+
+@dataclass(frozen=True)
+class CapacityRange:
+    required: int = 0
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class ContentSource:
+    kind: str  # "snapshot" | "volume"
+    id: str
+
+
+@dataclass(frozen=True)
+class Volume:
+    id: str
+    name: str
+    size: int
+    access_type: AccessType
+    fs_type: str  # "" for block volumes
+    formatted: bool
+    source: ContentSource | None
+    parameters: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    sector_size: int = 4096  # logical sector size of its loop device; fixed for life
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    name: str
+    source_volume_id: str
+    size: int
+    fs_type: str
+    access_type: AccessType
+    formatted: bool
+    created_at: float
+    ready: bool = True
+    sector_size: int = 4096
+
+
+@dataclass(frozen=True)
+class Attachment:
+    volume_id: str
+    node_id: str
+    readonly: bool
+    access_mode: AccessMode
+
+
+@dataclass(frozen=True)
+class Staging:
+    volume_id: str
+    path: str
+    device: str
+    access_type: AccessType
+    fs_type: str
+    readonly: bool
+    mount_flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Publication:
+    volume_id: str
+    target: str
+    readonly: bool
+    access_mode: AccessMode
+
+
+@dataclass(frozen=True)
+class Condition:
+    abnormal: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    total_inodes: int | None
+    used_inodes: int | None
+    available_inodes: int | None
+    condition: Condition
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    total_bytes: int
+    available_bytes: int  # free space minus the reservation, never negative
+    reflink: bool
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_token: str

@@ -1,0 +1,1 @@
+"""Host helpers: mount table, mount/unmount, loop devices, formatting, resizing, freezing."""

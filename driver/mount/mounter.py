@@ -1,0 +1,110 @@
+"""Mount, bind and unmount without ever deleting recursively or following kubelet's symlinks."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+from driver.errors import FailedPrecondition, Internal, InvalidArgument
+from driver.exec import Runner
+from driver.mount import mountinfo
+
+log = logging.getLogger(__name__)
+
+# Every volume we mount carries these unless an allowed flag says otherwise.
+SAFE_DEFAULTS = ("nosuid", "nodev")
+
+
+class Mounter:
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+
+    # --- queries ---------------------------------------------------------------------------
+    @staticmethod
+    def mounts_at(path: str) -> list[mountinfo.MountEntry]:
+        return mountinfo.mounts_at(path)
+
+    def is_mounted(self, path: str) -> bool:
+        return bool(mountinfo.mounts_at(path))
+
+    # --- mounting ----------------------------------------------------------------------------
+    def mount(self, source: str, target: str, fs_type: str, options: list[str]) -> None:
+        argv = ["mount", "-t", fs_type]
+        if options:
+            argv += ["-o", ",".join(options)]
+        self._runner.run([*argv, "--", source, target])
+
+    def bind(self, source: str, target: str, *, readonly: bool, options: list[str]) -> None:
+        """Bind-mount; the read-only and nosuid/nodev bits need a remount of the bind itself."""
+        self._runner.run(["mount", "--bind", "--", source, target])
+        flags = ["remount", "bind", *options]
+        if readonly:
+            flags.append("ro")
+        try:
+            self._runner.run(["mount", "-o", ",".join(flags), "--", target])
+        except Exception:
+            self.unmount(target)
+            raise
+
+    def unmount(self, target: str) -> None:
+        """Unmount every layer mounted at `target`; a busy mount is an error, never forced."""
+        for _ in range(16):
+            if not self.is_mounted(target):
+                return
+            self._runner.run(["umount", "--", target])
+        raise Internal(f"{target} is still mounted after 16 unmounts")
+
+    # --- target paths ---------------------------------------------------------------------------
+    @staticmethod
+    def ensure_dir(path: str) -> None:
+        """Create a directory target without following a symlink planted at it."""
+        _refuse_symlink(path)
+        try:
+            os.mkdir(path, 0o750)
+        except FileExistsError:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                raise InvalidArgument(f"{path} exists and is not a directory") from None
+
+    @staticmethod
+    def ensure_file(path: str) -> None:
+        """Create an empty regular file to bind a block device onto."""
+        _refuse_symlink(path)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o640)
+            os.close(fd)
+        except FileExistsError:
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                raise InvalidArgument(f"{path} exists and is a directory") from None
+
+    def remove_target(self, path: str) -> None:
+        """Remove a target we created: rmdir or unlink, only after nothing is mounted there."""
+        if self.is_mounted(path):
+            raise FailedPrecondition(f"{path} is still mounted; not removing it")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                raise FailedPrecondition(
+                    f"{path} is not empty after unmount; leaving it for an operator"
+                ) from exc
+            if exc.errno != errno.ENOENT:
+                raise
+
+
+def _refuse_symlink(path: str) -> None:
+    if os.path.islink(path):
+        raise InvalidArgument(f"{path} is a symbolic link; refusing to follow it")
+    parent = os.path.dirname(os.path.normpath(path)) or "/"
+    if not os.path.isdir(parent):
+        raise InvalidArgument(f"parent directory {parent} of {path} does not exist")

@@ -1,0 +1,158 @@
+"""Build the services for a mode, serve them on a unix or tcp endpoint, stop gracefully."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from csi_proto import csi_pb2_grpc
+from driver.backends.image import ImagePool
+from driver.config import Config, Mode
+from driver.controller import ControllerServicer
+from driver.core.controller import ControllerCore
+from driver.core.node import NodeCore
+from driver.core.pool import PoolContext
+from driver.core.reconcile import reconcile
+from driver.errors import InvalidArgument
+from driver.exec import SubprocessRunner
+from driver.gate import GateServicer
+from driver.kube import KubeCatalog
+from driver.identity import IdentityServicer
+from driver.interceptors import CallInterceptor
+from driver.locks import KeyedLocks
+from driver.metrics import Metrics, PoolSample
+from driver.mount.fs import Filesystems
+from driver.mount.loop import LoopManager
+from driver.mount.mounter import Mounter
+from driver.node import NodeServicer
+from driver.state import Store
+
+log = logging.getLogger(__name__)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str]:
+    """('unix', path) or ('tcp', host:port)."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://"):]
+        if not path.startswith("/"):
+            raise InvalidArgument(f"unix endpoint needs an absolute path: {endpoint}")
+        return "unix", path
+    if endpoint.startswith("tcp://"):
+        return "tcp", endpoint[len("tcp://"):]
+    raise InvalidArgument(f"endpoint must start with unix:// or tcp://, got {endpoint!r}")
+
+
+def open_pool(cfg: Config) -> PoolContext:
+    runner = SubprocessRunner()
+    store = Store(os.path.join(cfg.pool_dir, "meta.db"))
+    return PoolContext(
+        node_id=cfg.node_id,
+        store=store,
+        backend=ImagePool(cfg.pool_dir, reserved_bytes=cfg.reserved_bytes),
+        locks=KeyedLocks(),
+        loops=LoopManager(runner),
+        mounter=Mounter(runner),
+        fs=Filesystems(runner),
+        runner=runner,
+        max_volumes_per_node=cfg.max_volumes_per_node,
+        loop_sector_size=cfg.loop_sector_size,
+    )
+
+
+def _pool_sample(ctx: PoolContext) -> PoolSample | None:
+    try:
+        usage = ctx.backend.usage()
+        volumes, snapshots = ctx.store.counts()
+        loops = [lo for lo in ctx.loops.list() if ctx.backend.owns(lo.backing_file)]
+    except Exception:  # noqa: BLE001 - a scrape must not fail because the pool did
+        log.exception("could not sample the pool for metrics")
+        return None
+    on = sum(1 for lo in loops if lo.direct_io)
+    return PoolSample(usage.total_bytes, usage.available_bytes, volumes, snapshots, on, len(loops) - on)
+
+
+@dataclass
+class Running:
+    server: grpc.Server
+    endpoint: tuple[str, str]
+    pool: PoolContext | None
+    ready: threading.Event
+
+    def stop(self, grace: float) -> None:
+        self.server.stop(grace).wait()
+        kind, where = self.endpoint
+        if kind == "unix":
+            _remove_socket(where)
+        if self.pool is not None:
+            self.pool.store.close()
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def start(cfg: Config, metrics: Metrics | None = None) -> Running:
+    metrics = metrics or Metrics()
+    ready = threading.Event()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="csi"),
+        interceptors=[CallInterceptor(metrics)],
+    )
+    pool: PoolContext | None = None
+    if cfg.serves_pool:
+        pool = open_pool(cfg)
+        report = reconcile(pool)
+        for problem in report.problems():
+            log.error("reconcile: %s", problem)
+        ctx = pool
+        metrics.watch_pool(lambda: _pool_sample(ctx))
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(ControllerCore(pool)), server)
+        csi_pb2_grpc.add_NodeServicer_to_server(
+            NodeServicer(NodeCore(pool), cfg.max_volumes_per_node), server
+        )
+
+        def is_ready() -> bool:
+            return ready.is_set() and ctx.backend.healthy() and ctx.store.healthy()
+    else:
+        csi_pb2_grpc.add_ControllerServicer_to_server(GateServicer(KubeCatalog()), server)
+
+        def is_ready() -> bool:
+            return ready.is_set()
+
+    csi_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityServicer(controller=True, ready=is_ready), server
+    )
+    kind, where = parse_endpoint(cfg.endpoint)
+    if kind == "unix":
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        _remove_socket(where)
+        old = os.umask(0o117)
+        try:
+            server.add_insecure_port("unix://" + where)
+        finally:
+            os.umask(old)
+    else:
+        server.add_insecure_port(where)
+    server.start()
+    if cfg.metrics_address:
+        metrics.serve(cfg.metrics_address)
+    ready.set()
+    log.info(
+        "stowage serving %s on %s (mode %s, node %s)",
+        "pool " + cfg.pool_dir if pool else "controller gate", cfg.endpoint, cfg.mode.value,
+        cfg.node_id,
+    )
+    return Running(server, (kind, where), pool, ready)
+
+
+__all__ = ["Mode", "Running", "parse_endpoint", "start"]

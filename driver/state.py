@@ -1,0 +1,338 @@
+"""The pool's metadata store: SQLite in WAL mode with synchronous=FULL, plus an operation journal.
+
+Rows are written after the files they describe are complete, and deleted before the files are
+moved away, so a crash leaves at worst an orphan file (reconciled to trash), never a row that
+points at nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from driver.errors import Unavailable
+from driver.model import (
+    AccessMode,
+    AccessType,
+    Attachment,
+    ContentSource,
+    Publication,
+    Snapshot,
+    Staging,
+    Volume,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS volumes (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, size INTEGER NOT NULL,
+    access_type TEXT NOT NULL, fs_type TEXT NOT NULL, formatted INTEGER NOT NULL,
+    source_kind TEXT, source_id TEXT, parameters TEXT NOT NULL, created_at REAL NOT NULL,
+    sector_size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, source_volume_id TEXT NOT NULL,
+    size INTEGER NOT NULL, fs_type TEXT NOT NULL, access_type TEXT NOT NULL,
+    formatted INTEGER NOT NULL, created_at REAL NOT NULL, sector_size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attachments (
+    volume_id TEXT NOT NULL, node_id TEXT NOT NULL, readonly INTEGER NOT NULL,
+    access_mode INTEGER NOT NULL, PRIMARY KEY (volume_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS stagings (
+    volume_id TEXT PRIMARY KEY, path TEXT NOT NULL, device TEXT NOT NULL,
+    access_type TEXT NOT NULL, fs_type TEXT NOT NULL, readonly INTEGER NOT NULL,
+    mount_flags TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS publications (
+    target TEXT PRIMARY KEY, volume_id TEXT NOT NULL, readonly INTEGER NOT NULL,
+    access_mode INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS publications_volume ON publications (volume_id);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, key TEXT NOT NULL,
+    payload TEXT NOT NULL, started_at REAL NOT NULL
+);
+"""
+
+
+def _volume(row: sqlite3.Row) -> Volume:
+    source = ContentSource(row["source_kind"], row["source_id"]) if row["source_kind"] else None
+    return Volume(
+        id=row["id"],
+        name=row["name"],
+        size=row["size"],
+        access_type=AccessType(row["access_type"]),
+        fs_type=row["fs_type"],
+        formatted=bool(row["formatted"]),
+        source=source,
+        parameters=json.loads(row["parameters"]),
+        created_at=row["created_at"],
+        sector_size=row["sector_size"],
+    )
+
+
+def _snapshot(row: sqlite3.Row) -> Snapshot:
+    return Snapshot(
+        id=row["id"],
+        name=row["name"],
+        source_volume_id=row["source_volume_id"],
+        size=row["size"],
+        fs_type=row["fs_type"],
+        access_type=AccessType(row["access_type"]),
+        formatted=bool(row["formatted"]),
+        created_at=row["created_at"],
+        sector_size=row["sector_size"],
+    )
+
+
+class Store:
+    """Thread-safe: one connection, one lock; every write is its own durable transaction."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except sqlite3.Error as exc:
+            raise Unavailable(f"metadata store {path} is unusable: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
+
+    def healthy(self) -> bool:
+        try:
+            self._all("SELECT value FROM meta WHERE key = 'schema'")
+        except Unavailable:
+            return False
+        return True
+
+    # --- volumes ------------------------------------------------------------------------------
+    def add_volume(self, v: Volume) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    v.id, v.name, v.size, v.access_type.value, v.fs_type, int(v.formatted),
+                    v.source.kind if v.source else None, v.source.id if v.source else None,
+                    json.dumps(v.parameters, sort_keys=True), v.created_at, v.sector_size,
+                ),
+            )
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        rows = self._all("SELECT * FROM volumes WHERE id = ?", (volume_id,))
+        return _volume(rows[0]) if rows else None
+
+    def volume_by_name(self, name: str) -> Volume | None:
+        rows = self._all("SELECT * FROM volumes WHERE name = ?", (name,))
+        return _volume(rows[0]) if rows else None
+
+    def list_volumes(self, after: str = "", limit: int = 0) -> list[Volume]:
+        sql, args = "SELECT * FROM volumes WHERE id > ? ORDER BY id", [after]
+        if limit:
+            sql += " LIMIT ?"
+            args.append(str(limit))
+        return [_volume(r) for r in self._all(sql, tuple(args))]
+
+    def set_volume_size(self, volume_id: str, size: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, volume_id))
+
+    def set_formatted(self, volume_id: str, fs_type: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE volumes SET formatted = 1, fs_type = ? WHERE id = ?", (fs_type, volume_id)
+            )
+
+    def remove_volume(self, volume_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM attachments WHERE volume_id = ?", (volume_id,))
+            db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+
+    # --- snapshots ----------------------------------------------------------------------------
+    def add_snapshot(self, s: Snapshot) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    s.id, s.name, s.source_volume_id, s.size, s.fs_type, s.access_type.value,
+                    int(s.formatted), s.created_at, s.sector_size,
+                ),
+            )
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        rows = self._all("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,))
+        return _snapshot(rows[0]) if rows else None
+
+    def snapshot_by_name(self, name: str) -> Snapshot | None:
+        rows = self._all("SELECT * FROM snapshots WHERE name = ?", (name,))
+        return _snapshot(rows[0]) if rows else None
+
+    def list_snapshots(
+        self, after: str = "", limit: int = 0, source_volume_id: str = ""
+    ) -> list[Snapshot]:
+        sql, args = "SELECT * FROM snapshots WHERE id > ?", [after]
+        if source_volume_id:
+            sql += " AND source_volume_id = ?"
+            args.append(source_volume_id)
+        sql += " ORDER BY id"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(str(limit))
+        return [_snapshot(r) for r in self._all(sql, tuple(args))]
+
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
+    # --- controller attachments -----------------------------------------------------------------
+    def attachments(self, volume_id: str) -> list[Attachment]:
+        rows = self._all("SELECT * FROM attachments WHERE volume_id = ?", (volume_id,))
+        return [
+            Attachment(r["volume_id"], r["node_id"], bool(r["readonly"]), AccessMode(r["access_mode"]))
+            for r in rows
+        ]
+
+    def attachment_count(self, node_id: str) -> int:
+        rows = self._all("SELECT COUNT(*) AS n FROM attachments WHERE node_id = ?", (node_id,))
+        return int(rows[0]["n"])
+
+    def add_attachment(self, a: Attachment) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO attachments VALUES (?,?,?,?)",
+                (a.volume_id, a.node_id, int(a.readonly), int(a.access_mode)),
+            )
+
+    def remove_attachment(self, volume_id: str, node_id: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM attachments WHERE volume_id = ? AND node_id = ?", (volume_id, node_id)
+            )
+
+    # --- node stagings and publications ---------------------------------------------------------
+    def staging(self, volume_id: str) -> Staging | None:
+        rows = self._all("SELECT * FROM stagings WHERE volume_id = ?", (volume_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return Staging(
+            r["volume_id"], r["path"], r["device"], AccessType(r["access_type"]), r["fs_type"],
+            bool(r["readonly"]), tuple(json.loads(r["mount_flags"])),
+        )
+
+    def stagings(self) -> list[Staging]:
+        return [
+            s
+            for r in self._all("SELECT volume_id FROM stagings ORDER BY volume_id")
+            if (s := self.staging(r["volume_id"])) is not None
+        ]
+
+    def put_staging(self, s: Staging) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO stagings VALUES (?,?,?,?,?,?,?)",
+                (
+                    s.volume_id, s.path, s.device, s.access_type.value, s.fs_type,
+                    int(s.readonly), json.dumps(list(s.mount_flags)),
+                ),
+            )
+
+    def remove_staging(self, volume_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM stagings WHERE volume_id = ?", (volume_id,))
+
+    def publications(self, volume_id: str | None = None) -> list[Publication]:
+        if volume_id is None:
+            rows = self._all("SELECT * FROM publications ORDER BY target")
+        else:
+            rows = self._all(
+                "SELECT * FROM publications WHERE volume_id = ? ORDER BY target", (volume_id,)
+            )
+        return [
+            Publication(r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"]))
+            for r in rows
+        ]
+
+    def publication(self, target: str) -> Publication | None:
+        rows = self._all("SELECT * FROM publications WHERE target = ?", (target,))
+        if not rows:
+            return None
+        r = rows[0]
+        return Publication(
+            r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
+        )
+
+    def put_publication(self, p: Publication) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO publications VALUES (?,?,?,?)",
+                (p.target, p.volume_id, int(p.readonly), int(p.access_mode)),
+            )
+
+    def remove_publication(self, target: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM publications WHERE target = ?", (target,))
+
+    # --- journal ----------------------------------------------------------------------------------
+    def journal_begin(self, op: str, key: str, payload: dict[str, Any]) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO journal (op, key, payload, started_at) VALUES (?,?,?,?)",
+                (op, key, json.dumps(payload, sort_keys=True), time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def journal_end(self, seq: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM journal WHERE seq = ?", (seq,))
+
+    def journal(self) -> list[tuple[int, str, str, dict[str, Any]]]:
+        return [
+            (r["seq"], r["op"], r["key"], json.loads(r["payload"]))
+            for r in self._all("SELECT * FROM journal ORDER BY seq")
+        ]
+
+    def counts(self) -> tuple[int, int]:
+        rows = self._all(
+            "SELECT (SELECT COUNT(*) FROM volumes) AS v, (SELECT COUNT(*) FROM snapshots) AS s"
+        )
+        return int(rows[0]["v"]), int(rows[0]["s"])

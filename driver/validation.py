@@ -1,0 +1,224 @@
+"""Pure request checks on domain values: names, capabilities, capacities, mount flags, paths."""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+
+from driver import ids
+from driver.errors import InvalidArgument, NotFound, OutOfRange
+from driver.model import (
+    DEFAULT_FS_TYPE,
+    DEFAULT_VOLUME_SIZE,
+    MIN_BLOCK_SIZE,
+    MIN_FS_SIZE,
+    SIZE_ALIGNMENT,
+    SUPPORTED_FS_TYPES,
+    AccessMode,
+    AccessType,
+    Capability,
+    CapacityRange,
+)
+
+MAX_STRING_BYTES = 128
+MAX_MAP_BYTES = 4096
+MAX_PATH_BYTES = 4096
+
+# Parameters a StorageClass may carry. csi.storage.k8s.io/* keys are the provisioner's own and
+# never reach us; the extra-create-metadata keys below do.
+KNOWN_PARAMETERS = frozenset(
+    {
+        "fsType",
+        "csi.storage.k8s.io/fstype",
+        "preallocate",
+        "csi.storage.k8s.io/pvc/name",
+        "csi.storage.k8s.io/pvc/namespace",
+        "csi.storage.k8s.io/pv/name",
+    }
+)
+
+# Mount options a user may ask for. Anything else, and anything that would re-enable suid or
+# device files, bind, move or remount, is refused.
+_ALLOWED_FLAGS = frozenset(
+    {
+        "ro", "rw", "noatime", "relatime", "strictatime", "nodiratime", "lazytime", "nolazytime",
+        "noexec", "nosuid", "nodev", "sync", "async", "dirsync", "discard", "nodiscard",
+        "acl", "noacl", "user_xattr", "nouser_xattr", "barrier", "nobarrier",
+        "data=ordered", "data=writeback", "data=journal", "errors=remount-ro", "errors=continue",
+        "usrquota", "grpquota", "prjquota", "uquota", "gquota", "pquota", "noquota",
+        "inode64", "largeio", "nolargeio", "wsync", "attr2", "noattr2",
+        "ssd", "nossd", "autodefrag", "noautodefrag", "space_cache=v2", "compress", "compress=zstd",
+        "compress=lzo", "compress=zlib", "compress-force=zstd", "datasum", "nodatasum",
+        "datacow", "nodatacow",
+    }
+)
+_ALLOWED_VALUED = {
+    "commit": re.compile(r"^\d{1,5}$"),
+    "allocsize": re.compile(r"^\d{1,10}[kmgKMG]?$"),
+    "logbufs": re.compile(r"^\d{1,2}$"),
+    "logbsize": re.compile(r"^\d{1,6}[kK]?$"),
+    "stripe": re.compile(r"^\d{1,6}$"),
+    "context": re.compile(r'^"?[a-z0-9_]+:[a-z0-9_]+:[a-z0-9_]+:s\d+(:c\d+(,c\d+)*)?"?$'),
+}
+
+
+def check_string(field: str, value: str, *, required: bool = True) -> None:
+    if not value:
+        if required:
+            raise InvalidArgument(f"{field} is required")
+        return
+    if len(value.encode("utf-8")) > MAX_STRING_BYTES:
+        raise InvalidArgument(f"{field} is longer than {MAX_STRING_BYTES} bytes")
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise InvalidArgument(f"{field} contains control characters")
+
+
+def check_map(field: str, values: Mapping[str, str]) -> None:
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in values.items())
+    if size > MAX_MAP_BYTES:
+        raise InvalidArgument(f"{field} is larger than {MAX_MAP_BYTES} bytes")
+
+
+def present(**fields: object) -> None:
+    """INVALID_ARGUMENT for the first required field that is empty (checked before anything
+    else, so a request missing a field is never answered NOT_FOUND)."""
+    for name, value in fields.items():
+        if not value:
+            raise InvalidArgument(f"{name} is required")
+
+
+def require_volume_id(value: str, field: str = "volume_id") -> str:
+    """A missing ID is INVALID_ARGUMENT; a malformed one cannot be ours, so NOT_FOUND."""
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if not ids.is_volume_id(value):
+        raise NotFound(f"volume {value[:MAX_STRING_BYTES]!r} does not exist")
+    return value
+
+
+def require_snapshot_id(value: str, field: str = "snapshot_id") -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if not ids.is_snapshot_id(value):
+        raise NotFound(f"snapshot {value[:MAX_STRING_BYTES]!r} does not exist")
+    return value
+
+
+def require_path(field: str, value: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if len(value.encode("utf-8")) > MAX_PATH_BYTES or "\0" in value:
+        raise InvalidArgument(f"{field} is not a usable path")
+    if not os.path.isabs(value):
+        raise InvalidArgument(f"{field} must be an absolute path, got {value!r}")
+    return os.path.normpath(value)
+
+
+def check_capabilities(caps: Iterable[Capability]) -> list[Capability]:
+    out = list(caps)
+    if not out:
+        raise InvalidArgument("volume_capabilities is required")
+    for cap in out:
+        check_capability(cap)
+    return out
+
+
+def check_capability(cap: Capability) -> None:
+    if cap.access_mode == AccessMode.UNKNOWN:
+        raise InvalidArgument("access_mode is required")
+    if cap.access_mode.multi_node:
+        raise InvalidArgument(
+            f"access mode {cap.access_mode.name} is not supported: Stowage volumes are "
+            "node-local and cannot be shared across nodes"
+        )
+    if cap.access_type is AccessType.MOUNT:
+        if cap.fs_type and cap.fs_type not in SUPPORTED_FS_TYPES:
+            raise InvalidArgument(
+                f"filesystem type {cap.fs_type!r} is not supported; "
+                f"use one of {', '.join(SUPPORTED_FS_TYPES)}"
+            )
+        check_mount_flags(cap.mount_flags)
+        if cap.mount_group and not cap.mount_group.isdigit():
+            raise InvalidArgument(f"volume_mount_group must be a numeric group ID, got {cap.mount_group!r}")
+    elif cap.mount_flags or cap.fs_type:
+        raise InvalidArgument("block volumes take no filesystem type or mount flags")
+
+
+def split_mount_flags(flags: Iterable[str]) -> list[str]:
+    return [part.strip() for flag in flags for part in flag.split(",") if part.strip()]
+
+
+def check_mount_flags(flags: Iterable[str]) -> list[str]:
+    parts = split_mount_flags(flags)
+    for part in parts:
+        if part in _ALLOWED_FLAGS:
+            continue
+        key, sep, value = part.partition("=")
+        pattern = _ALLOWED_VALUED.get(key)
+        if sep and pattern is not None and pattern.fullmatch(value):
+            continue
+        raise InvalidArgument(f"mount option {part!r} is not allowed")
+    return parts
+
+
+def fs_type_for(caps: Iterable[Capability], parameters: Mapping[str, str]) -> tuple[AccessType, str]:
+    """The access type and filesystem a new volume gets from its capabilities and parameters."""
+    caps = list(caps)
+    types = {c.access_type for c in caps}
+    if len(types) > 1:
+        raise InvalidArgument("a volume cannot be requested as both block and mount")
+    access = types.pop()
+    if access is AccessType.BLOCK:
+        return access, ""
+    requested = {c.fs_type for c in caps if c.fs_type}
+    param = parameters.get("csi.storage.k8s.io/fstype") or parameters.get("fsType") or ""
+    if param:
+        requested.add(param)
+    if len(requested) > 1:
+        raise InvalidArgument(f"conflicting filesystem types requested: {sorted(requested)}")
+    fs = requested.pop() if requested else DEFAULT_FS_TYPE
+    if fs not in SUPPORTED_FS_TYPES:
+        raise InvalidArgument(f"filesystem type {fs!r} is not supported; use one of {', '.join(SUPPORTED_FS_TYPES)}")
+    return access, fs
+
+
+def check_parameters(parameters: Mapping[str, str]) -> None:
+    check_map("parameters", parameters)
+    unknown = sorted(k for k in parameters if k not in KNOWN_PARAMETERS)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown parameter(s) {', '.join(repr(k) for k in unknown)}; "
+            f"known: {', '.join(sorted(KNOWN_PARAMETERS))}"
+        )
+    pre = parameters.get("preallocate", "false")
+    if pre not in ("true", "false"):
+        raise InvalidArgument(f"parameter preallocate must be 'true' or 'false', got {pre!r}")
+
+
+def _align_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+def resolve_size(rng: CapacityRange, access: AccessType, fs_type: str, floor: int = 0) -> int:
+    """The size to allocate for a capacity range: at least `floor` (e.g. the source's size) and
+    the filesystem's minimum, rounded up to SIZE_ALIGNMENT, never above the limit."""
+    if rng.required < 0 or rng.limit < 0:
+        raise InvalidArgument("capacity_range values must not be negative")
+    if rng.limit and rng.required > rng.limit:
+        raise InvalidArgument(
+            f"required_bytes {rng.required} is larger than limit_bytes {rng.limit}"
+        )
+    minimum = MIN_FS_SIZE[fs_type] if access is AccessType.MOUNT else MIN_BLOCK_SIZE
+    want = rng.required or (DEFAULT_VOLUME_SIZE if not rng.limit else min(DEFAULT_VOLUME_SIZE, rng.limit))
+    size = _align_up(max(want, minimum, floor), SIZE_ALIGNMENT)
+    if rng.limit and size > rng.limit:
+        size = max(want, minimum, floor)
+        size = _align_up(size, 4096)
+        if size > rng.limit:
+            raise OutOfRange(
+                f"cannot fit a volume in limit_bytes {rng.limit}: needs at least {size} bytes "
+                f"(filesystem minimum {minimum}, source size {floor})"
+            )
+    return size

@@ -1,0 +1,151 @@
+"""Shared fixtures for the root tiers: a real pool on a loop-mounted image and a driver process.
+
+Every fixture cleans up after itself even when the test fails: mounts under the test's own
+temporary directory are unmounted, loop devices backed by its files are detached, and only then
+is the directory removed. Processes are stopped by the PID the fixture started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from driver.ctl import pool as devpool
+from driver.ctl.client import Client
+from driver.mount import mountinfo
+from driver.mount.loop import LoopManager
+from driver.exec import SubprocessRunner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Pool:
+    base: str
+    image: str
+    mount: str
+    fs_type: str
+
+
+def _teardown_dir(base: str, image: str, mount: str) -> None:
+    runner = SubprocessRunner()
+    for entry in reversed(mountinfo.mounts_under(base)):  # newest first
+        if entry.mount_point != mount:
+            runner.run(["umount", "--", entry.mount_point], check=False)
+    devpool.destroy(image, mount)
+    loops = LoopManager(runner)
+    for lo in loops.list():
+        if lo.backing_file.startswith(base + os.sep):
+            loops.detach(lo.device)
+    left = mountinfo.mounts_under(base)
+    if left:
+        raise RuntimeError(f"still mounted under {base}: {[e.mount_point for e in left]}")
+    shutil.rmtree(base)
+
+
+def make_pool(fs_type: str = "xfs", size: int = 256 << 30) -> tuple[Pool, Callable[[], None]]:
+    base = tempfile.mkdtemp(prefix="stowage-test-")
+    image = os.path.join(base, "pool.img")
+    mount = os.path.join(base, "pool")
+    try:
+        devpool.create(image, mount, size, fs_type)
+    except BaseException:
+        _teardown_dir(base, image, mount)
+        raise
+    return Pool(base, image, mount, fs_type), lambda: _teardown_dir(base, image, mount)
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    assert os.geteuid() == 0, "the integration tiers need root (loop devices, mkfs, mount)"
+    made, teardown = make_pool()
+    try:
+        yield made
+    finally:
+        teardown()
+
+
+class DriverProcess:
+    """`python -m driver --mode all` on a pool, started and stopped by PID."""
+
+    def __init__(self, pool: Pool, *extra: str, node_id: str = "test-node") -> None:
+        self.pool = pool
+        self.socket = os.path.join(pool.base, "csi.sock")
+        self.endpoint = "unix://" + self.socket
+        self.log_path = os.path.join(pool.base, "driver.log")
+        self.extra = list(extra)
+        self.node_id = node_id
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
+
+    def start(self) -> Client:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "driver", "--mode", "all", "--endpoint", self.endpoint,
+             "--pool-dir", self.pool.mount, "--node-id", self.node_id, *self.extra],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env},
+        )
+        log.close()
+        client = Client(self.endpoint, timeout=60)
+        try:
+            client.wait_ready(30)
+        except TimeoutError:
+            self.stop()
+            raise AssertionError("driver did not become ready:\n" + self.log())
+        return client
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture
+def driver(pool: Pool) -> Iterator[DriverProcess]:
+    proc = DriverProcess(pool)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def client(driver: DriverProcess) -> Iterator[Client]:
+    c = driver.start()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
