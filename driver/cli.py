@@ -19,8 +19,11 @@ log = logging.getLogger("driver")
 
 def parse(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="stowage-csi", description=f"{DRIVER_NAME} CSI driver")
-    p.add_argument("--endpoint", default="unix:///run/stowage/csi.sock",
-                   help="unix:///path/csi.sock or tcp://host:port")
+    p.add_argument(
+        "--endpoint",
+        default="unix:///run/stowage/csi.sock",
+        help="unix:///path/csi.sock or tcp://host:port",
+    )
     p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.ALL.value)
     p.add_argument("--node-id", default=os.environ.get("NODE_NAME") or socket.gethostname())
     p.add_argument("--pool-dir", default="/var/lib/stowage")
@@ -28,11 +31,26 @@ def parse(argv: list[str] | None = None) -> Config:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument("--max-volumes-per-node", type=int, default=0)
-    p.add_argument("--reserved-bytes", type=int, default=0,
-                   help="pool space kept free and never reported as capacity")
-    p.add_argument("--loop-sector-size", type=int, default=4096, choices=[512, 1024, 2048, 4096],
-                   help="logical sector size of loop devices for new volumes (kept per volume)")
+    p.add_argument(
+        "--reserved-bytes",
+        type=int,
+        default=0,
+        help="pool space kept free and never reported as capacity",
+    )
+    p.add_argument(
+        "--loop-sector-size",
+        type=int,
+        default=4096,
+        choices=[512, 1024, 2048, 4096],
+        help="logical sector size of loop devices for new volumes (kept per volume)",
+    )
     p.add_argument("--shutdown-grace", type=float, default=30.0)
+    p.add_argument(
+        "--trash-grace",
+        type=float,
+        default=7 * 86400.0,
+        help="seconds deleted or orphaned images stay in <pool>/trash before start-up removes them",
+    )
     p.add_argument("--version", action="version", version=f"stowage-csi {__version__}")
     a = p.parse_args(argv)
     if a.max_volumes_per_node < 0 or a.reserved_bytes < 0:
@@ -49,6 +67,7 @@ def parse(argv: list[str] | None = None) -> Config:
         reserved_bytes=a.reserved_bytes,
         loop_sector_size=a.loop_sector_size,
         shutdown_grace=a.shutdown_grace,
+        trash_grace=a.trash_grace,
     )
 
 

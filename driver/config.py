@@ -25,6 +25,7 @@ class Config:
     reserved_bytes: int = 0
     loop_sector_size: int = 4096
     shutdown_grace: float = 30.0
+    trash_grace: float = 7 * 86400.0
     workers: int = 16
 
     @property

@@ -96,9 +96,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
-        present(
-            volume_id=request.volume_id, volume_capabilities=len(request.volume_capabilities)
-        )
+        present(volume_id=request.volume_id, volume_capabilities=len(request.volume_capabilities))
         caps = convert.capabilities(request.volume_capabilities)
         reason = self.core.validate_capabilities(request.volume_id, caps, dict(request.parameters))
         if reason:
@@ -115,7 +113,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def _entry_status(
         self, st: VolumeStatus
     ) -> tuple[csi_pb2.Volume, list[str], csi_pb2.VolumeCondition]:
-        return convert.volume(st.volume, self._node), st.published_nodes, convert.condition(st.condition)
+        return (
+            convert.volume(st.volume, self._node),
+            st.published_nodes,
+            convert.condition(st.condition),
+        )
 
     def ListVolumes(
         self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
@@ -178,7 +180,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListSnapshotsResponse:
         page = self.core.list_snapshots(
-            request.max_entries, request.starting_token, request.snapshot_id,
+            request.max_entries,
+            request.starting_token,
+            request.snapshot_id,
             request.source_volume_id,
         )
         return csi_pb2.ListSnapshotsResponse(

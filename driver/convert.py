@@ -140,9 +140,7 @@ def stats(st: VolumeStats) -> csi_pb2.NodeGetVolumeStatsResponse:
                 available=st.available_inodes or 0,
             )
         )
-    return csi_pb2.NodeGetVolumeStatsResponse(
-        usage=usage, volume_condition=condition(st.condition)
-    )
+    return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition(st.condition))
 
 
 def str_map(values: Mapping[str, str]) -> dict[str, str]:

@@ -39,7 +39,7 @@ class SubprocessRunner:
             raise Internal(f"bad argv {argv!r}")
         started = time.monotonic()
         try:
-            proc = subprocess.run(  # noqa: S603 - argv list, no shell
+            proc = subprocess.run(
                 argv,
                 capture_output=True,
                 text=True,
@@ -51,9 +51,7 @@ class SubprocessRunner:
             raise Internal(f"{argv[0]} is not installed on this node") from exc
         except subprocess.TimeoutExpired as exc:
             raise Internal(f"{argv[0]} did not finish within {timeout:.0f}s") from exc
-        log.debug(
-            "exec %s -> %d in %.3fs", argv, proc.returncode, time.monotonic() - started
-        )
+        log.debug("exec %s -> %d in %.3fs", argv, proc.returncode, time.monotonic() - started)
         result = Result(argv, proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, proc.stdout, proc.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from csi_proto import csi_pb2, csi_pb2_grpc
@@ -11,7 +13,12 @@ from driver.errors import Unimplemented
 from driver.validation import present
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
-CAPABILITIES = (_RPC.PUBLISH_UNPUBLISH_VOLUME, _RPC.EXPAND_VOLUME, _RPC.GET_VOLUME, _RPC.PUBLISH_READONLY)
+CAPABILITIES = (
+    _RPC.PUBLISH_UNPUBLISH_VOLUME,
+    _RPC.EXPAND_VOLUME,
+    _RPC.GET_VOLUME,
+    _RPC.PUBLISH_READONLY,
+)
 
 
 class GateServicer(csi_pb2_grpc.ControllerServicer):
@@ -23,7 +30,9 @@ class GateServicer(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
         return csi_pb2.ControllerGetCapabilitiesResponse(
             capabilities=[
-                csi_pb2.ControllerServiceCapability(rpc=csi_pb2.ControllerServiceCapability.RPC(type=t))
+                csi_pb2.ControllerServiceCapability(
+                    rpc=csi_pb2.ControllerServiceCapability.RPC(type=t)
+                )
                 for t in CAPABILITIES
             ]
         )
@@ -50,7 +59,9 @@ class GateServicer(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         present(volume_id=request.volume_id, volume_capabilities=len(request.volume_capabilities))
-        reason = self.core.validate(request.volume_id, convert.capabilities(request.volume_capabilities))
+        reason = self.core.validate(
+            request.volume_id, convert.capabilities(request.volume_capabilities)
+        )
         if reason:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=reason)
         return csi_pb2.ValidateVolumeCapabilitiesResponse(
@@ -68,7 +79,9 @@ class GateServicer(csi_pb2_grpc.ControllerServicer):
         size = self.core.expand(
             request.volume_id, convert.capacity_range(True, request.capacity_range)
         )
-        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=True)
+        return csi_pb2.ControllerExpandVolumeResponse(
+            capacity_bytes=size, node_expansion_required=True
+        )
 
     def ControllerGetVolume(
         self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
@@ -84,10 +97,38 @@ class GateServicer(csi_pb2_grpc.ControllerServicer):
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(),
         )
 
-    def CreateVolume(
-        self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
-    ) -> csi_pb2.CreateVolumeResponse:
-        raise Unimplemented(
-            "controller mode does not provision: CreateVolume is served by the node plugin "
-            "(csi-provisioner runs with --node-deployment)"
-        )
+    # Provisioning, snapshots and capacity are node-local: in a cluster the node plugin serves
+    # them (csi-provisioner and csi-snapshotter run with --node-deployment), so controller mode
+    # does not advertise them and answers UNIMPLEMENTED.
+    def CreateVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise _node_only("CreateVolume")
+
+    def DeleteVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise _node_only("DeleteVolume")
+
+    def ListVolumes(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise _node_only("ListVolumes")
+
+    def GetCapacity(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise _node_only("GetCapacity")
+
+    def CreateSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise _node_only("CreateSnapshot")
+
+    def DeleteSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise _node_only("DeleteSnapshot")
+
+    def ListSnapshots(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise _node_only("ListSnapshots")
+
+    def GetSnapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise _node_only("GetSnapshot")
+
+    def ControllerModifyVolume(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise Unimplemented("ControllerModifyVolume is not supported yet")
+
+
+def _node_only(method: str) -> Unimplemented:
+    return Unimplemented(
+        f"{method} is served by the node plugin (--mode node), not by controller mode"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -17,15 +17,21 @@ from driver.redact import loggable
 log = logging.getLogger("driver.rpc")
 
 
-class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:  # grpc's classes are not subscriptable at run time
+    _Interceptor = grpc.ServerInterceptor
+
+
+class CallInterceptor(_Interceptor):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -42,9 +48,12 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 response = inner(request, context)
             except StowageError as exc:
                 code, message = status.code_for(exc), str(exc)
-            except Exception as exc:  # noqa: BLE001 - anything unexpected is INTERNAL, logged
+            except Exception as exc:
                 log.exception("%s failed unexpectedly; request: %s", method, loggable(request))
-                code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+                code, message = (
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error: {type(exc).__name__}: {exc}",
+                )
             elapsed = time.monotonic() - started
             metrics.observe(method, code.name, elapsed)
             if code is grpc.StatusCode.OK:

@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import logging
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from driver import DRIVER_NAME, TOPOLOGY_KEY
 from driver.core.gate import VolumeRef
-from driver.errors import Unavailable
+from driver.errors import Internal, Unavailable
 from driver.model import AccessType
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+_BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
+_DECIMAL = {"k": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
+
+
+def _ceil(value: Decimal) -> int:
+    return int(value.to_integral_value(rounding=ROUND_CEILING))
 
 
 def parse_quantity(q: str) -> int:
-    for suffix, mult in _UNITS.items():
-        if q.endswith(suffix):
-            return int(float(q[: -len(suffix)]) * mult)
-    return int(float(q))
+    """A Kubernetes resource quantity in bytes, rounded up ("1Gi", "1500k", "2e9", "1.5Gi")."""
+    text = q.strip()
+    try:
+        for suffix, power in _BINARY.items():
+            if text.endswith(suffix):
+                return _ceil(Decimal(text[: -len(suffix)]) * 1024**power)
+        for suffix, power in _DECIMAL.items():
+            if text.endswith(suffix):
+                return _ceil(Decimal(text[: -len(suffix)]) * 1000**power)
+        return _ceil(Decimal(text))
+    except InvalidOperation as exc:
+        raise Internal(f"cannot parse quantity {q!r}") from exc
 
 
 class KubeCatalog:
@@ -33,16 +47,16 @@ class KubeCatalog:
             from kubernetes import client, config
 
             try:
-                config.load_incluster_config()
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
             except config.ConfigException:
-                config.load_kube_config()
+                config.load_kube_config()  # type: ignore[no-untyped-call]
             self._api = client.CoreV1Api()
         return self._api
 
     def lookup(self, volume_id: str) -> VolumeRef | None:
         try:
             pvs = self._client().list_persistent_volume().items
-        except Exception as exc:  # noqa: BLE001 - any API failure means "cannot answer now"
+        except Exception as exc:
             raise Unavailable(f"cannot list PersistentVolumes: {exc}") from exc
         for pv in pvs:
             csi = pv.spec.csi

@@ -30,14 +30,21 @@ class _PoolCollector(Collector):
         s = self._sample()
         if s is None:
             return
-        yield GaugeMetricFamily("stowage_pool_capacity_bytes", "Size of the pool filesystem.", value=s.capacity_bytes)
         yield GaugeMetricFamily(
-            "stowage_pool_available_bytes", "Free pool space minus the reservation.", value=s.available_bytes
+            "stowage_pool_capacity_bytes", "Size of the pool filesystem.", value=s.capacity_bytes
+        )
+        yield GaugeMetricFamily(
+            "stowage_pool_available_bytes",
+            "Free pool space minus the reservation.",
+            value=s.available_bytes,
         )
         yield GaugeMetricFamily("stowage_volumes", "Volumes recorded in the pool.", value=s.volumes)
-        yield GaugeMetricFamily("stowage_snapshots", "Snapshots recorded in the pool.", value=s.snapshots)
+        yield GaugeMetricFamily(
+            "stowage_snapshots", "Snapshots recorded in the pool.", value=s.snapshots
+        )
         loops = GaugeMetricFamily(
-            "stowage_loop_devices", "Loop devices backing pool images, by direct I/O state.",
+            "stowage_loop_devices",
+            "Loop devices backing pool images, by direct I/O state.",
             labels=["direct_io"],
         )
         loops.add_metric(["on"], s.loops_dio_on)
@@ -49,12 +56,17 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.operations = Counter(
-            "stowage_operations", "CSI calls by method and gRPC code.", ["method", "code"],
+            "stowage_operations",
+            "CSI calls by method and gRPC code.",
+            ["method", "code"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "stowage_operation_duration_seconds", "CSI call latency by method.", ["method"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "stowage_operation_duration_seconds",
+            "CSI call latency by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
 
     def observe(self, method: str, code: str, seconds: float) -> None:

@@ -80,7 +80,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             request.HasField("volume_capability"), request.volume_capability
         )
         self.core.publish(
-            request.volume_id, request.staging_target_path, request.target_path, cap,
+            request.volume_id,
+            request.staging_target_path,
+            request.target_path,
+            cap,
             request.readonly,
         )
         return csi_pb2.NodePublishVolumeResponse()

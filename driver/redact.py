@@ -35,7 +35,7 @@ def _scrub(msg: Message) -> None:
             else:
                 msg.ClearField(field.name)
             continue
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
             if field.message_type.GetOptions().map_entry:
                 continue
             if field.is_repeated:

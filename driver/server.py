@@ -22,9 +22,9 @@ from driver.core.reconcile import reconcile
 from driver.errors import InvalidArgument
 from driver.exec import SubprocessRunner
 from driver.gate import GateServicer
-from driver.kube import KubeCatalog
 from driver.identity import IdentityServicer
 from driver.interceptors import CallInterceptor
+from driver.kube import KubeCatalog
 from driver.locks import KeyedLocks
 from driver.metrics import Metrics, PoolSample
 from driver.mount.fs import Filesystems
@@ -39,12 +39,12 @@ log = logging.getLogger(__name__)
 def parse_endpoint(endpoint: str) -> tuple[str, str]:
     """('unix', path) or ('tcp', host:port)."""
     if endpoint.startswith("unix://"):
-        path = endpoint[len("unix://"):]
+        path = endpoint[len("unix://") :]
         if not path.startswith("/"):
             raise InvalidArgument(f"unix endpoint needs an absolute path: {endpoint}")
         return "unix", path
     if endpoint.startswith("tcp://"):
-        return "tcp", endpoint[len("tcp://"):]
+        return "tcp", endpoint[len("tcp://") :]
     raise InvalidArgument(f"endpoint must start with unix:// or tcp://, got {endpoint!r}")
 
 
@@ -69,12 +69,14 @@ def _pool_sample(ctx: PoolContext) -> PoolSample | None:
     try:
         usage = ctx.backend.usage()
         volumes, snapshots = ctx.store.counts()
-        loops = [lo for lo in ctx.loops.list() if ctx.backend.owns(lo.backing_file)]
-    except Exception:  # noqa: BLE001 - a scrape must not fail because the pool did
+        loops = [lo for lo in ctx.loops.devices() if ctx.backend.owns(lo.backing_file)]
+    except Exception:
         log.exception("could not sample the pool for metrics")
         return None
     on = sum(1 for lo in loops if lo.direct_io)
-    return PoolSample(usage.total_bytes, usage.available_bytes, volumes, snapshots, on, len(loops) - on)
+    return PoolSample(
+        usage.total_bytes, usage.available_bytes, volumes, snapshots, on, len(loops) - on
+    )
 
 
 @dataclass
@@ -111,12 +113,14 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     pool: PoolContext | None = None
     if cfg.serves_pool:
         pool = open_pool(cfg)
-        report = reconcile(pool)
+        report = reconcile(pool, cfg.trash_grace)
         for problem in report.problems():
             log.error("reconcile: %s", problem)
         ctx = pool
         metrics.watch_pool(lambda: _pool_sample(ctx))
-        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(ControllerCore(pool)), server)
+        csi_pb2_grpc.add_ControllerServicer_to_server(
+            ControllerServicer(ControllerCore(pool)), server
+        )
         csi_pb2_grpc.add_NodeServicer_to_server(
             NodeServicer(NodeCore(pool), cfg.max_volumes_per_node), server
         )
@@ -149,7 +153,9 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     ready.set()
     log.info(
         "stowage serving %s on %s (mode %s, node %s)",
-        "pool " + cfg.pool_dir if pool else "controller gate", cfg.endpoint, cfg.mode.value,
+        "pool " + cfg.pool_dir if pool else "controller gate",
+        cfg.endpoint,
+        cfg.mode.value,
         cfg.node_id,
     )
     return Running(server, (kind, where), pool, ready)

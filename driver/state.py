@@ -151,9 +151,17 @@ class Store:
             db.execute(
                 "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    v.id, v.name, v.size, v.access_type.value, v.fs_type, int(v.formatted),
-                    v.source.kind if v.source else None, v.source.id if v.source else None,
-                    json.dumps(v.parameters, sort_keys=True), v.created_at, v.sector_size,
+                    v.id,
+                    v.name,
+                    v.size,
+                    v.access_type.value,
+                    v.fs_type,
+                    int(v.formatted),
+                    v.source.kind if v.source else None,
+                    v.source.id if v.source else None,
+                    json.dumps(v.parameters, sort_keys=True),
+                    v.created_at,
+                    v.sector_size,
                 ),
             )
 
@@ -193,8 +201,15 @@ class Store:
             db.execute(
                 "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)",
                 (
-                    s.id, s.name, s.source_volume_id, s.size, s.fs_type, s.access_type.value,
-                    int(s.formatted), s.created_at, s.sector_size,
+                    s.id,
+                    s.name,
+                    s.source_volume_id,
+                    s.size,
+                    s.fs_type,
+                    s.access_type.value,
+                    int(s.formatted),
+                    s.created_at,
+                    s.sector_size,
                 ),
             )
 
@@ -227,7 +242,9 @@ class Store:
     def attachments(self, volume_id: str) -> list[Attachment]:
         rows = self._all("SELECT * FROM attachments WHERE volume_id = ?", (volume_id,))
         return [
-            Attachment(r["volume_id"], r["node_id"], bool(r["readonly"]), AccessMode(r["access_mode"]))
+            Attachment(
+                r["volume_id"], r["node_id"], bool(r["readonly"]), AccessMode(r["access_mode"])
+            )
             for r in rows
         ]
 
@@ -255,8 +272,13 @@ class Store:
             return None
         r = rows[0]
         return Staging(
-            r["volume_id"], r["path"], r["device"], AccessType(r["access_type"]), r["fs_type"],
-            bool(r["readonly"]), tuple(json.loads(r["mount_flags"])),
+            r["volume_id"],
+            r["path"],
+            r["device"],
+            AccessType(r["access_type"]),
+            r["fs_type"],
+            bool(r["readonly"]),
+            tuple(json.loads(r["mount_flags"])),
         )
 
     def stagings(self) -> list[Staging]:
@@ -271,8 +293,13 @@ class Store:
             db.execute(
                 "INSERT OR REPLACE INTO stagings VALUES (?,?,?,?,?,?,?)",
                 (
-                    s.volume_id, s.path, s.device, s.access_type.value, s.fs_type,
-                    int(s.readonly), json.dumps(list(s.mount_flags)),
+                    s.volume_id,
+                    s.path,
+                    s.device,
+                    s.access_type.value,
+                    s.fs_type,
+                    int(s.readonly),
+                    json.dumps(list(s.mount_flags)),
                 ),
             )
 
@@ -288,7 +315,9 @@ class Store:
                 "SELECT * FROM publications WHERE volume_id = ? ORDER BY target", (volume_id,)
             )
         return [
-            Publication(r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"]))
+            Publication(
+                r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
+            )
             for r in rows
         ]
 

@@ -25,6 +25,8 @@ from driver.model import (
 MAX_STRING_BYTES = 128
 MAX_MAP_BYTES = 4096
 MAX_PATH_BYTES = 4096
+MAX_GID = 2**32 - 2
+_GID = re.compile(r"[0-9]{1,10}")
 
 # Parameters a StorageClass may carry. csi.storage.k8s.io/* keys are the provisioner's own and
 # never reach us; the extra-create-metadata keys below do.
@@ -43,15 +45,60 @@ KNOWN_PARAMETERS = frozenset(
 # device files, bind, move or remount, is refused.
 _ALLOWED_FLAGS = frozenset(
     {
-        "ro", "rw", "noatime", "relatime", "strictatime", "nodiratime", "lazytime", "nolazytime",
-        "noexec", "nosuid", "nodev", "sync", "async", "dirsync", "discard", "nodiscard",
-        "acl", "noacl", "user_xattr", "nouser_xattr", "barrier", "nobarrier",
-        "data=ordered", "data=writeback", "data=journal", "errors=remount-ro", "errors=continue",
-        "usrquota", "grpquota", "prjquota", "uquota", "gquota", "pquota", "noquota",
-        "inode64", "largeio", "nolargeio", "wsync", "attr2", "noattr2",
-        "ssd", "nossd", "autodefrag", "noautodefrag", "space_cache=v2", "compress", "compress=zstd",
-        "compress=lzo", "compress=zlib", "compress-force=zstd", "datasum", "nodatasum",
-        "datacow", "nodatacow",
+        "ro",
+        "rw",
+        "noatime",
+        "relatime",
+        "strictatime",
+        "nodiratime",
+        "lazytime",
+        "nolazytime",
+        "noexec",
+        "nosuid",
+        "nodev",
+        "sync",
+        "async",
+        "dirsync",
+        "discard",
+        "nodiscard",
+        "acl",
+        "noacl",
+        "user_xattr",
+        "nouser_xattr",
+        "barrier",
+        "nobarrier",
+        "data=ordered",
+        "data=writeback",
+        "data=journal",
+        "errors=remount-ro",
+        "errors=continue",
+        "usrquota",
+        "grpquota",
+        "prjquota",
+        "uquota",
+        "gquota",
+        "pquota",
+        "noquota",
+        "inode64",
+        "largeio",
+        "nolargeio",
+        "wsync",
+        "attr2",
+        "noattr2",
+        "ssd",
+        "nossd",
+        "autodefrag",
+        "noautodefrag",
+        "space_cache=v2",
+        "compress",
+        "compress=zstd",
+        "compress=lzo",
+        "compress=zlib",
+        "compress-force=zstd",
+        "datasum",
+        "nodatasum",
+        "datacow",
+        "nodatacow",
     }
 )
 _ALLOWED_VALUED = {
@@ -140,14 +187,33 @@ def check_capability(cap: Capability) -> None:
                 f"use one of {', '.join(SUPPORTED_FS_TYPES)}"
             )
         check_mount_flags(cap.mount_flags)
-        if cap.mount_group and not cap.mount_group.isdigit():
-            raise InvalidArgument(f"volume_mount_group must be a numeric group ID, got {cap.mount_group!r}")
+        if cap.mount_group and not (
+            _GID.fullmatch(cap.mount_group) and int(cap.mount_group) <= MAX_GID
+        ):
+            raise InvalidArgument(
+                f"volume_mount_group must be a numeric group ID, got {cap.mount_group!r}"
+            )
     elif cap.mount_flags or cap.fs_type:
         raise InvalidArgument("block volumes take no filesystem type or mount flags")
 
 
 def split_mount_flags(flags: Iterable[str]) -> list[str]:
-    return [part.strip() for flag in flags for part in flag.split(",") if part.strip()]
+    """Split each flag on commas, except inside double quotes (SELinux context="a:b:c:s0:c1,c2")."""
+    parts: list[str] = []
+    for flag in flags:
+        current, quoted = "", False
+        for ch in flag:
+            if ch == '"':
+                quoted = not quoted
+            if ch == "," and not quoted:
+                parts.append(current)
+                current = ""
+            else:
+                current += ch
+        if quoted:
+            raise InvalidArgument(f"mount option {flag!r} has an unbalanced quote")
+        parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
 
 
 def check_mount_flags(flags: Iterable[str]) -> list[str]:
@@ -163,7 +229,9 @@ def check_mount_flags(flags: Iterable[str]) -> list[str]:
     return parts
 
 
-def fs_type_for(caps: Iterable[Capability], parameters: Mapping[str, str]) -> tuple[AccessType, str]:
+def fs_type_for(
+    caps: Iterable[Capability], parameters: Mapping[str, str]
+) -> tuple[AccessType, str]:
     """The access type and filesystem a new volume gets from its capabilities and parameters."""
     caps = list(caps)
     types = {c.access_type for c in caps}
@@ -180,7 +248,9 @@ def fs_type_for(caps: Iterable[Capability], parameters: Mapping[str, str]) -> tu
         raise InvalidArgument(f"conflicting filesystem types requested: {sorted(requested)}")
     fs = requested.pop() if requested else DEFAULT_FS_TYPE
     if fs not in SUPPORTED_FS_TYPES:
-        raise InvalidArgument(f"filesystem type {fs!r} is not supported; use one of {', '.join(SUPPORTED_FS_TYPES)}")
+        raise InvalidArgument(
+            f"filesystem type {fs!r} is not supported; use one of {', '.join(SUPPORTED_FS_TYPES)}"
+        )
     return access, fs
 
 
@@ -211,14 +281,21 @@ def resolve_size(rng: CapacityRange, access: AccessType, fs_type: str, floor: in
             f"required_bytes {rng.required} is larger than limit_bytes {rng.limit}"
         )
     minimum = MIN_FS_SIZE[fs_type] if access is AccessType.MOUNT else MIN_BLOCK_SIZE
-    want = rng.required or (DEFAULT_VOLUME_SIZE if not rng.limit else min(DEFAULT_VOLUME_SIZE, rng.limit))
-    size = _align_up(max(want, minimum, floor), SIZE_ALIGNMENT)
+    lower = max(rng.required, minimum, floor)
+    want = max(rng.required or DEFAULT_VOLUME_SIZE, lower)
+    if rng.limit:
+        want = min(want, rng.limit) if not rng.required else want
+        want = max(want, lower)
+    size = _align_up(want, SIZE_ALIGNMENT)
     if rng.limit and size > rng.limit:
-        size = max(want, minimum, floor)
-        size = _align_up(size, 4096)
+        # The MiB-aligned size overshoots the limit: take the largest MiB-aligned size under
+        # the limit if it still holds what is needed, else the smallest 4 KiB-aligned one.
+        size = rng.limit // SIZE_ALIGNMENT * SIZE_ALIGNMENT
+        if size < lower:
+            size = _align_up(lower, 4096)
         if size > rng.limit:
             raise OutOfRange(
-                f"cannot fit a volume in limit_bytes {rng.limit}: needs at least {size} bytes "
+                f"cannot fit a volume in limit_bytes {rng.limit}: needs at least {lower} bytes "
                 f"(filesystem minimum {minimum}, source size {floor})"
             )
     return size

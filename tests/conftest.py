@@ -21,9 +21,9 @@ import pytest
 
 from driver.ctl import pool as devpool
 from driver.ctl.client import Client
+from driver.exec import SubprocessRunner
 from driver.mount import mountinfo
 from driver.mount.loop import LoopManager
-from driver.exec import SubprocessRunner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def _teardown_dir(base: str, image: str, mount: str) -> None:
             runner.run(["umount", "--", entry.mount_point], check=False)
     devpool.destroy(image, mount)
     loops = LoopManager(runner)
-    for lo in loops.list():
+    for lo in loops.devices():
         if lo.backing_file.startswith(base + os.sep):
             loops.detach(lo.device)
     left = mountinfo.mounts_under(base)
@@ -90,9 +90,24 @@ class DriverProcess:
     def start(self) -> Client:
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "driver", "--mode", "all", "--endpoint", self.endpoint,
-             "--pool-dir", self.pool.mount, "--node-id", self.node_id, *self.extra],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env},
+            [
+                sys.executable,
+                "-m",
+                "driver",
+                "--mode",
+                "all",
+                "--endpoint",
+                self.endpoint,
+                "--pool-dir",
+                self.pool.mount,
+                "--node-id",
+                self.node_id,
+                *self.extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **self.env},
         )
         log.close()
         client = Client(self.endpoint, timeout=60)
@@ -100,7 +115,7 @@ class DriverProcess:
             client.wait_ready(30)
         except TimeoutError:
             self.stop()
-            raise AssertionError("driver did not become ready:\n" + self.log())
+            raise AssertionError("driver did not become ready:\n" + self.log()) from None
         return client
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -48,7 +49,7 @@ class ImagePool:
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._reflink = self._probe_reflink()
 
-    # --- paths, always from validated IDs -------------------------------------------------------
+    # --- paths, always from validated IDs -----------------------------------------------------
     def image_path(self, volume_id: str) -> str:
         if not ids.is_volume_id(volume_id):
             raise InvalidArgument(f"{volume_id!r} is not a Stowage volume ID")
@@ -73,9 +74,11 @@ class ImagePool:
         return self._reflink
 
     def healthy(self) -> bool:
-        return all(os.path.isdir(d) and os.access(d, os.W_OK) for d in (self._volumes, self._snapshots))
+        return all(
+            os.path.isdir(d) and os.access(d, os.W_OK) for d in (self._volumes, self._snapshots)
+        )
 
-    # --- creation -------------------------------------------------------------------------------
+    # --- creation -----------------------------------------------------------------------------
     def _publish(self, tmp: str, final: str) -> None:
         """Make a complete temporary image visible under its final name, durably."""
         os.rename(tmp, final)
@@ -98,7 +101,9 @@ class ImagePool:
         except OSError as exc:
             self._discard(tmp)
             if _no_space(exc):
-                raise ResourceExhausted(f"the pool cannot hold {size} bytes: {exc.strerror}") from exc
+                raise ResourceExhausted(
+                    f"the pool cannot hold {size} bytes: {exc.strerror}"
+                ) from exc
             raise
 
     def _copy_into(self, src: str, final: str, size: int) -> None:
@@ -113,7 +118,9 @@ class ImagePool:
             self._publish(tmp, final)
         except FileNotFoundError as exc:
             self._discard(tmp)
-            raise NotFound(f"source image {os.path.basename(src)} is missing from the pool") from exc
+            raise NotFound(
+                f"source image {os.path.basename(src)} is missing from the pool"
+            ) from exc
         except OSError as exc:
             self._discard(tmp)
             if _no_space(exc):
@@ -156,7 +163,7 @@ class ImagePool:
             self._discard(a)
             self._discard(b)
 
-    # --- growth and queries -----------------------------------------------------------------------
+    # --- growth and queries -------------------------------------------------------------------
     def expand(self, volume_id: str, size: int) -> None:
         path = self.image_path(volume_id)
         try:
@@ -169,7 +176,9 @@ class ImagePool:
                 os.fsync(fd)
         except OSError as exc:
             if _no_space(exc):
-                raise ResourceExhausted(f"the pool cannot grow {volume_id}: {exc.strerror}") from exc
+                raise ResourceExhausted(
+                    f"the pool cannot grow {volume_id}: {exc.strerror}"
+                ) from exc
             raise
         finally:
             os.close(fd)
@@ -198,38 +207,40 @@ class ImagePool:
     def snapshot_ids(self) -> set[str]:
         return self._ids(self._snapshots, ids.is_snapshot_id)
 
-    # --- removal: rename into trash (atomic), then reclaim ------------------------------------------
-    def _to_trash(self, path: str, kind: str, object_id: str) -> str | None:
-        dest = os.path.join(self._trash, f"{kind}-{object_id}-{time.time_ns()}.img")
-        moved = None
-        for candidate in (path, path + _TMP_SUFFIX):
+    # --- removal: rename into trash (atomic), then reclaim ------------------------------------
+    def _to_trash(self, path: str, kind: str, object_id: str) -> list[str]:
+        """Rename the image and any leftover temporary copy into trash; return the new paths."""
+        stamp = time.time_ns()
+        moved = []
+        for suffix in ("", _TMP_SUFFIX):
+            dest = os.path.join(self._trash, f"{kind}-{object_id}-{stamp}.img{suffix}")
             try:
-                os.rename(candidate, dest if moved is None else dest + ".tmp")
-                moved = moved or dest
+                os.rename(path + suffix, dest)
             except FileNotFoundError:
                 continue
+            moved.append(dest)
         if moved:
             _fsync_dir(os.path.dirname(path))
         return moved
 
     def trash_orphan(self, kind: str, object_id: str) -> str:
         path = self.image_path(object_id) if kind == "volume" else self.snapshot_path(object_id)
-        return self._to_trash(path, kind, object_id) or ""
+        return ", ".join(self._to_trash(path, kind, object_id))
 
     def delete_volume(self, volume_id: str) -> None:
-        moved = self._to_trash(self.image_path(volume_id), "volume", volume_id)
-        if moved:
+        for moved in self._to_trash(self.image_path(volume_id), "volume", volume_id):
             self._discard(moved)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        moved = self._to_trash(self.snapshot_path(snapshot_id), "snapshot", snapshot_id)
-        if moved:
+        for moved in self._to_trash(self.snapshot_path(snapshot_id), "snapshot", snapshot_id):
             self._discard(moved)
 
     def empty_trash(self, older_than: float) -> int:
         removed = 0
         now = time.time()
         for name in os.listdir(self._trash):
+            if name.startswith(".reflink-probe"):
+                continue
             path = os.path.join(self._trash, name)
             try:
                 if now - os.lstat(path).st_mtime >= older_than:
@@ -241,10 +252,8 @@ class ImagePool:
 
     @staticmethod
     def _discard(path: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
     def usage(self) -> PoolUsage:
         try:

@@ -97,7 +97,8 @@ class ControllerCore:
                     explicit = {c.fs_type for c in caps if c.fs_type}
                     if explicit and explicit != {origin.fs_type}:
                         raise InvalidArgument(
-                            f"source {source.id} holds {origin.fs_type}; requested {sorted(explicit)}"
+                            f"source {source.id} holds {origin.fs_type}; "
+                            f"requested {sorted(explicit)}"
                         )
                     fs_type = origin.fs_type
                 floor = origin.size
@@ -307,9 +308,7 @@ class ControllerCore:
                 return f"volume {volume_id} holds {vol.fs_type}, not {cap.fs_type}"
         return ""
 
-    def capacity(
-        self, caps: Sequence[Capability], segment: Segment | None
-    ) -> tuple[int, int]:
+    def capacity(self, caps: Sequence[Capability], segment: Segment | None) -> tuple[int, int]:
         """(available bytes, maximum volume size) for volumes with `caps` in `segment`."""
         if segment is not None and dict(segment) != self.segment:
             return 0, 0
@@ -322,7 +321,7 @@ class ControllerCore:
         available = self.ctx.backend.usage().available_bytes
         return available, available
 
-    # --- attachments ------------------------------------------------------------------------------
+    # --- attachments --------------------------------------------------------------------------
     def publish(
         self, volume_id: str, node_id: str, cap: Capability, readonly: bool
     ) -> dict[str, str]:
@@ -375,7 +374,7 @@ class ControllerCore:
                 if not node_id or a.node_id == node_id:
                     self.ctx.store.remove_attachment(volume_id, a.node_id)
 
-    # --- snapshots -------------------------------------------------------------------------------
+    # --- snapshots ----------------------------------------------------------------------------
     def create_snapshot(
         self, name: str, source_volume_id: str, parameters: Mapping[str, str]
     ) -> Snapshot:
@@ -446,7 +445,11 @@ class ControllerCore:
     ) -> Page[Snapshot]:
         after = self._token(max_entries, token, ids.is_snapshot_id)
         if snapshot_id:
-            snap = self.ctx.store.get_snapshot(snapshot_id) if ids.is_snapshot_id(snapshot_id) else None
+            snap = (
+                self.ctx.store.get_snapshot(snapshot_id)
+                if ids.is_snapshot_id(snapshot_id)
+                else None
+            )
             if snap is None or (source_volume_id and snap.source_volume_id != source_volume_id):
                 return Page([], "")
             return Page([snap], "")

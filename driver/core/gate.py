@@ -39,13 +39,16 @@ class GateCore:
             raise NotFound(f"volume {volume_id} is not known to the cluster")
         return ref
 
-    def publish(self, volume_id: str, node_id: str, cap: Capability, readonly: bool) -> dict[str, str]:
+    def publish(
+        self, volume_id: str, node_id: str, cap: Capability, readonly: bool
+    ) -> dict[str, str]:
         validation.check_string("node_id", node_id)
         validation.check_capability(cap)
         ref = self.volume(volume_id)
         if node_id != ref.node_id:
             raise FailedPrecondition(
-                f"volume {volume_id} lives on node {ref.node_id}; it cannot be attached to {node_id}"
+                f"volume {volume_id} lives on node {ref.node_id}; "
+                f"it cannot be attached to {node_id}"
             )
         if cap.access_type is not ref.access_type:
             raise InvalidArgument(

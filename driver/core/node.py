@@ -37,7 +37,7 @@ class NodeCore:
     def __init__(self, ctx: PoolContext) -> None:
         self.ctx = ctx
 
-    # --- helpers -------------------------------------------------------------------------------
+    # --- helpers ------------------------------------------------------------------------------
     def _volume(self, volume_id: str) -> Volume:
         vol = self.ctx.store.get_volume(volume_id)
         if vol is None:
@@ -72,7 +72,7 @@ class NodeCore:
             return True
         return self._carries(staging.path, loop.device)
 
-    # --- stage -------------------------------------------------------------------------------------
+    # --- stage --------------------------------------------------------------------------------
     def stage(self, volume_id: str, staging_path: str, cap: Capability) -> None:
         validation.require_volume_id(volume_id)
         staging_path = validation.require_path("staging_target_path", staging_path)
@@ -126,7 +126,9 @@ class NodeCore:
             self.ctx.mounter.mount(loop.device, staging_path, fs_type, options)
         if not readonly and fs_type != "ext4":
             self._grow_if_needed(loop.device, staging_path, fs_type)
-        staging = Staging(vol.id, staging_path, loop.device, AccessType.MOUNT, fs_type, readonly, flags)
+        staging = Staging(
+            vol.id, staging_path, loop.device, AccessType.MOUNT, fs_type, readonly, flags
+        )
         self.ctx.store.put_staging(staging)
         log.info("staged %s (%s on %s) at %s", vol.id, fs_type, loop.device, staging_path)
         return staging
@@ -202,7 +204,7 @@ class NodeCore:
             self.ctx.store.remove_staging(volume_id)
             log.info("unstaged %s from %s", volume_id, staging_path)
 
-    # --- publish -------------------------------------------------------------------------------------
+    # --- publish ------------------------------------------------------------------------------
     def publish(
         self,
         volume_id: str,
@@ -237,7 +239,9 @@ class NodeCore:
                     self.ctx.mounter.unmount(target)
                 self.ctx.store.remove_publication(target)
             others = [p for p in self.ctx.store.publications(volume_id) if p.target != target]
-            if others and (cap.access_mode.single_target or any(p.access_mode.single_target for p in others)):
+            if others and (
+                cap.access_mode.single_target or any(p.access_mode.single_target for p in others)
+            ):
                 raise FailedPrecondition(
                     f"volume {volume_id} is {cap.access_mode.name} and already published at "
                     f"{others[0].target}"
@@ -262,7 +266,9 @@ class NodeCore:
                 )
                 if cap.mount_group and not readonly:
                     _apply_group(target, int(cap.mount_group))
-            self.ctx.store.put_publication(Publication(volume_id, target, readonly, cap.access_mode))
+            self.ctx.store.put_publication(
+                Publication(volume_id, target, readonly, cap.access_mode)
+            )
             log.info("published %s at %s (readonly=%s)", volume_id, target, readonly)
 
     def _published_ok(self, vol: Volume, staging: Staging, target: str) -> bool:
@@ -285,7 +291,9 @@ class NodeCore:
         with self.ctx.locks.hold(volume_id):
             pub = self.ctx.store.publication(target)
             if pub is not None and pub.volume_id != volume_id:
-                raise FailedPrecondition(f"{target} publishes volume {pub.volume_id}, not {volume_id}")
+                raise FailedPrecondition(
+                    f"{target} publishes volume {pub.volume_id}, not {volume_id}"
+                )
             if self.ctx.mounter.is_mounted(target):
                 if pub is None:
                     raise FailedPrecondition(
@@ -296,7 +304,7 @@ class NodeCore:
             self.ctx.store.remove_publication(target)
             log.info("unpublished %s from %s", volume_id, target)
 
-    # --- stats and expansion ----------------------------------------------------------------------
+    # --- stats and expansion ------------------------------------------------------------------
     def _locate(self, vol: Volume, path: str) -> Staging:
         """The staging of `vol` if `path` is its staging path or one of its targets."""
         missing = NotFound(f"volume {vol.id} is not staged or published at {path!r}")
@@ -348,7 +356,9 @@ class NodeCore:
             except (OSError, ValueError):
                 count = 0
             if count:
-                return Condition(True, f"ext4 on {loop.device} recorded {count} error(s); run e2fsck")
+                return Condition(
+                    True, f"ext4 on {loop.device} recorded {count} error(s); run e2fsck"
+                )
         return Condition(False, "healthy")
 
     def expand(self, volume_id: str, path: str, rng: CapacityRange | None) -> int:
@@ -366,7 +376,9 @@ class NodeCore:
                 raise InvalidArgument(f"volume {volume_id} is {want} bytes, above limit_bytes")
             if want > vol.size:
                 want = validation.resolve_size(
-                    CapacityRange(want, rng.limit if rng else 0), vol.access_type, vol.fs_type or "ext4"
+                    CapacityRange(want, rng.limit if rng else 0),
+                    vol.access_type,
+                    vol.fs_type or "ext4",
                 )
             # Rule 11: image, then loop, then filesystem, then the record; each step idempotent.
             self.ctx.backend.expand(volume_id, want)
@@ -402,4 +414,3 @@ def _chgrp(path: str, gid: int) -> None:
     if stat.S_ISDIR(st.st_mode):
         mode |= stat.S_IXGRP | stat.S_ISGID
     os.chmod(path, mode)
-

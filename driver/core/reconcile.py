@@ -21,28 +21,27 @@ class Report:
     detached: list[str] = field(default_factory=list)
     stale_stagings: list[str] = field(default_factory=list)
     stale_publications: list[str] = field(default_factory=list)
+    reclaimed: int = 0
 
     def problems(self) -> list[str]:
         """What a person should look at: everything but routine clean-up."""
         return [f"image missing for volume {v}" for v in self.missing_images]
 
 
-def reconcile(ctx: PoolContext) -> Report:
+def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
     report = Report()
     store, backend = ctx.store, ctx.backend
 
     # 1. Operations that were under way when the process ended.
     for seq, op, key, payload in store.journal():
-        if op == "create-volume" and store.get_volume(key) is None:
+        if (op == "create-volume" and store.get_volume(key) is None) or (
+            op == "delete-volume" and store.get_volume(key) is None
+        ):
             if backend.trash_orphan("volume", key):
                 report.trashed.append(key)
-        elif op == "delete-volume" and store.get_volume(key) is None:
-            if backend.trash_orphan("volume", key):
-                report.trashed.append(key)
-        elif op == "create-snapshot" and store.get_snapshot(key) is None:
-            if backend.trash_orphan("snapshot", key):
-                report.trashed.append(key)
-        elif op == "delete-snapshot" and store.get_snapshot(key) is None:
+        elif (op == "create-snapshot" and store.get_snapshot(key) is None) or (
+            op == "delete-snapshot" and store.get_snapshot(key) is None
+        ):
             if backend.trash_orphan("snapshot", key):
                 report.trashed.append(key)
         elif op == "expand-volume":
@@ -67,47 +66,51 @@ def reconcile(ctx: PoolContext) -> Report:
             report.missing_images.append(vid)
             log.error("volume %s is recorded but its image is missing from the pool", vid)
 
-    # 3. Loop devices and mounts against staging records.
+    # 3. Staging and publication records against the mount table (a reboot empties it).
     entries = mountinfo.read()
-    pool_images = {backend.image_path(v): v for v in known_vols}
     stagings = {s.volume_id: s for s in store.stagings()}
-    for loop in ctx.loops.list():
-        if not backend.owns(loop.backing_file):
-            continue
-        vid = pool_images.get(loop.backing_file)
-        if mountinfo.mounts_of(loop.device, entries):
-            continue  # in use; never pull a device from under a mount
-        keep = vid is not None and not loop.deleted and vid in stagings and \
-            stagings[vid].device == loop.device
-        if not keep:
-            ctx.loops.detach(loop.device)
-            report.detached.append(loop.device)
-
-    for vid, staging in stagings.items():
+    for vid, staging in list(stagings.items()):
         found = ctx.loops.find(backend.image_path(vid)) if vid in known_vols else []
         ok = len(found) == 1 and found[0].device == staging.device
         if ok and staging.access_type is AccessType.MOUNT:
             tops = mountinfo.mounts_at(staging.path, entries)
-            top = tops[-1] if tops else None
-            ok = top is not None and mountinfo.is_on(top, staging.device)
+            ok = bool(tops) and mountinfo.is_on(tops[-1], staging.device)
         if not ok:
+            del stagings[vid]
             store.remove_staging(vid)
             report.stale_stagings.append(vid)
             for pub in store.publications(vid):
                 store.remove_publication(pub.target)
                 report.stale_publications.append(pub.target)
-
     for pub in store.publications():
-        if pub.volume_id in report.stale_stagings:
-            continue
         if not mountinfo.mounts_at(pub.target, entries):
             store.remove_publication(pub.target)
             report.stale_publications.append(pub.target)
 
+    # 4. Loop devices of pool images that no live staging record explains.
+    pool_images = {backend.image_path(v): v for v in known_vols}
+    for loop in ctx.loops.devices():
+        if not backend.owns(loop.backing_file):
+            continue
+        if mountinfo.mounts_of(loop.device, entries):
+            continue  # in use; never pull a device from under a mount
+        owner = pool_images.get(loop.backing_file)
+        live = stagings.get(owner) if owner is not None and not loop.deleted else None
+        if live is None or live.device != loop.device:
+            ctx.loops.detach(loop.device)
+            report.detached.append(loop.device)
+
+    # 5. Trash older than the grace period is reclaimed; younger trash waits for an operator.
+    report.reclaimed = backend.empty_trash(older_than=trash_grace)
+
     log.info(
         "reconciled: %d journal entries, %d orphans to trash, %d loops detached, "
         "%d stale stagings, %d stale publications, %d missing images",
-        len(report.journal_rolled), len(report.trashed), len(report.detached),
-        len(report.stale_stagings), len(report.stale_publications), len(report.missing_images),
+        len(report.journal_rolled),
+        len(report.trashed),
+        len(report.detached),
+        len(report.stale_stagings),
+        len(report.stale_publications),
+        len(report.missing_images),
     )
     return report

@@ -8,15 +8,22 @@ import grpc
 
 from csi_proto import csi_pb2, csi_pb2_grpc
 
+_Modes = csi_pb2.VolumeCapability.AccessMode
 
-def mount_cap(fs_type: str = "", mode: int = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+
+def mount_cap(
+    fs_type: str = "",
+    mode: _Modes.Mode.ValueType = _Modes.SINGLE_NODE_WRITER,
+) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type),
         access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),
     )
 
 
-def block_cap(mode: int = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+def block_cap(
+    mode: _Modes.Mode.ValueType = _Modes.SINGLE_NODE_WRITER,
+) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(
         block=csi_pb2.VolumeCapability.BlockVolume(),
         access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),
@@ -60,8 +67,13 @@ class Client:
         return self.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=self.timeout).node_id
 
     def create_volume(
-        self, name: str, size: int, cap: csi_pb2.VolumeCapability,
-        snapshot: str = "", volume: str = "", parameters: dict[str, str] | None = None,
+        self,
+        name: str,
+        size: int,
+        cap: csi_pb2.VolumeCapability,
+        snapshot: str = "",
+        volume: str = "",
+        parameters: dict[str, str] | None = None,
     ) -> csi_pb2.Volume:
         req = csi_pb2.CreateVolumeRequest(
             name=name,
@@ -76,7 +88,9 @@ class Client:
         return self.controller.CreateVolume(req, timeout=self.timeout).volume
 
     def delete_volume(self, volume_id: str) -> None:
-        self.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id), timeout=self.timeout)
+        self.controller.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=volume_id), timeout=self.timeout
+        )
 
     def expand_volume(self, volume_id: str, size: int) -> int:
         return self.controller.ControllerExpandVolume(
@@ -91,7 +105,8 @@ class Client:
         token = ""
         while True:
             resp = self.controller.ListVolumes(
-                csi_pb2.ListVolumesRequest(max_entries=500, starting_token=token), timeout=self.timeout
+                csi_pb2.ListVolumesRequest(max_entries=500, starting_token=token),
+                timeout=self.timeout,
             )
             out.extend(resp.entries)
             token = resp.next_token
@@ -100,7 +115,8 @@ class Client:
 
     def create_snapshot(self, name: str, volume_id: str) -> csi_pb2.Snapshot:
         return self.controller.CreateSnapshot(
-            csi_pb2.CreateSnapshotRequest(name=name, source_volume_id=volume_id), timeout=self.timeout
+            csi_pb2.CreateSnapshotRequest(name=name, source_volume_id=volume_id),
+            timeout=self.timeout,
         ).snapshot
 
     def delete_snapshot(self, snapshot_id: str) -> None:
@@ -113,7 +129,8 @@ class Client:
         token = ""
         while True:
             resp = self.controller.ListSnapshots(
-                csi_pb2.ListSnapshotsRequest(max_entries=500, starting_token=token), timeout=self.timeout
+                csi_pb2.ListSnapshotsRequest(max_entries=500, starting_token=token),
+                timeout=self.timeout,
             )
             out.extend(resp.entries)
             token = resp.next_token
@@ -135,13 +152,20 @@ class Client:
         )
 
     def publish(
-        self, volume_id: str, staging: str, target: str, cap: csi_pb2.VolumeCapability,
+        self,
+        volume_id: str,
+        staging: str,
+        target: str,
+        cap: csi_pb2.VolumeCapability,
         readonly: bool = False,
     ) -> None:
         self.node.NodePublishVolume(
             csi_pb2.NodePublishVolumeRequest(
-                volume_id=volume_id, staging_target_path=staging, target_path=target,
-                volume_capability=cap, readonly=readonly,
+                volume_id=volume_id,
+                staging_target_path=staging,
+                target_path=target,
+                volume_capability=cap,
+                readonly=readonly,
             ),
             timeout=self.timeout,
         )
@@ -161,7 +185,8 @@ class Client:
     def node_expand(self, volume_id: str, path: str, size: int) -> int:
         return self.node.NodeExpandVolume(
             csi_pb2.NodeExpandVolumeRequest(
-                volume_id=volume_id, volume_path=path,
+                volume_id=volume_id,
+                volume_path=path,
                 capacity_range=csi_pb2.CapacityRange(required_bytes=size),
             ),
             timeout=self.timeout,

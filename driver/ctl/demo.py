@@ -22,8 +22,14 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def run(client: Client, workdir: str, *, fs_type: str = "ext4", data_mib: int = 64,
-        echo: Callable[[str], None] = print) -> dict[str, float]:
+def run(
+    client: Client,
+    workdir: str,
+    *,
+    fs_type: str = "ext4",
+    data_mib: int = 64,
+    echo: Callable[[str], None] = print,
+) -> dict[str, float]:
     """Create → stage → publish → write → snapshot → restore → verify → clean up."""
     timings: dict[str, float] = {}
     cleanup: list[tuple[str, Callable[[], None]]] = []
@@ -45,12 +51,24 @@ def run(client: Client, workdir: str, *, fs_type: str = "ext4", data_mib: int = 
     target_a = os.path.join(workdir, f"pub-a-{suffix}")
     echo(f"stowage demo: {fs_type} volume, {data_mib} MiB of data, node {client.node_id()}")
     try:
-        vol = step("CreateVolume 1 GiB", lambda: client.create_volume(f"demo-{suffix}", 1024 * MiB, cap))
+        vol = step(
+            "CreateVolume 1 GiB", lambda: client.create_volume(f"demo-{suffix}", 1024 * MiB, cap)
+        )
         cleanup.append(("DeleteVolume source", lambda: client.delete_volume(vol.volume_id)))
-        step("NodeStageVolume (mkfs + mount)", lambda: client.stage(vol.volume_id, paths["stage-a"], cap))
-        cleanup.append(("NodeUnstageVolume source", lambda: client.unstage(vol.volume_id, paths["stage-a"])))
-        step("NodePublishVolume", lambda: client.publish(vol.volume_id, paths["stage-a"], target_a, cap))
-        cleanup.append(("NodeUnpublishVolume source", lambda: client.unpublish(vol.volume_id, target_a)))
+        step(
+            "NodeStageVolume (mkfs + mount)",
+            lambda: client.stage(vol.volume_id, paths["stage-a"], cap),
+        )
+        cleanup.append(
+            ("NodeUnstageVolume source", lambda: client.unstage(vol.volume_id, paths["stage-a"]))
+        )
+        step(
+            "NodePublishVolume",
+            lambda: client.publish(vol.volume_id, paths["stage-a"], target_a, cap),
+        )
+        cleanup.append(
+            ("NodeUnpublishVolume source", lambda: client.unpublish(vol.volume_id, target_a))
+        )
 
         data = os.path.join(target_a, "data.bin")
 
@@ -64,15 +82,38 @@ def run(client: Client, workdir: str, *, fs_type: str = "ext4", data_mib: int = 
 
         digest = step(f"write {data_mib} MiB + fsync", write)
         echo(f"    sha256 {digest}")
-        snap = step("CreateSnapshot (frozen reflink)", lambda: client.create_snapshot(f"demo-snap-{suffix}", vol.volume_id))
+        snap = step(
+            "CreateSnapshot (frozen reflink)",
+            lambda: client.create_snapshot(f"demo-snap-{suffix}", vol.volume_id),
+        )
         cleanup.append(("DeleteSnapshot", lambda: client.delete_snapshot(snap.snapshot_id)))
-        restored = step("CreateVolume from snapshot", lambda: client.create_volume(
-            f"demo-restore-{suffix}", 1024 * MiB, cap, snapshot=snap.snapshot_id))
+        restored = step(
+            "CreateVolume from snapshot",
+            lambda: client.create_volume(
+                f"demo-restore-{suffix}", 1024 * MiB, cap, snapshot=snap.snapshot_id
+            ),
+        )
         cleanup.append(("DeleteVolume restored", lambda: client.delete_volume(restored.volume_id)))
-        step("NodeStageVolume restored", lambda: client.stage(restored.volume_id, paths["stage-b"], cap))
-        cleanup.append(("NodeUnstageVolume restored", lambda: client.unstage(restored.volume_id, paths["stage-b"])))
-        step("NodePublishVolume restored", lambda: client.publish(restored.volume_id, paths["stage-b"], paths["pub-b"], cap))
-        cleanup.append(("NodeUnpublishVolume restored", lambda: client.unpublish(restored.volume_id, paths["pub-b"])))
+        step(
+            "NodeStageVolume restored",
+            lambda: client.stage(restored.volume_id, paths["stage-b"], cap),
+        )
+        cleanup.append(
+            (
+                "NodeUnstageVolume restored",
+                lambda: client.unstage(restored.volume_id, paths["stage-b"]),
+            )
+        )
+        step(
+            "NodePublishVolume restored",
+            lambda: client.publish(restored.volume_id, paths["stage-b"], paths["pub-b"], cap),
+        )
+        cleanup.append(
+            (
+                "NodeUnpublishVolume restored",
+                lambda: client.unpublish(restored.volume_id, paths["pub-b"]),
+            )
+        )
         got = step("read back + sha256", lambda: _sha256(os.path.join(paths["pub-b"], "data.bin")))
         if got != digest:
             raise RuntimeError(f"restored data differs: {got} != {digest}")

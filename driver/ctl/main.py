@@ -33,7 +33,9 @@ def _print(msg: object) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stowagectl", description=__doc__)
-    p.add_argument("--endpoint", default=os.environ.get("STOWAGE_ENDPOINT", "unix:///run/stowage/csi.sock"))
+    p.add_argument(
+        "--endpoint", default=os.environ.get("STOWAGE_ENDPOINT", "unix:///run/stowage/csi.sock")
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     sub.add_parser("info", help="plugin info, capabilities, node and capacity")
@@ -132,7 +134,11 @@ def _run_client(client: Client, args: argparse.Namespace) -> int:
     elif args.cmd == "volume":
         if args.action == "create":
             cap = capability(args.block, args.fs)
-            _print(client.create_volume(args.name, args.size, cap, args.from_snapshot, args.from_volume))
+            _print(
+                client.create_volume(
+                    args.name, args.size, cap, args.from_snapshot, args.from_volume
+                )
+            )
         elif args.action == "list":
             for entry in client.list_volumes():
                 _print(entry)

@@ -30,7 +30,9 @@ class DevPool:
     fs_type: str
 
 
-def create(image: str, mount: str, size: int, fs_type: str = "xfs", runner: Runner | None = None) -> DevPool:
+def create(
+    image: str, mount: str, size: int, fs_type: str = "xfs", runner: Runner | None = None
+) -> DevPool:
     runner = runner or SubprocessRunner()
     image, mount = os.path.abspath(image), os.path.abspath(mount)
     os.makedirs(os.path.dirname(image), exist_ok=True)
@@ -60,7 +62,7 @@ def destroy(
     image, mount = os.path.abspath(image), os.path.abspath(mount)
     done: list[str] = []
     loops = LoopManager(runner)
-    pool_loops = [lo for lo in loops.list() if lo.backing_file.startswith(mount + os.sep)]
+    pool_loops = [lo for lo in loops.devices() if lo.backing_file.startswith(mount + os.sep)]
     for entry in sorted(mountinfo.mounts_under(mount), key=lambda e: -len(e.mount_point)):
         if entry.mount_point != mount:
             runner.run(["umount", "--", entry.mount_point], check=False)

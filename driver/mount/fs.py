@@ -19,7 +19,14 @@ FITHAW = 0xC0045878
 # Our mkfs options: no reserved blocks, lazy init where it is safe, no discard of a sparse
 # image (the file is already sparse; discarding would only cost time).
 MKFS = {
-    "ext4": ["mkfs.ext4", "-F", "-q", "-m0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
+    "ext4": [
+        "mkfs.ext4",
+        "-F",
+        "-q",
+        "-m0",
+        "-E",
+        "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+    ],
     "xfs": ["mkfs.xfs", "-f", "-q", "-K"],
     "btrfs": ["mkfs.btrfs", "-f", "-q", "-K"],
 }
@@ -41,10 +48,10 @@ class Filesystems:
         if res.returncode == 2:
             return None
         if res.returncode != 0:
-            raise Internal(f"blkid could not read {device} (status {res.returncode}); not formatting")
-        values = dict(
-            line.split("=", 1) for line in res.stdout.splitlines() if "=" in line
-        )
+            raise Internal(
+                f"blkid could not read {device} (status {res.returncode}); not formatting"
+            )
+        values = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
         return values.get("TYPE") or values.get("PTTYPE") or "unknown"
 
     def format(self, device: str, fs_type: str) -> None:
@@ -126,4 +133,3 @@ class Filesystems:
                     log.exception("could not thaw %s", mount_point)
         finally:
             os.close(fd)
-

@@ -41,7 +41,7 @@ class LoopManager:
         self._runner = runner
         self._sys_block = sys_block
 
-    def list(self) -> list[LoopDevice]:
+    def devices(self) -> list[LoopDevice]:
         devices = []
         for loop_dir in sorted(glob.glob(os.path.join(self._sys_block, "loop*"))):
             backing = _read(os.path.join(loop_dir, "loop", "backing_file"))
@@ -63,7 +63,7 @@ class LoopManager:
     def find(self, image: str) -> list[LoopDevice]:
         """Every loop device currently backed by `image` (there should be at most one)."""
         real = os.path.realpath(image)
-        return [d for d in self.list() if d.backing_file == real and not d.deleted]
+        return [d for d in self.devices() if d.backing_file == real and not d.deleted]
 
     def attach(self, image: str, *, sector_size: int = 512, direct_io: bool = True) -> LoopDevice:
         """Reuse the loop device already backed by `image`, or attach a new one."""

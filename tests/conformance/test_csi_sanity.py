@@ -31,7 +31,9 @@ def _binary() -> str:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(
             [os.path.join(here, "..", "tools", "install-csi-sanity.sh")],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         path = out.stdout.strip().splitlines()[-1]
     return path
@@ -50,17 +52,27 @@ def test_csi_sanity(access_type: str) -> None:
         result = subprocess.run(
             [
                 binary,
-                "--csi.endpoint", drv.endpoint,
-                "--csi.mountdir", os.path.join(made.base, "mnt"),
-                "--csi.stagingdir", os.path.join(made.base, "staging"),
-                "--csi.testvolumeaccesstype", access_type,
+                "--csi.endpoint",
+                drv.endpoint,
+                "--csi.mountdir",
+                os.path.join(made.base, "mnt"),
+                "--csi.stagingdir",
+                os.path.join(made.base, "staging"),
+                "--csi.testvolumeaccesstype",
+                access_type,
                 "--csi.testnodevolumeattachlimit",
-                "--ginkgo.junit-report", junit,
+                "--ginkgo.junit-report",
+                junit,
             ],
-            capture_output=True, text=True, timeout=1200, check=False,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
         )
         tail = result.stdout[-6000:] + result.stderr[-2000:]
-        assert result.returncode == 0, f"csi-sanity failed:\n{tail}\n--- driver log ---\n{drv.log()[-6000:]}"
+        assert result.returncode == 0, (
+            f"csi-sanity failed:\n{tail}\n--- driver log ---\n{drv.log()[-6000:]}"
+        )
     finally:
         drv.stop()
         teardown()
@@ -83,6 +95,8 @@ def test_csi_sanity(access_type: str) -> None:
         elif status in ("passed", ""):
             passed += 1
     assert not failed, failed
-    assert not bad_skips, "specs skipped for reasons other than unadvertised capabilities:\n" + "\n".join(bad_skips)
+    assert not bad_skips, (
+        "specs skipped for reasons other than unadvertised capabilities:\n" + "\n".join(bad_skips)
+    )
     assert passed >= MIN_PASSED, f"only {passed} specs passed"
     print(f"csi-sanity {access_type}: {passed} passed")

@@ -31,8 +31,17 @@ def sha256(path: str) -> str:
 class Mounted:
     """Stage + publish a volume under a test directory; undo in reverse."""
 
-    def __init__(self, client: Client, base: str, volume_id: str, *, block: bool = False,
-                 fs_type: str = "", readonly: bool = False, tag: str = "") -> None:
+    def __init__(
+        self,
+        client: Client,
+        base: str,
+        volume_id: str,
+        *,
+        block: bool = False,
+        fs_type: str = "",
+        readonly: bool = False,
+        tag: str = "",
+    ) -> None:
         self.client = client
         self.volume_id = volume_id
         self.cap = capability(block, fs_type)

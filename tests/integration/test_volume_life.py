@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from driver.ctl.client import block_cap, capability, mount_cap
+from driver.exec import SubprocessRunner
 from driver.mount import mountinfo
 from driver.mount.loop import LoopManager
-from driver.exec import SubprocessRunner
 from tests.integration.helpers import MiB, Mounted, sha256, write_random
 
 FILESYSTEMS = ["ext4", "xfs", "btrfs"]
@@ -26,8 +26,11 @@ def _has_cap_sys_resource() -> bool:
 
 
 def _loops_for(pool_mount: str) -> list[str]:
-    return [lo.device for lo in LoopManager(SubprocessRunner()).list()
-            if lo.backing_file.startswith(pool_mount + os.sep)]
+    return [
+        lo.device
+        for lo in LoopManager(SubprocessRunner()).devices()
+        if lo.backing_file.startswith(pool_mount + os.sep)
+    ]
 
 
 @pytest.mark.parametrize("fs_type", FILESYSTEMS)
@@ -61,7 +64,9 @@ def test_snapshot_restore_and_clone_return_exact_bytes(fs_type, pool, client):
         clone = client.create_volume(f"clone-{fs_type}", 512 * MiB, cap, volume=src.volume_id)
         # Overwrite the source after the snapshot and the clone: neither may see it.
         write_random(os.path.join(m.target, "data"), 8)
-    restored = client.create_volume(f"restored-{fs_type}", 1024 * MiB, cap, snapshot=snap.snapshot_id)
+    restored = client.create_volume(
+        f"restored-{fs_type}", 1024 * MiB, cap, snapshot=snap.snapshot_id
+    )
     assert restored.capacity_bytes == 1024 * MiB
     for vid, tag in ((restored.volume_id, "r"), (clone.volume_id, "c")):
         with Mounted(client, pool.base, vid, fs_type=fs_type, tag=tag) as m:
@@ -146,7 +151,7 @@ def test_one_loop_device_per_image_and_direct_io(pool, client):
     client.stage(vol.volume_id, m.staging, m.cap)  # idempotent retry
     second = os.path.join(pool.base, "target-second")
     client.publish(vol.volume_id, m.staging, second, m.cap)
-    loops = LoopManager(SubprocessRunner()).list()
+    loops = LoopManager(SubprocessRunner()).devices()
     ours = [lo for lo in loops if lo.backing_file.endswith(vol.volume_id + ".img")]
     assert len(ours) == 1
     assert ours[0].direct_io, "direct I/O should be on for a 4096-byte-sector loop on XFS"
@@ -204,8 +209,11 @@ def test_publish_after_reboot_restages_the_right_device(pool, driver, client):
     try:
         c.publish(vol.volume_id, m.staging, m.target, m.cap)  # no NodeStage first
         top = mountinfo.mounts_at(m.staging)[-1]
-        loop = [lo for lo in LoopManager(SubprocessRunner()).list()
-                if lo.backing_file.endswith(vol.volume_id + ".img")]
+        loop = [
+            lo
+            for lo in LoopManager(SubprocessRunner()).devices()
+            if lo.backing_file.endswith(vol.volume_id + ".img")
+        ]
         assert len(loop) == 1 and top.dev == os.stat(loop[0].device).st_rdev
         assert sha256(os.path.join(m.target, "data")) == digest
         c.unpublish(vol.volume_id, m.target)
@@ -230,6 +238,7 @@ def test_orphans_go_to_trash_and_missing_pool_is_not_ready(pool, driver, client)
         # A pool that disappears makes Probe not-ready and pool calls UNAVAILABLE, never "gone".
         os.rename(os.path.join(pool.mount, "volumes"), os.path.join(pool.mount, "volumes.away"))
         from csi_proto import csi_pb2
+
         assert not c.identity.Probe(csi_pb2.ProbeRequest()).ready.value
         with pytest.raises(grpc.RpcError) as err:
             c.delete_volume(vol.volume_id)
@@ -266,10 +275,10 @@ def test_sigterm_stops_gracefully_and_removes_socket(pool, driver, client):
 
 
 def test_metrics_endpoint(pool):
+    import socket as s
     import urllib.request
 
     from tests.conftest import DriverProcess
-    import socket as s
 
     with s.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -278,7 +287,9 @@ def test_metrics_endpoint(pool):
     c = drv.start()
     try:
         vol = c.create_volume("metered", 64 * MiB, capability(False))
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
         assert 'stowage_operations_total{code="OK",method="CreateVolume"} 1.0' in body
         assert "stowage_operation_duration_seconds_bucket" in body
         assert "stowage_volumes 1.0" in body
