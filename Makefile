@@ -58,7 +58,8 @@ run: deps
 	STATE=$(STATE) PY=$(PY) deploy/local/run.sh
 
 image:
-	docker build -f deploy/Dockerfile -t stowage-csi:$$($(PY) -c 'import driver; print(driver.__version__)') .
+	v=$$($(PY) -c 'import driver; print(driver.__version__)'); \
+	docker build -f deploy/Dockerfile --build-arg VERSION=$$v --build-arg REVISION=$$(git rev-parse HEAD) -t stowage-csi:$$v .
 
 clean:
 	rm -rf $(REPORTS) .mypy_cache .ruff_cache .pytest_cache
