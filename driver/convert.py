@@ -145,3 +145,14 @@ def stats(st: VolumeStats) -> csi_pb2.NodeGetVolumeStatsResponse:
 
 def str_map(values: Mapping[str, str]) -> dict[str, str]:
     return dict(values)
+
+
+def controller_capabilities(
+    types: Iterable[csi_pb2.ControllerServiceCapability.RPC.Type.ValueType],
+) -> csi_pb2.ControllerGetCapabilitiesResponse:
+    return csi_pb2.ControllerGetCapabilitiesResponse(
+        capabilities=[
+            csi_pb2.ControllerServiceCapability(rpc=csi_pb2.ControllerServiceCapability.RPC(type=t))
+            for t in types
+        ]
+    )

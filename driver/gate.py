@@ -28,14 +28,7 @@ class GateServicer(csi_pb2_grpc.ControllerServicer):
     def ControllerGetCapabilities(
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
-        return csi_pb2.ControllerGetCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.ControllerServiceCapability(
-                    rpc=csi_pb2.ControllerServiceCapability.RPC(type=t)
-                )
-                for t in CAPABILITIES
-            ]
-        )
+        return convert.controller_capabilities(CAPABILITIES)
 
     def ControllerPublishVolume(
         self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext

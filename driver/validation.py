@@ -299,3 +299,28 @@ def resolve_size(rng: CapacityRange, access: AccessType, fs_type: str, floor: in
                 f"(filesystem minimum {minimum}, source size {floor})"
             )
     return size
+
+
+def unsupported_capability(
+    volume_id: str, caps: Iterable[Capability], access: AccessType, fs_type: str, formatted: bool
+) -> str:
+    """Why `caps` cannot be used with this volume, or "" when every one can."""
+    for cap in caps:
+        try:
+            check_capability(cap)
+        except InvalidArgument as exc:
+            return str(exc)
+        if cap.access_type is not access:
+            return f"volume {volume_id} is a {access.value} volume"
+        if cap.fs_type and formatted and cap.fs_type != fs_type:
+            return f"volume {volume_id} holds {fs_type}, not {cap.fs_type}"
+    return ""
+
+
+def publish_context(access: AccessType, fs_type: str, readonly: bool) -> dict[str, str]:
+    """What ControllerPublishVolume hands to the node."""
+    return {
+        "stowage.csi.io/access-type": access.value,
+        "stowage.csi.io/fs-type": fs_type,
+        "stowage.csi.io/readonly": "true" if readonly else "false",
+    }

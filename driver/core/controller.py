@@ -297,16 +297,9 @@ class ControllerCore:
         if not caps:
             raise InvalidArgument("volume_capabilities is required")
         vol = self._volume(volume_id)
-        for cap in caps:
-            try:
-                validation.check_capability(cap)
-            except InvalidArgument as exc:
-                return str(exc)
-            if cap.access_type is not vol.access_type:
-                return f"volume {volume_id} is a {vol.access_type.value} volume"
-            if cap.fs_type and vol.formatted and cap.fs_type != vol.fs_type:
-                return f"volume {volume_id} holds {vol.fs_type}, not {cap.fs_type}"
-        return ""
+        return validation.unsupported_capability(
+            volume_id, caps, vol.access_type, vol.fs_type, vol.formatted
+        )
 
     def capacity(self, caps: Sequence[Capability], segment: Segment | None) -> tuple[int, int]:
         """(available bytes, maximum volume size) for volumes with `caps` in `segment`."""
@@ -344,7 +337,7 @@ class ControllerCore:
                             f"volume {volume_id} is already published to {node_id} with "
                             f"readonly={a.readonly} and mode {a.access_mode.name}"
                         )
-                    return self._publish_context(vol, readonly)
+                    return validation.publish_context(vol.access_type, vol.fs_type, readonly)
                 raise FailedPrecondition(
                     f"volume {volume_id} is published to node {a.node_id}; a node-local "
                     "volume can be published to one node at a time"
@@ -355,15 +348,7 @@ class ControllerCore:
                     f"node {node_id} already has {limit} volumes published, its maximum"
                 )
             self.ctx.store.add_attachment(Attachment(volume_id, node_id, readonly, cap.access_mode))
-            return self._publish_context(vol, readonly)
-
-    @staticmethod
-    def _publish_context(vol: Volume, readonly: bool) -> dict[str, str]:
-        return {
-            "stowage.csi.io/access-type": vol.access_type.value,
-            "stowage.csi.io/fs-type": vol.fs_type,
-            "stowage.csi.io/readonly": "true" if readonly else "false",
-        }
+            return validation.publish_context(vol.access_type, vol.fs_type, readonly)
 
     def unpublish(self, volume_id: str, node_id: str) -> None:
         validation.require_volume_id(volume_id)

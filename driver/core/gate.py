@@ -55,22 +55,13 @@ class GateCore:
                 f"volume {volume_id} is a {ref.access_type.value} volume, requested as "
                 f"{cap.access_type.value}"
             )
-        return {
-            "stowage.csi.io/access-type": ref.access_type.value,
-            "stowage.csi.io/fs-type": ref.fs_type,
-            "stowage.csi.io/readonly": "true" if readonly else "false",
-        }
+        return validation.publish_context(ref.access_type, ref.fs_type, readonly)
 
     def validate(self, volume_id: str, caps: Sequence[Capability]) -> str:
         ref = self.volume(volume_id)
-        for cap in caps:
-            try:
-                validation.check_capability(cap)
-            except InvalidArgument as exc:
-                return str(exc)
-            if cap.access_type is not ref.access_type:
-                return f"volume {volume_id} is a {ref.access_type.value} volume"
-        return ""
+        return validation.unsupported_capability(
+            volume_id, caps, ref.access_type, ref.fs_type, formatted=bool(ref.fs_type)
+        )
 
     def expand(self, volume_id: str, rng: CapacityRange) -> int:
         """Gate only: the node grows the image, the loop device and the filesystem."""
