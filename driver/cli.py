@@ -10,7 +10,7 @@ import socket
 import sys
 import threading
 
-from driver import DRIVER_NAME, __version__, logs
+from driver import DRIVER_NAME, __version__, faults, logs
 from driver.config import Config, Mode
 from driver.errors import StowageError
 
@@ -74,6 +74,13 @@ def parse(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
     logs.setup(cfg.log_level, cfg.log_format)
+    try:
+        armed = faults.configure()
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    if armed:
+        log.warning("fault injection armed (%s): %s", faults.ENV, ", ".join(armed))
     from driver import server  # imported late: flag errors should not pay for gRPC start-up
 
     try:

@@ -159,6 +159,15 @@ class PoolUsage:
 
 
 @dataclass(frozen=True)
+class TrashItem:
+    """A deleted or orphaned image waiting in <pool>/trash for reclamation."""
+
+    name: str
+    age_seconds: float
+    allocated_bytes: int
+
+
+@dataclass(frozen=True)
 class Page(Generic[T]):
     items: list[T]
     next_token: str

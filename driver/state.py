@@ -8,6 +8,7 @@ points at nothing.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -96,9 +97,23 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
 class Store:
     """Thread-safe: one connection, one lock; every write is its own durable transaction."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        """`readonly` opens an existing store for inspection (stowagectl check) and never
+        creates or migrates anything."""
         self.path = path
         self._lock = threading.RLock()
+        if readonly:
+            if not os.path.isfile(path):
+                raise Unavailable(f"metadata store {path} does not exist")
+            try:
+                self._db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, check_same_thread=False
+                )
+                self._db.row_factory = sqlite3.Row
+                self._db.execute("PRAGMA query_only=ON")
+            except sqlite3.Error as exc:
+                raise Unavailable(f"metadata store {path} is unusable: {exc}") from exc
+            return
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
@@ -239,8 +254,12 @@ class Store:
             db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
     # --- controller attachments -----------------------------------------------------------------
-    def attachments(self, volume_id: str) -> list[Attachment]:
-        rows = self._all("SELECT * FROM attachments WHERE volume_id = ?", (volume_id,))
+    def attachments(self, volume_id: str | None = None) -> list[Attachment]:
+        """Attachments of one volume, or every attachment when `volume_id` is None."""
+        if volume_id is None:
+            rows = self._all("SELECT * FROM attachments ORDER BY volume_id, node_id")
+        else:
+            rows = self._all("SELECT * FROM attachments WHERE volume_id = ?", (volume_id,))
         return [
             Attachment(
                 r["volume_id"], r["node_id"], bool(r["readonly"]), AccessMode(r["access_mode"])

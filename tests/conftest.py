@@ -40,6 +40,9 @@ def _teardown_dir(base: str, image: str, mount: str) -> None:
     runner = SubprocessRunner()
     for entry in reversed(mountinfo.mounts_under(base)):  # newest first
         if entry.mount_point != mount:
+            # A filesystem left frozen (a failed test of snapshot crashes) would outlive its
+            # unmount and keep its loop device busy: thaw first, errors ignored.
+            runner.run(["fsfreeze", "-u", entry.mount_point], check=False)
             runner.run(["umount", "--", entry.mount_point], check=False)
     devpool.destroy(image, mount)
     loops = LoopManager(runner)

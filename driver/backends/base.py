@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from driver.model import PoolUsage
+from driver.model import PoolUsage, TrashItem
 
 
 class VolumeBackend(Protocol):
@@ -53,6 +53,16 @@ class VolumeBackend(Protocol):
     def trash_orphan(self, kind: str, object_id: str) -> str: ...
 
     def empty_trash(self, older_than: float) -> int: ...
+
+    def trash(self) -> list[TrashItem]: ...
+
+    def leftovers(self) -> list[str]:
+        """Temporary files of interrupted copies (reconciliation moves them to trash)."""
+        ...
+
+    def allocated_bytes(self, volume_id: str) -> int:
+        """Bytes the volume's image occupies in the pool (less than its size when sparse)."""
+        ...
 
     def usage(self) -> PoolUsage: ...
 

@@ -13,9 +13,9 @@ import os
 import time
 from collections.abc import Callable
 
-from driver import ids
+from driver import faults, ids
 from driver.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from driver.model import PoolUsage
+from driver.model import PoolUsage, TrashItem
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ def _no_space(exc: OSError) -> bool:
 
 
 class ImagePool:
-    def __init__(self, root: str, *, reserved_bytes: int = 0) -> None:
+    def __init__(self, root: str, *, reserved_bytes: int = 0, inspect_only: bool = False) -> None:
+        """`inspect_only` opens the pool for reading (stowagectl check): nothing is created
+        and reflink is not probed."""
         self.root = os.path.realpath(root)
         self.reserved_bytes = reserved_bytes
         self._volumes = os.path.join(self.root, "volumes")
@@ -45,6 +47,9 @@ class ImagePool:
         self._trash = os.path.join(self.root, "trash")
         if not os.path.isdir(self.root):
             raise Unavailable(f"pool directory {self.root} does not exist")
+        if inspect_only:
+            self._reflink = False
+            return
         for d in (self._volumes, self._snapshots, self._trash):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._reflink = self._probe_reflink()
@@ -97,6 +102,7 @@ class ImagePool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            faults.hit("image:tmp-written")
             self._publish(tmp, final)
         except OSError as exc:
             self._discard(tmp)
@@ -115,6 +121,7 @@ class ImagePool:
                 if size > os.fstat(d.fileno()).st_size:
                     os.ftruncate(d.fileno(), size)
                 os.fsync(d.fileno())
+            faults.hit("image:tmp-written")
             self._publish(tmp, final)
         except FileNotFoundError as exc:
             self._discard(tmp)
@@ -228,27 +235,52 @@ class ImagePool:
         return ", ".join(self._to_trash(path, kind, object_id))
 
     def delete_volume(self, volume_id: str) -> None:
-        for moved in self._to_trash(self.image_path(volume_id), "volume", volume_id):
-            self._discard(moved)
+        self._delete(self.image_path(volume_id), "volume", volume_id)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        for moved in self._to_trash(self.snapshot_path(snapshot_id), "snapshot", snapshot_id):
-            self._discard(moved)
+        self._delete(self.snapshot_path(snapshot_id), "snapshot", snapshot_id)
+
+    def _delete(self, path: str, kind: str, object_id: str) -> None:
+        moved = self._to_trash(path, kind, object_id)
+        faults.hit("image:trashed")
+        for trashed in moved:
+            self._discard(trashed)
 
     def empty_trash(self, older_than: float) -> int:
         removed = 0
+        for item in self.trash():
+            if item.age_seconds >= older_than:
+                self._discard(os.path.join(self._trash, item.name))
+                removed += 1
+        return removed
+
+    def trash(self) -> list[TrashItem]:
+        items = []
         now = time.time()
-        for name in os.listdir(self._trash):
+        for name in sorted(os.listdir(self._trash)):
             if name.startswith(".reflink-probe"):
                 continue
-            path = os.path.join(self._trash, name)
             try:
-                if now - os.lstat(path).st_mtime >= older_than:
-                    os.unlink(path)
-                    removed += 1
+                st = os.lstat(os.path.join(self._trash, name))
             except FileNotFoundError:
                 continue
-        return removed
+            age = now - _trashed_at(name, st.st_mtime)
+            items.append(TrashItem(name, max(0.0, age), st.st_blocks * 512))
+        return items
+
+    def leftovers(self) -> list[str]:
+        return sorted(
+            os.path.join(d, n)
+            for d in (self._volumes, self._snapshots)
+            for n in os.listdir(d)
+            if n.endswith(_TMP_SUFFIX)
+        )
+
+    def allocated_bytes(self, volume_id: str) -> int:
+        try:
+            return os.stat(self.image_path(volume_id)).st_blocks * 512
+        except FileNotFoundError:
+            return 0
 
     @staticmethod
     def _discard(path: str) -> None:
@@ -263,6 +295,15 @@ class ImagePool:
         total = st.f_blocks * st.f_frsize
         free = st.f_bavail * st.f_frsize
         return PoolUsage(total, max(0, free - self.reserved_bytes), self._reflink)
+
+
+def _trashed_at(name: str, mtime: float) -> float:
+    """When a file entered trash: the stamp `_to_trash` put in its name. The file's mtime is its
+    last data write, which may be long before the delete, so it is only the fallback for names
+    written by hand."""
+    stem = name.removesuffix(_TMP_SUFFIX).removesuffix(".img")
+    stamp = stem.rsplit("-", 1)[-1]
+    return int(stamp) / 1e9 if stamp.isdigit() else mtime
 
 
 def _sparse_copy(src: int, dst: int) -> None:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from driver import TOPOLOGY_KEY, ids, validation
+from driver import TOPOLOGY_KEY, faults, ids, validation
 from driver.core.pool import PoolContext
 from driver.errors import (
     Aborted,
@@ -125,7 +125,11 @@ class ControllerCore:
                 created_at=time.time(),
                 sector_size=sector_size,
             )
+            op = {None: "create-volume", "snapshot": "restore-volume", "volume": "clone-volume"}[
+                source.kind if source else None
+            ]
             seq = self.ctx.store.journal_begin("create-volume", vol.id, {"name": name})
+            faults.hit(op + ":journaled")
             if source is None:
                 self.ctx.backend.create(
                     vol.id, size, preallocate=parameters.get("preallocate") == "true"
@@ -133,9 +137,11 @@ class ControllerCore:
             elif source.kind == "snapshot":
                 self.ctx.backend.restore_snapshot(source.id, vol.id, size)
             else:
-                with self._quiesced(source.id):
+                with self._quiesced(source.id, op):
                     self.ctx.backend.clone_volume(source.id, vol.id, size)
+            faults.hit(op + ":image-ready")
             self.ctx.store.add_volume(vol)
+            faults.hit(op + ":recorded")
             self.ctx.store.journal_end(seq)
             log.info("created volume %s (%s, %d bytes) as %s", vol.id, access.value, size, name)
             return vol
@@ -179,7 +185,7 @@ class ControllerCore:
         return existing
 
     @contextlib.contextmanager
-    def _quiesced(self, volume_id: str) -> Iterator[None]:
+    def _quiesced(self, volume_id: str, op: str) -> Iterator[None]:
         """Freeze the volume's filesystem while its image is copied, if it is mounted here."""
         staging = self.ctx.store.staging(volume_id)
         if staging is None or staging.access_type is not AccessType.MOUNT:
@@ -189,6 +195,7 @@ class ControllerCore:
             yield
             return
         with self.ctx.fs.frozen(staging.path):
+            faults.hit(op + ":frozen")
             yield
 
     def delete_volume(self, volume_id: str) -> None:
@@ -211,8 +218,11 @@ class ControllerCore:
                     f"volume {volume_id} is still published to node(s) {', '.join(nodes)}"
                 )
             seq = self.ctx.store.journal_begin("delete-volume", volume_id, {"name": vol.name})
+            faults.hit("delete-volume:journaled")
             self.ctx.store.remove_volume(volume_id)
+            faults.hit("delete-volume:unrecorded")
             self.ctx.backend.delete_volume(volume_id)
+            faults.hit("delete-volume:image-gone")
             self.ctx.store.journal_end(seq)
             log.info("deleted volume %s (%s)", volume_id, vol.name)
 
@@ -245,8 +255,11 @@ class ControllerCore:
                 f"{want - vol.size} bytes does not fit"
             )
         seq = self.ctx.store.journal_begin("expand-volume", vol.id, {"size": want})
+        faults.hit("expand-volume:journaled")
         self.ctx.backend.expand(vol.id, want)
+        faults.hit("expand-volume:image-grown")
         self.ctx.store.set_volume_size(vol.id, want)
+        faults.hit("expand-volume:recorded")
         self.ctx.store.journal_end(seq)
         log.info("expanded volume %s from %d to %d bytes", vol.id, vol.size, want)
         return want
@@ -347,7 +360,9 @@ class ControllerCore:
                 raise ResourceExhausted(
                     f"node {node_id} already has {limit} volumes published, its maximum"
                 )
+            faults.hit("publish-to-node:checked")
             self.ctx.store.add_attachment(Attachment(volume_id, node_id, readonly, cap.access_mode))
+            faults.hit("publish-to-node:recorded")
             return validation.publish_context(vol.access_type, vol.fs_type, readonly)
 
     def unpublish(self, volume_id: str, node_id: str) -> None:
@@ -358,6 +373,7 @@ class ControllerCore:
             for a in self.ctx.store.attachments(volume_id):
                 if not node_id or a.node_id == node_id:
                     self.ctx.store.remove_attachment(volume_id, a.node_id)
+                    faults.hit("unpublish-from-node:removed")
 
     # --- snapshots ----------------------------------------------------------------------------
     def create_snapshot(
@@ -395,9 +411,12 @@ class ControllerCore:
                     sector_size=vol.sector_size,
                 )
                 seq = self.ctx.store.journal_begin("create-snapshot", snap.id, {"name": name})
-                with self._quiesced(vol.id):
+                faults.hit("create-snapshot:journaled")
+                with self._quiesced(vol.id, "create-snapshot"):
                     self.ctx.backend.snapshot(vol.id, snap.id)
+                faults.hit("create-snapshot:image-ready")
                 self.ctx.store.add_snapshot(snap)
+                faults.hit("create-snapshot:recorded")
                 self.ctx.store.journal_end(seq)
                 log.info("created snapshot %s of %s as %s", snap.id, vol.id, name)
                 return snap
@@ -413,8 +432,11 @@ class ControllerCore:
             if snap is None:
                 return
             seq = self.ctx.store.journal_begin("delete-snapshot", snapshot_id, {"name": snap.name})
+            faults.hit("delete-snapshot:journaled")
             self.ctx.store.remove_snapshot(snapshot_id)
+            faults.hit("delete-snapshot:unrecorded")
             self.ctx.backend.delete_snapshot(snapshot_id)
+            faults.hit("delete-snapshot:image-gone")
             self.ctx.store.journal_end(seq)
             log.info("deleted snapshot %s (%s)", snapshot_id, snap.name)
 

@@ -6,7 +6,7 @@ import logging
 import os
 import stat
 
-from driver import validation
+from driver import faults, validation
 from driver.core.pool import PoolContext
 from driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from driver.model import (
@@ -104,6 +104,7 @@ class NodeCore:
         if self.ctx.backend.volume_size(vol.id) is None:
             raise FailedPrecondition(f"the image of volume {vol.id} is missing from the pool")
         loop = self.ctx.loops.attach(image, sector_size=vol.sector_size)
+        faults.hit("stage:loop-attached")
         if vol.access_type is AccessType.BLOCK:
             staging = Staging(vol.id, staging_path, loop.device, AccessType.BLOCK, "", readonly, ())
             self.ctx.store.put_staging(staging)
@@ -124,6 +125,7 @@ class NodeCore:
             if readonly:
                 options.append("ro")
             self.ctx.mounter.mount(loop.device, staging_path, fs_type, options)
+            faults.hit("stage:mounted")
         if not readonly and fs_type != "ext4":
             self._grow_if_needed(loop.device, staging_path, fs_type)
         staging = Staging(
@@ -158,6 +160,7 @@ class NodeCore:
                     f"volume {vol.id} has no filesystem yet and cannot be staged read-only"
                 )
             self.ctx.fs.format(device, fs_type)
+            faults.hit("stage:formatted")
         self.ctx.store.set_formatted(vol.id, fs_type)
 
     def _grow_ext4_offline(self, device: str) -> None:
@@ -195,12 +198,14 @@ class NodeCore:
                         "not unmounting it"
                     )
                 self.ctx.mounter.unmount(staging_path)
+                faults.hit("unstage:unmounted")
             for lo in loops:
                 if mountinfo.mounts_of(lo.device):
                     raise FailedPrecondition(
                         f"{lo.device} of volume {volume_id} is still mounted elsewhere"
                     )
                 self.ctx.loops.detach(lo.device)
+                faults.hit("unstage:detached")
             self.ctx.store.remove_staging(volume_id)
             log.info("unstaged %s from %s", volume_id, staging_path)
 
@@ -255,6 +260,7 @@ class NodeCore:
                         f"volume {volume_id} is staged at {staging.path}, not {staging_path}"
                     )
                 staging = self._stage(vol, staging_path, cap)
+            self._clear_unrecorded(target, staging.device)
             if vol.access_type is AccessType.BLOCK:
                 self.ctx.mounter.ensure_file(target)
                 self.ctx.mounter.bind(staging.device, target, readonly=readonly, options=[])
@@ -266,10 +272,23 @@ class NodeCore:
                 )
                 if cap.mount_group and not readonly:
                     _apply_group(target, int(cap.mount_group))
+            faults.hit("publish:bound")
             self.ctx.store.put_publication(
                 Publication(volume_id, target, readonly, cap.access_mode)
             )
+            faults.hit("publish:recorded")
             log.info("published %s at %s (readonly=%s)", volume_id, target, readonly)
+
+    def _clear_unrecorded(self, target: str, device: str) -> None:
+        """A bind with no record is what a crash between bind and record leaves; binding again
+        on top would stack a second mount, so take ours away first. Anything else is refused."""
+        top = mountinfo.top_mount_at(target)
+        if top is None:
+            return
+        if not mountinfo.is_on(top, device):
+            raise FailedPrecondition(f"{target} already has another filesystem ({top.source})")
+        log.warning("unrecorded mount of %s at %s (interrupted publish); redoing", device, target)
+        self.ctx.mounter.unmount(target)
 
     def _published_ok(self, vol: Volume, staging: Staging, target: str) -> bool:
         if not self._staged_ok(vol, staging):
@@ -300,7 +319,9 @@ class NodeCore:
                         f"{target} is mounted but Stowage did not publish {volume_id} there"
                     )
                 self.ctx.mounter.unmount(target)
+                faults.hit("unpublish:unmounted")
             self.ctx.mounter.remove_target(target)
+            faults.hit("unpublish:target-removed")
             self.ctx.store.remove_publication(target)
             log.info("unpublished %s from %s", volume_id, target)
 
@@ -382,11 +403,14 @@ class NodeCore:
                 )
             # Rule 11: image, then loop, then filesystem, then the record; each step idempotent.
             self.ctx.backend.expand(volume_id, want)
+            faults.hit("node-expand:image-grown")
             self.ctx.loops.refresh_capacity(staging.device)
+            faults.hit("node-expand:loop-refreshed")
             if staging.access_type is AccessType.MOUNT:
                 if staging.readonly:
                     raise FailedPrecondition(f"volume {volume_id} is staged read-only")
                 self.ctx.fs.grow(staging.device, staging.path, staging.fs_type)
+                faults.hit("node-expand:fs-grown")
             if want != vol.size:
                 self.ctx.store.set_volume_size(volume_id, want)
             log.info("expanded %s on the node to %d bytes", volume_id, want)

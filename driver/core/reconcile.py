@@ -21,6 +21,7 @@ class Report:
     detached: list[str] = field(default_factory=list)
     stale_stagings: list[str] = field(default_factory=list)
     stale_publications: list[str] = field(default_factory=list)
+    thawed: list[str] = field(default_factory=list)
     reclaimed: int = 0
 
     def problems(self) -> list[str]:
@@ -87,12 +88,18 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
             store.remove_publication(pub.target)
             report.stale_publications.append(pub.target)
 
-    # 4. Loop devices of pool images that no live staging record explains.
+    # 4. Loop devices of pool images that no live staging record explains. A filesystem on one
+    # of them may still be frozen: FIFREEZE outlives the process that took a snapshot and was
+    # killed before it could thaw, and every writer in the pod would hang until thawed.
     pool_images = {backend.image_path(v): v for v in known_vols}
     for loop in ctx.loops.devices():
         if not backend.owns(loop.backing_file):
             continue
-        if mountinfo.mounts_of(loop.device, entries):
+        mounts = mountinfo.mounts_of(loop.device, entries)
+        if mounts:
+            if ctx.fs.thaw(mounts[0].mount_point):
+                report.thawed.append(mounts[0].mount_point)
+                log.warning("thawed %s, left frozen by an interrupted snapshot", loop.device)
             continue  # in use; never pull a device from under a mount
         owner = pool_images.get(loop.backing_file)
         live = stagings.get(owner) if owner is not None and not loop.deleted else None

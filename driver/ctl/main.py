@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import json_format
 
-from driver.ctl import demo, pool
+from driver.ctl import demo, local, pool
 from driver.ctl.client import Client, capability
 
 _SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--fs", default="ext4")
     dm.add_argument("--data-mib", type=int, default=64)
 
+    ck = sub.add_parser(
+        "check", help="report every inconsistency between metadata, images, loops and mounts"
+    )
+    ck.add_argument("--pool-dir", required=True)
+    ck.add_argument("--json", action="store_true")
+    gc = sub.add_parser("gc", help="reclaim trash older than a grace period")
+    gc.add_argument("--pool-dir", required=True)
+    gc.add_argument("--older-than", type=local.duration, default=local.duration("7d"))
+    gc.add_argument("--dry-run", action="store_true")
+
     pl = sub.add_parser("pool", help="a development pool on an image file").add_subparsers(
         dest="action", required=True
     )
@@ -104,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cmd == "check":
+        return local.check_main(args.pool_dir, args.json)
+    if args.cmd == "gc":
+        return local.gc_main(args.pool_dir, args.older_than, args.dry_run)
     if args.cmd == "pool":
         if args.action == "create":
             made = pool.create(args.image, args.mount, args.size, args.fs)

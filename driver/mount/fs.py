@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -113,6 +114,20 @@ class Filesystems:
     def size_bytes(self, mount_point: str) -> int:
         st = os.statvfs(mount_point)
         return st.f_blocks * st.f_frsize
+
+    @staticmethod
+    def thaw(mount_point: str) -> bool:
+        """Thaw a filesystem a crashed process left frozen; False when it was not frozen."""
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, FITHAW, 0)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # not frozen: the normal case
+                return False
+            raise Internal(f"could not thaw {mount_point}: {exc}") from exc
+        finally:
+            os.close(fd)
+        return True
 
     @staticmethod
     @contextlib.contextmanager

@@ -250,6 +250,11 @@ class RecordingFilesystems(Filesystems):
     def __init__(self, runner: FakeRunner) -> None:
         super().__init__(runner)
         self.events: list[tuple[str, str]] = []
+        self.left_frozen: set[str] = set()
+
+    def thaw(self, mount_point: str) -> bool:  # type: ignore[override]
+        self.events.append(("thaw-check", mount_point))
+        return mount_point in self.left_frozen
 
     @contextlib.contextmanager  # type: ignore[override]
     def frozen(self, mount_point: str) -> Iterator[None]:

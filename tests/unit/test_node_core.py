@@ -559,3 +559,41 @@ def test_node_expand_unknown_path_is_not_found(
         node.expand(v.id, os.path.join(kubelet, "nope"), CapacityRange(32 * MiB))
     with pytest.raises(NotFound):
         node.stats(v.id, os.path.join(kubelet, "nope"))
+
+
+def test_publish_over_an_unrecorded_bind_of_this_volume_rebinds_once(
+    node: NodeCore,
+    controller: ControllerCore,
+    ctx: PoolContext,
+    host: FakeHost,
+    staging: str,
+    target: str,
+) -> None:
+    """A crash between bind and record leaves a bind; the retry must not stack a second one."""
+    v = make(controller)
+    node.stage(v.id, staging, RW)
+    os.mkdir(target)
+    host.add_mount(DEV, target)  # the bind the crashed call made; no publication record
+    node.publish(v.id, staging, target, RW, False)
+    assert len([m for m in host.mounts if m.mount_point == os.path.normpath(target)]) == 1
+    assert ctx.store.publication(target) is not None
+
+
+def test_publish_over_a_foreign_mount_is_refused(
+    node: NodeCore,
+    controller: ControllerCore,
+    ctx: PoolContext,
+    host: FakeHost,
+    staging: str,
+    target: str,
+) -> None:
+    v = make(controller)
+    node.stage(v.id, staging, RW)
+    os.mkdir(target)
+    host.add_mount("/dev/sdz1", target)
+    with pytest.raises(FailedPrecondition):
+        node.publish(v.id, staging, target, RW, False)
+    assert ctx.store.publication(target) is None
+    assert [m.source for m in host.mounts if m.mount_point == os.path.normpath(target)] == [
+        "/dev/sdz1"
+    ]

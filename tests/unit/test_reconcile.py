@@ -119,3 +119,17 @@ def test_mounted_loops_and_foreign_loops_are_left_alone(
     assert report.detached == []
     assert report.stale_stagings == []
     assert set(host.loop_devices()) == {"/dev/loop900", foreign, orphan_loop}
+
+
+def test_filesystem_left_frozen_by_a_crash_is_thawed(
+    controller: ControllerCore, ctx: PoolContext, host: FakeHost, tmp_path: os.PathLike[str]
+) -> None:
+    """FIFREEZE outlives the process that took it: start-up must thaw, or writers hang."""
+    v = controller.create_volume("v", [RW], CapacityRange(MiB), {}, None)
+    staging = os.path.join(str(tmp_path), "staging")
+    os.mkdir(staging)
+    NodeCore(ctx).stage(v.id, staging, RW)
+    ctx.fs.left_frozen.add(staging)  # type: ignore[attr-defined]
+    report = reconcile(ctx)
+    assert report.thawed == [staging]
+    assert ("thaw-check", staging) in ctx.fs.events  # type: ignore[attr-defined]

@@ -1,0 +1,130 @@
+"""`stowagectl check`: every disagreement between metadata, image files, loop devices and mounts.
+
+Read-only: it opens meta.db read-only, lists the pool, sysfs and /proc/self/mountinfo, and changes
+nothing. Reconciliation (driver start-up) is what repairs; check is what proves there is nothing
+left to repair — the crash and concurrency suites run it after every scenario.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from driver.backends.base import VolumeBackend
+from driver.model import AccessType
+from driver.mount import mountinfo
+from driver.mount.loop import LoopDevice, LoopManager
+from driver.state import Store
+
+
+@dataclass
+class Findings:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def inspect(
+    store: Store,
+    backend: VolumeBackend,
+    loops: LoopManager,
+    entries: list[mountinfo.MountEntry] | None = None,
+) -> Findings:
+    found = Findings()
+    bad = found.problems.append
+    entries = mountinfo.read() if entries is None else entries
+
+    for _seq, op, key, _payload in store.journal():
+        bad(f"{op} of {key} was interrupted and has not been reconciled (is the driver running?)")
+
+    volumes = {v.id: v for v in store.list_volumes()}
+    snapshots = {s.id: s for s in store.list_snapshots()}
+    for vid, vol in volumes.items():
+        size = backend.volume_size(vid)
+        if size is None:
+            bad(f"volume {vid} ({vol.name!r}) is recorded but its image is missing")
+        elif size < vol.size:
+            bad(f"volume {vid}: image is {size} bytes, smaller than the recorded {vol.size}")
+    for sid, snap in snapshots.items():
+        if not backend.snapshot_exists(sid):
+            bad(f"snapshot {sid} ({snap.name!r}) is recorded but its image is missing")
+    for vid in sorted(backend.volume_ids() - set(volumes)):
+        bad(f"volume image {vid} has no metadata record (orphan)")
+    for sid in sorted(backend.snapshot_ids() - set(snapshots)):
+        bad(f"snapshot image {sid} has no metadata record (orphan)")
+    for path in backend.leftovers():
+        bad(f"temporary file {path} was left by an interrupted copy")
+
+    # Loop devices over pool images.
+    by_image: dict[str, list[LoopDevice]] = {}
+    for lo in loops.devices():
+        if backend.owns(lo.backing_file):
+            by_image.setdefault(lo.backing_file, []).append(lo)
+    stagings = {s.volume_id: s for s in store.stagings()}
+    explained: set[str] = set()  # mount points a staging or publication record accounts for
+    for image, attached in sorted(by_image.items()):
+        devs = ", ".join(lo.device for lo in attached)
+        if len(attached) > 1:
+            bad(f"image {image} is attached to {len(attached)} loop devices ({devs})")
+        for lo in attached:
+            if lo.deleted:
+                bad(f"{lo.device} still holds the deleted image {image}")
+                continue
+            owner = next((v for v in volumes if backend.image_path(v) == image), None)
+            staging = stagings.get(owner) if owner else None
+            if staging is None or staging.device != lo.device:
+                bad(f"{lo.device} backs {image} but no staging record explains it")
+
+    for vid, staging in sorted(stagings.items()):
+        if vid not in volumes:
+            bad(f"staging record of unknown volume {vid} at {staging.path}")
+            continue
+        attached = by_image.get(backend.image_path(vid), [])
+        if not any(lo.device == staging.device for lo in attached):
+            bad(f"volume {vid} is recorded as staged on {staging.device}, which is not its loop")
+        if staging.access_type is AccessType.MOUNT:
+            tops = mountinfo.mounts_at(staging.path, entries)
+            if not tops or not mountinfo.is_on(tops[-1], staging.device):
+                bad(f"volume {vid} is recorded as staged at {staging.path}, which is not mounted")
+            explained.add(staging.path)
+
+    for pub in store.publications():
+        staging = stagings.get(pub.volume_id)
+        tops = mountinfo.mounts_at(pub.target, entries)
+        if pub.volume_id not in volumes:
+            bad(f"publication of unknown volume {pub.volume_id} at {pub.target}")
+        elif staging is None:
+            bad(f"volume {pub.volume_id} is published at {pub.target} but not staged")
+        elif not tops or not mountinfo.is_on(tops[-1], staging.device):
+            bad(f"volume {pub.volume_id} is recorded as published at {pub.target}, not mounted")
+        explained.add(pub.target)
+
+    for image, attached in sorted(by_image.items()):
+        for lo in attached:
+            seen: set[str] = set()
+            for entry in mountinfo.mounts_of(lo.device, entries):
+                if entry.mount_point not in explained:
+                    bad(f"{lo.device} ({image}) is mounted at {entry.mount_point} with no record")
+                elif entry.mount_point in seen:
+                    bad(f"{lo.device} ({image}) is mounted more than once at {entry.mount_point}")
+                seen.add(entry.mount_point)
+
+    for att in store.attachments():
+        if att.volume_id not in volumes:
+            bad(f"attachment of unknown volume {att.volume_id} to node {att.node_id}")
+
+    trash = backend.trash()
+    if trash:
+        oldest = max(t.age_seconds for t in trash)
+        total = sum(t.allocated_bytes for t in trash)
+        found.notes.append(
+            f"trash: {len(trash)} item(s), {total} bytes, oldest {oldest:.0f} s "
+            "(stowagectl gc reclaims)"
+        )
+    found.notes.append(
+        f"{len(volumes)} volume(s), {len(snapshots)} snapshot(s), {len(stagings)} staged, "
+        f"{len(store.publications())} publication(s)"
+    )
+    return found

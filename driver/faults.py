@@ -1,0 +1,166 @@
+"""Named fault points: where the crash suite ends the process as `kill -9` would.
+
+A fault point is a call `faults.hit("op:step")` placed between two steps of a mutating
+operation. It does nothing unless the variable STOWAGE_FAULTS named it when the process started
+(`configure()` is called once by the CLI), so production behaviour is unchanged.
+
+    STOWAGE_FAULTS="create-volume:recorded"            kill -9 the first time the point is reached
+    STOWAGE_FAULTS="stage:mounted@2"                   ... the second time
+    STOWAGE_FAULTS="create-volume:journaled=sleep:0.5" pause there instead (to force overlaps)
+
+Several entries are separated by commas. Unknown names are refused at start-up, so a typo in a
+test cannot silently test nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+ENV = "STOWAGE_FAULTS"
+
+# Operation → its fault points in the order the operation reaches them. The crash suite walks
+# this table, so a point added to the code but not here fails `hit()` (unknown name).
+OPERATIONS: dict[str, tuple[str, ...]] = {
+    "create-volume": (
+        "create-volume:journaled",
+        "image:tmp-written",
+        "create-volume:image-ready",
+        "create-volume:recorded",
+    ),
+    "restore-volume": (
+        "restore-volume:journaled",
+        "image:tmp-written",
+        "restore-volume:image-ready",
+        "restore-volume:recorded",
+    ),
+    "clone-volume": (
+        "clone-volume:journaled",
+        "clone-volume:frozen",
+        "image:tmp-written",
+        "clone-volume:image-ready",
+        "clone-volume:recorded",
+    ),
+    "delete-volume": (
+        "delete-volume:journaled",
+        "delete-volume:unrecorded",
+        "image:trashed",
+        "delete-volume:image-gone",
+    ),
+    "create-snapshot": (
+        "create-snapshot:journaled",
+        "create-snapshot:frozen",
+        "image:tmp-written",
+        "create-snapshot:image-ready",
+        "create-snapshot:recorded",
+    ),
+    "delete-snapshot": (
+        "delete-snapshot:journaled",
+        "delete-snapshot:unrecorded",
+        "image:trashed",
+        "delete-snapshot:image-gone",
+    ),
+    "expand-volume": (
+        "expand-volume:journaled",
+        "expand-volume:image-grown",
+        "expand-volume:recorded",
+    ),
+    "node-expand": (
+        "node-expand:image-grown",
+        "node-expand:loop-refreshed",
+        "node-expand:fs-grown",
+    ),
+    "stage": (
+        "stage:loop-attached",
+        "stage:formatted",
+        "stage:mounted",
+    ),
+    "publish": (
+        "publish:bound",
+        "publish:recorded",
+    ),
+    "unpublish": (
+        "unpublish:unmounted",
+        "unpublish:target-removed",
+    ),
+    "unstage": (
+        "unstage:unmounted",
+        "unstage:detached",
+    ),
+    "publish-to-node": (
+        "publish-to-node:checked",
+        "publish-to-node:recorded",
+    ),
+    "unpublish-from-node": ("unpublish-from-node:removed",),
+}
+
+POINTS: frozenset[str] = frozenset(p for pts in OPERATIONS.values() for p in pts)
+
+
+@dataclass
+class _Armed:
+    nth: int
+    sleep: float | None  # None: crash
+    seen: int = 0
+
+
+_armed: dict[str, _Armed] = {}
+_lock = threading.Lock()
+
+
+def parse(spec: str) -> dict[str, _Armed]:
+    """`name[@N][=crash|=sleep:SECONDS]`, comma-separated; ValueError on anything else."""
+    out: dict[str, _Armed] = {}
+    for raw in spec.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        target, _, action = entry.partition("=")
+        name, _, nth_text = target.partition("@")
+        if name not in POINTS:
+            raise ValueError(f"{ENV}: unknown fault point {name!r}")
+        nth = int(nth_text) if nth_text else 1
+        if nth < 1:
+            raise ValueError(f"{ENV}: {entry!r}: the hit number starts at 1")
+        sleep: float | None = None
+        if action and action != "crash":
+            kind, _, seconds = action.partition(":")
+            if kind != "sleep" or not seconds:
+                raise ValueError(f"{ENV}: {entry!r}: action must be crash or sleep:SECONDS")
+            sleep = float(seconds)
+        out[name] = _Armed(nth, sleep)
+    return out
+
+
+def configure(spec: str | None = None) -> list[str]:
+    """Arm the points named by `spec` (default: the environment). Returns the armed names."""
+    armed = parse(os.environ.get(ENV, "") if spec is None else spec)
+    with _lock:
+        _armed.clear()
+        _armed.update(armed)
+    return sorted(armed)
+
+
+def hit(name: str) -> None:
+    if name not in POINTS:
+        raise KeyError(f"fault point {name!r} is not registered in driver.faults.OPERATIONS")
+    if not _armed:
+        return
+    with _lock:
+        armed = _armed.get(name)
+        if armed is None:
+            return
+        armed.seen += 1
+        if armed.seen != armed.nth:
+            return
+    if armed.sleep is not None:
+        time.sleep(armed.sleep)
+        return
+    # Like kill -9: no finally blocks, no atexit, no flushing of anything but this line.
+    sys.stderr.flush()
+    os.write(2, f"stowage: fault point {name} reached; killing the process\n".encode())
+    os.kill(os.getpid(), signal.SIGKILL)
