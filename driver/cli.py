@@ -44,6 +44,9 @@ def parse(argv: list[str] | None = None) -> Config:
         choices=[512, 1024, 2048, 4096],
         help="logical sector size of loop devices for new volumes (kept per volume)",
     )
+    p.add_argument(
+        "--workers", type=int, default=16, help="gRPC worker threads (concurrent calls served)"
+    )
     p.add_argument("--shutdown-grace", type=float, default=30.0)
     p.add_argument(
         "--trash-grace",
@@ -53,6 +56,8 @@ def parse(argv: list[str] | None = None) -> Config:
     )
     p.add_argument("--version", action="version", version=f"stowage-csi {__version__}")
     a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error("--workers must be at least 1")
     if a.max_volumes_per_node < 0 or a.reserved_bytes < 0:
         p.error("--max-volumes-per-node and --reserved-bytes must not be negative")
     return Config(
@@ -67,6 +72,7 @@ def parse(argv: list[str] | None = None) -> Config:
         reserved_bytes=a.reserved_bytes,
         loop_sector_size=a.loop_sector_size,
         shutdown_grace=a.shutdown_grace,
+        workers=a.workers,
         trash_grace=a.trash_grace,
     )
 

@@ -156,6 +156,7 @@ class PoolUsage:
     total_bytes: int
     available_bytes: int  # free space minus the reservation, never negative
     reflink: bool
+    free_bytes: int = 0  # free space on the pool filesystem, reservation included
 
 
 @dataclass(frozen=True)

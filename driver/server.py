@@ -50,11 +50,12 @@ def parse_endpoint(endpoint: str) -> tuple[str, str]:
 
 def open_pool(cfg: Config) -> PoolContext:
     runner = SubprocessRunner()
-    store = Store(os.path.join(cfg.pool_dir, "meta.db"))
+    backend = ImagePool(cfg.pool_dir, reserved_bytes=cfg.reserved_bytes)
+    store = Store(os.path.join(cfg.pool_dir, "meta.db"), before_write=backend.keep_metadata_room)
     return PoolContext(
         node_id=cfg.node_id,
         store=store,
-        backend=ImagePool(cfg.pool_dir, reserved_bytes=cfg.reserved_bytes),
+        backend=backend,
         locks=KeyedLocks(),
         loops=LoopManager(runner),
         mounter=Mounter(runner),

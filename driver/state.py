@@ -12,11 +12,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from driver.errors import Unavailable
+from driver.errors import ResourceExhausted, Unavailable
 from driver.model import (
     AccessMode,
     AccessType,
@@ -97,11 +97,19 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
 class Store:
     """Thread-safe: one connection, one lock; every write is its own durable transaction."""
 
-    def __init__(self, path: str, *, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        readonly: bool = False,
+        before_write: Callable[[], None] | None = None,
+    ) -> None:
         """`readonly` opens an existing store for inspection (stowagectl check) and never
-        creates or migrates anything."""
+        creates or migrates anything. `before_write` runs before every write transaction (the
+        pool uses it to release its metadata reserve when the disk is full)."""
         self.path = path
         self._lock = threading.RLock()
+        self._before_write = before_write
         if readonly:
             if not os.path.isfile(path):
                 raise Unavailable(f"metadata store {path} does not exist")
@@ -135,6 +143,8 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._before_write is not None:
+                self._before_write()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -144,6 +154,10 @@ class Store:
                     raise
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise ResourceExhausted(
+                        f"metadata store {self.path} has no room left on the pool: {exc}"
+                    ) from exc
                 raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
 
     def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:

@@ -60,8 +60,9 @@ class VolumeBackend(Protocol):
         """Temporary files of interrupted copies (reconciliation moves them to trash)."""
         ...
 
-    def allocated_bytes(self, volume_id: str) -> int:
-        """Bytes the volume's image occupies in the pool (less than its size when sparse)."""
+    def allocated_bytes(self, object_id: str) -> int:
+        """Bytes a volume's or snapshot's image occupies in the pool (less than its size when
+        sparse; shared reflinked extents count for each image)."""
         ...
 
     def usage(self) -> PoolUsage: ...

@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 FICLONE = 0x40049409
 _NO_REFLINK = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
 _TMP_SUFFIX = ".tmp"
+# Space held back for meta.db. SQLite needs free blocks even to delete a row, so on a pool that
+# thin volumes filled to the last block nothing could be deleted to free space. The reserve is a
+# preallocated file released just before a metadata write would otherwise find no room.
+META_RESERVE = ".meta-reserve"
+META_RESERVE_BYTES = 16 * 1024 * 1024
 
 
 def _fsync_dir(path: str) -> None:
@@ -53,6 +58,39 @@ class ImagePool:
         for d in (self._volumes, self._snapshots, self._trash):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._reflink = self._probe_reflink()
+        self._reserve = os.path.join(self.root, META_RESERVE)
+        self.ensure_reserve()
+
+    # --- room for the metadata store ----------------------------------------------------------
+    def ensure_reserve(self) -> bool:
+        """(Re)create the metadata reserve when there is comfortably room for it."""
+        if os.path.exists(self._reserve):
+            return True
+        st = os.statvfs(self.root)
+        if st.f_bavail * st.f_frsize < 4 * META_RESERVE_BYTES:
+            return False
+        tmp = self._reserve + _TMP_SUFFIX
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, META_RESERVE_BYTES)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self._reserve)
+        except OSError as exc:
+            self._discard(tmp)
+            if _no_space(exc):
+                return False
+            raise
+        return True
+
+    def keep_metadata_room(self) -> None:
+        """Called before every metadata write: give the reserve up when the pool is full."""
+        st = os.statvfs(self.root)
+        if st.f_bavail * st.f_frsize < META_RESERVE_BYTES and os.path.exists(self._reserve):
+            self._discard(self._reserve)
+            log.warning("pool %s is full; released the metadata reserve", self.root)
 
     # --- paths, always from validated IDs -----------------------------------------------------
     def image_path(self, volume_id: str) -> str:
@@ -245,6 +283,7 @@ class ImagePool:
         faults.hit("image:trashed")
         for trashed in moved:
             self._discard(trashed)
+        self.ensure_reserve()
 
     def empty_trash(self, older_than: float) -> int:
         removed = 0
@@ -276,9 +315,14 @@ class ImagePool:
             if n.endswith(_TMP_SUFFIX)
         )
 
-    def allocated_bytes(self, volume_id: str) -> int:
+    def allocated_bytes(self, object_id: str) -> int:
+        path = (
+            self.snapshot_path(object_id)
+            if ids.is_snapshot_id(object_id)
+            else self.image_path(object_id)
+        )
         try:
-            return os.stat(self.image_path(volume_id)).st_blocks * 512
+            return os.stat(path).st_blocks * 512
         except FileNotFoundError:
             return 0
 
@@ -294,7 +338,7 @@ class ImagePool:
             raise Unavailable(f"pool {self.root} is unusable: {exc.strerror}") from exc
         total = st.f_blocks * st.f_frsize
         free = st.f_bavail * st.f_frsize
-        return PoolUsage(total, max(0, free - self.reserved_bytes), self._reflink)
+        return PoolUsage(total, max(0, free - self.reserved_bytes), self._reflink, free)
 
 
 def _trashed_at(name: str, mtime: float) -> float:

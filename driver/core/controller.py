@@ -107,10 +107,11 @@ class ControllerCore:
             # A filesystem made on one sector size may not mount on another: a clone or restore
             # keeps its origin's, a new volume takes the node's current setting.
             sector_size = origin.sector_size if origin is not None else self.ctx.loop_sector_size
-            usage = self.ctx.backend.usage()
-            if size > usage.available_bytes and not (source and usage.reflink):
+            if source is not None:
+                self._require_copy_room(source.id)
+            elif size > (free := self.ctx.backend.usage().available_bytes):
                 raise ResourceExhausted(
-                    f"the pool on {self.ctx.node_id} has {usage.available_bytes} bytes free; "
+                    f"the pool on {self.ctx.node_id} has {free} bytes free; "
                     f"a volume of {size} bytes does not fit"
                 )
             vol = Volume(
@@ -145,6 +146,19 @@ class ControllerCore:
             self.ctx.store.journal_end(seq)
             log.info("created volume %s (%s, %d bytes) as %s", vol.id, access.value, size, name)
             return vol
+
+    def _require_copy_room(self, origin_id: str) -> None:
+        """A reflink copy costs nothing now, but each block later rewritten in either copy needs
+        a new one (and a full copy needs them at once). Refuse a copy the pool could not absorb
+        having all of its origin's data rewritten: otherwise a snapshot on a nearly full pool
+        turns the origin's next overwrites into write errors."""
+        need = self.ctx.backend.allocated_bytes(origin_id)
+        free = self.ctx.backend.usage().available_bytes
+        if need > free:
+            raise ResourceExhausted(
+                f"{origin_id} holds {need} bytes of data; the pool on {self.ctx.node_id} has "
+                f"{free} bytes free, too little to keep a copy of it writable"
+            )
 
     def _source(self, source: ContentSource) -> Volume | Snapshot:
         if source.kind == "snapshot":
@@ -276,6 +290,8 @@ class ControllerCore:
             return Condition(True, f"the image of {vol.id} is missing from the pool")
         if size < vol.size:
             return Condition(True, f"the image is {size} bytes, smaller than recorded {vol.size}")
+        if starved := self.ctx.starved(vol.id, vol.size):
+            return Condition(True, starved)
         return Condition(False, "healthy")
 
     def volume_status(self, volume_id: str) -> VolumeStatus:
@@ -399,6 +415,7 @@ class ControllerCore:
             validation.require_volume_id(source_volume_id, "source_volume_id")
             with self.ctx.locks.hold(source_volume_id):
                 vol = self._volume(source_volume_id)
+                self._require_copy_room(vol.id)
                 snap = Snapshot(
                     id=ids.new_snapshot_id(),
                     name=name,

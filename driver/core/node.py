@@ -103,37 +103,63 @@ class NodeCore:
         image = self.ctx.backend.image_path(vol.id)
         if self.ctx.backend.volume_size(vol.id) is None:
             raise FailedPrecondition(f"the image of volume {vol.id} is missing from the pool")
+        existed = bool(self.ctx.loops.find(image))
         loop = self.ctx.loops.attach(image, sector_size=vol.sector_size)
         faults.hit("stage:loop-attached")
+        try:
+            return self._stage_on(vol, staging_path, cap, loop.device, readonly, flags)
+        except Exception:
+            # A refused or failed stage leaves the host as it found it: a loop device this call
+            # attached is detached again unless something mounted it meanwhile.
+            if not existed and not mountinfo.mounts_of(loop.device):
+                self.ctx.loops.detach(loop.device)
+            raise
+
+    def _stage_on(
+        self,
+        vol: Volume,
+        staging_path: str,
+        cap: Capability,
+        device: str,
+        readonly: bool,
+        flags: tuple[str, ...],
+    ) -> Staging:
         if vol.access_type is AccessType.BLOCK:
-            staging = Staging(vol.id, staging_path, loop.device, AccessType.BLOCK, "", readonly, ())
+            staging = Staging(vol.id, staging_path, device, AccessType.BLOCK, "", readonly, ())
             self.ctx.store.put_staging(staging)
             return staging
 
         fs_type = vol.fs_type or cap.fs_type or "ext4"
         self.ctx.mounter.ensure_dir(staging_path)
         top = mountinfo.top_mount_at(staging_path)
-        if top is not None and not mountinfo.is_on(top, loop.device):
+        if top is not None and not mountinfo.is_on(top, device):
             raise FailedPrecondition(
                 f"{staging_path} already has another filesystem ({top.source}) mounted"
             )
         if top is None:
-            self._ensure_formatted(vol, loop.device, fs_type, readonly)
+            self._ensure_formatted(vol, device, fs_type, readonly)
             if fs_type == "ext4" and not readonly:
-                self._grow_ext4_offline(loop.device)
+                self._grow_ext4_offline(device)
             options = [*SAFE_DEFAULTS, *_FS_OPTIONS.get(fs_type, []), *flags]
             if readonly:
                 options.append("ro")
-            self.ctx.mounter.mount(loop.device, staging_path, fs_type, options)
+            self.ctx.mounter.mount(device, staging_path, fs_type, options)
             faults.hit("stage:mounted")
-        if not readonly and fs_type != "ext4":
-            self._grow_if_needed(loop.device, staging_path, fs_type)
-        staging = Staging(
-            vol.id, staging_path, loop.device, AccessType.MOUNT, fs_type, readonly, flags
-        )
+            try:
+                self._finish_mounted(device, staging_path, fs_type, readonly)
+            except Exception:
+                self.ctx.mounter.unmount(staging_path)  # ours, from this call: take it back
+                raise
+        else:
+            self._finish_mounted(device, staging_path, fs_type, readonly)
+        staging = Staging(vol.id, staging_path, device, AccessType.MOUNT, fs_type, readonly, flags)
         self.ctx.store.put_staging(staging)
-        log.info("staged %s (%s on %s) at %s", vol.id, fs_type, loop.device, staging_path)
+        log.info("staged %s (%s on %s) at %s", vol.id, fs_type, device, staging_path)
         return staging
+
+    def _finish_mounted(self, device: str, staging_path: str, fs_type: str, readonly: bool) -> None:
+        if not readonly and fs_type != "ext4":
+            self._grow_if_needed(device, staging_path, fs_type)
 
     def _ensure_formatted(self, vol: Volume, device: str, fs_type: str, readonly: bool) -> None:
         """Rule 1: format only when our metadata says never formatted and blkid sees nothing."""
@@ -380,6 +406,8 @@ class NodeCore:
                 return Condition(
                     True, f"ext4 on {loop.device} recorded {count} error(s); run e2fsck"
                 )
+        if starved := self.ctx.starved(vol.id, vol.size):
+            return Condition(True, starved)
         return Condition(False, "healthy")
 
     def expand(self, volume_id: str, path: str, rng: CapacityRange | None) -> int:

@@ -14,6 +14,9 @@ from driver.mount.loop import LoopManager
 from driver.mount.mounter import Mounter
 from driver.state import Store
 
+# Below this much free space the pool counts as full for volume conditions.
+POOL_FULL_BYTES = 16 * 1024 * 1024
+
 
 @dataclass
 class PoolContext:
@@ -31,6 +34,23 @@ class PoolContext:
     def require_healthy(self) -> None:
         if not self.backend.healthy() or not self.store.healthy():
             raise Unavailable("the storage pool or its metadata store is unusable on this node")
+
+    def starved(self, volume_id: str, size: int) -> str:
+        """Why writes into this thin volume may fail for lack of pool space, or "".
+
+        Images are sparse: a write into a never-written region needs a free block in the pool.
+        When the pool is (nearly) full those writes fail with EIO inside the volume; the
+        condition says so instead of leaving it to the application to notice."""
+        usage = self.backend.usage()
+        if usage.free_bytes >= POOL_FULL_BYTES:
+            return ""
+        unbacked = size - self.backend.allocated_bytes(volume_id)
+        if unbacked <= 0:
+            return ""
+        return (
+            f"the pool is full ({usage.free_bytes} bytes free): writes into the {unbacked} "
+            "not yet allocated bytes of this volume fail until space is freed"
+        )
 
     def loop_rdev(self, device: str) -> int:
         return os.stat(device).st_rdev

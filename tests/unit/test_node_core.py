@@ -597,3 +597,36 @@ def test_publish_over_a_foreign_mount_is_refused(
     assert [m.source for m in host.mounts if m.mount_point == os.path.normpath(target)] == [
         "/dev/sdz1"
     ]
+
+
+def test_refused_stage_detaches_the_loop_it_attached(
+    node: NodeCore, controller: ControllerCore, ctx: PoolContext, host: FakeHost, staging: str
+) -> None:
+    v = make(controller)
+    host.add_mount("/dev/sdz1", staging)  # something else already sits on the staging path
+    with pytest.raises(FailedPrecondition):
+        node.stage(v.id, staging, RW)
+    assert host.loop_devices() == []
+    assert ctx.store.staging(v.id) is None
+
+
+def test_failed_growth_after_mount_unmounts_what_this_call_mounted(
+    node: NodeCore,
+    controller: ControllerCore,
+    ctx: PoolContext,
+    host: FakeHost,
+    staging: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    v = make(controller, "xfs")
+
+    def boom(*_a: object) -> None:
+        raise Internal("xfs_growfs failed")
+
+    monkeypatch.setattr(node, "_grow_if_needed", boom)
+    with pytest.raises(Internal):
+        node.stage(
+            v.id, staging, Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER, "xfs")
+        )
+    assert host.top(staging) is None and host.loop_devices() == []
+    assert ctx.store.staging(v.id) is None
