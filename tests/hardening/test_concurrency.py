@@ -25,7 +25,7 @@ from tests.conftest import DriverProcess, make_pool
 from tests.hardening.world import World
 from tests.integration.helpers import MiB
 
-HOLD = 1.5  # seconds the first call of a round sits inside its lock
+HOLD = 3.0  # seconds the first call of a round sits inside its lock
 ROUND_FAULTS = ",".join(
     f"{p}=sleep:{HOLD}"
     for p in (

@@ -29,6 +29,7 @@ from driver.model import (
     CapacityRange,
     ContentSource,
     MiB,
+    PoolUsage,
     Publication,
     Staging,
 )
@@ -528,3 +529,41 @@ def test_validate_capabilities(controller: ControllerCore, ctx: PoolContext) -> 
         controller.validate_capabilities(v.id, [], {})
     with pytest.raises(NotFound):
         controller.validate_capabilities("v-" + "0" * 32, [RW], {})
+
+
+def _write(ctx: PoolContext, volume_id: str, nbytes: int) -> None:
+    with open(ctx.backend.image_path(volume_id), "r+b") as fh:
+        fh.write(os.urandom(nbytes))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def test_copies_need_room_for_the_source_data_to_diverge(
+    controller: ControllerCore, ctx: PoolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v = create(controller)
+    _write(ctx, v.id, 2 * MiB)
+    real = ctx.backend.usage()
+    tight = PoolUsage(real.total_bytes, MiB, real.reflink, MiB)
+    monkeypatch.setattr(ctx.backend, "usage", lambda: tight)
+    with pytest.raises(ResourceExhausted, match="too little to keep a copy"):
+        controller.create_snapshot("s", v.id, {})
+    with pytest.raises(ResourceExhausted):
+        controller.create_volume("c", [RW], CapacityRange(MiB), {}, ContentSource("volume", v.id))
+    assert ctx.backend.snapshot_ids() == set() and ctx.backend.volume_ids() == {v.id}
+    assert ctx.store.journal() == []
+    monkeypatch.setattr(ctx.backend, "usage", lambda: real)
+    assert controller.create_snapshot("s", v.id, {}).source_volume_id == v.id
+
+
+def test_thin_volume_on_a_full_pool_is_abnormal(
+    controller: ControllerCore, ctx: PoolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v = create(controller)
+    assert not controller.condition(v).abnormal
+    real = ctx.backend.usage()
+    monkeypatch.setattr(
+        ctx.backend, "usage", lambda: PoolUsage(real.total_bytes, 0, real.reflink, 4096)
+    )
+    cond = controller.condition(v)
+    assert cond.abnormal and "pool is full" in cond.message

@@ -281,3 +281,47 @@ def test_usage_on_vanished_pool_is_unavailable(
     monkeypatch.setattr(image_mod.os, "statvfs", gone)
     with pytest.raises(Unavailable):
         pool.usage()
+
+
+def test_metadata_reserve_is_given_up_when_full_and_restored_after_delete(
+    pool: ImagePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reserve = os.path.join(pool.root, image_mod.META_RESERVE)
+    assert os.path.getsize(reserve) == image_mod.META_RESERVE_BYTES
+    pool.keep_metadata_room()  # plenty of room: kept
+    assert os.path.exists(reserve)
+    real = os.statvfs
+    monkeypatch.setattr(image_mod.os, "statvfs", lambda path: FakeVfs(1000, 4096, 10))
+    pool.keep_metadata_room()
+    assert not os.path.exists(reserve)
+    assert pool.ensure_reserve() is False  # no room to take it back yet
+    monkeypatch.setattr(image_mod.os, "statvfs", real)
+    pool.create(V1, MiB)
+    pool.delete_volume(V1)
+    assert os.path.getsize(reserve) == image_mod.META_RESERVE_BYTES
+    assert pool.volume_ids() == set()  # the reserve is not a volume
+
+
+def test_store_full_is_resource_exhausted_and_runs_before_write(
+    tmp_path: os.PathLike[str],
+) -> None:
+    import sqlite3
+
+    from driver.state import Store
+
+    calls: list[int] = []
+    s = Store(os.path.join(str(tmp_path), "m.db"), before_write=lambda: calls.append(1))
+    s.journal_begin("x", "y", {})
+    assert calls == [1]
+
+    class Full:
+        def execute(self, sql: str, *a: object) -> object:
+            if sql.startswith("BEGIN"):
+                return None
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+            raise exc
+
+    s._db = Full()  # type: ignore[assignment]
+    with pytest.raises(ResourceExhausted, match="no room"):
+        s.journal_begin("x", "z", {})
