@@ -8,7 +8,7 @@ STATE ?= $(CURDIR)/.run
 REPORTS ?= $(CURDIR)/reports
 PROTO_GEN := $(PY) -m grpc_tools.protoc -I . --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) csi_proto/csi.proto
 
-.PHONY: help deps proto check-generated lint test test-unit test-integration test-faults test-hardening test-chart sanity run image clean
+.PHONY: help deps proto check-generated lint test test-unit test-integration test-faults test-hardening e2e-tools e2e test-chart sanity run image clean
 
 help:
 	@echo "make run              start the driver on an embedded XFS pool and run the demo"
@@ -47,6 +47,14 @@ test-faults: deps
 
 test-hardening: deps
 	$(PY) -m pytest -q tests/hardening
+
+e2e-tools: deps
+	tests/e2e/tools/build.sh
+
+e2e: deps
+	STOWAGE_E2E_BIN=$$(tests/e2e/tools/build.sh | tail -n 1) \
+	STOWAGE_HELM=$$(tests/tools/install-helm.sh | tail -n 1) \
+	  $(PY) -m pytest -q -s -p no:cacheprovider tests/e2e
 
 test-chart: deps
 	STOWAGE_HELM=$$(tests/tools/install-helm.sh | tail -n 1) $(PY) -m pytest -q tests/chart

@@ -1,0 +1,354 @@
+"""Kubernetes drives Stowage through the real sidecars (issue 4).
+
+The node socket is also used the way a kubelet would use it (stage, publish, expand), because
+there is no kubelet in this tier; data is compared by sha256 after going through the driver.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from driver.ctl.client import capability
+from tests.e2e.cluster import NAMESPACE, NODE, REPO, wait
+from tests.e2e.conftest import DRIVER, E2E, TOPOLOGY_KEY
+from tests.integration.helpers import sha256, write_random
+
+NS = "default"
+SNAP_GROUP, SNAP_VERSION = "snapshot.storage.k8s.io", "v1"
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def pvc(
+    e: E2E,
+    name: str,
+    size: str = "64Mi",
+    sc: str = "stowage",
+    block: bool = False,
+    source: dict[str, str] | None = None,
+) -> client.V1PersistentVolumeClaim:
+    """A claim the scheduler has placed on our node (it sets volume.kubernetes.io/selected-node
+    for WaitForFirstConsumer classes; there is no pod to schedule here, so the test does)."""
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": sc,
+        "resources": {"requests": {"storage": size}},
+        "volumeMode": "Block" if block else "Filesystem",
+    }
+    if source:
+        spec["dataSource"] = source
+    body = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": name,
+            "annotations": {"volume.kubernetes.io/selected-node": NODE},
+        },
+        "spec": spec,
+    }
+    return e.core.create_namespaced_persistent_volume_claim(NS, body)
+
+
+def bound(e: E2E, name: str, timeout: float = 90) -> client.V1PersistentVolume:
+    claim = wait(
+        lambda: (
+            (c := e.core.read_namespaced_persistent_volume_claim(name, NS)).status.phase == "Bound"
+            and c
+        ),
+        timeout,
+        f"PVC {name} Bound",
+    )
+    pv = e.core.read_persistent_volume(claim.spec.volume_name)
+    assert pv.spec.csi.driver == DRIVER
+    return pv
+
+
+def image_path(e: E2E, volume_id: str) -> str:
+    return os.path.join(e.cluster.pool_dir, "volumes", volume_id + ".img")
+
+
+class Staged:
+    """Stage and publish a PV through the node socket, as kubelet would for a pod."""
+
+    def __init__(self, e: E2E, pv: client.V1PersistentVolume, fs: str = "ext4") -> None:
+        self.e, self.vid = e, pv.spec.csi.volume_handle
+        tag = uuid.uuid4().hex[:8]
+        self.staging = e.cluster.path(f"staging-{tag}")
+        self.target = e.cluster.path(f"target-{tag}")
+        self.cap = capability(False, fs)
+        os.makedirs(self.staging)
+
+    def __enter__(self) -> Staged:
+        self.e.node.stage(self.vid, self.staging, self.cap)
+        self.e.node.publish(self.vid, self.staging, self.target, self.cap)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.e.node.unpublish(self.vid, self.target)
+        self.e.node.unstage(self.vid, self.staging)
+
+
+def snapshot(e: E2E, name: str, claim: str) -> dict[str, Any]:
+    body = {
+        "apiVersion": f"{SNAP_GROUP}/{SNAP_VERSION}",
+        "kind": "VolumeSnapshot",
+        "metadata": {"name": name},
+        "spec": {
+            "volumeSnapshotClassName": "stowage",
+            "source": {"persistentVolumeClaimName": claim},
+        },
+    }
+    e.custom.create_namespaced_custom_object(SNAP_GROUP, SNAP_VERSION, NS, "volumesnapshots", body)
+    return dict(
+        wait(
+            lambda: (
+                (
+                    s := e.custom.get_namespaced_custom_object(
+                        SNAP_GROUP, SNAP_VERSION, NS, "volumesnapshots", name
+                    )
+                )
+                .get("status", {})
+                .get("readyToUse")
+                and s
+            ),
+            90,
+            f"VolumeSnapshot {name} readyToUse",
+        )
+    )
+
+
+def delete_claim(e: E2E, name: str) -> None:
+    e.core.delete_namespaced_persistent_volume_claim(name, NS)
+
+
+def gone(read: Any, *args: Any) -> bool:
+    try:
+        read(*args)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+@pytest.fixture
+def data_claim(e2e: E2E) -> Iterator[tuple[str, client.V1PersistentVolume, str]]:
+    """A bound ext4 claim holding 8 MiB of random bytes; its digest."""
+    name = f"data-{uuid.uuid4().hex[:6]}"
+    pvc(e2e, name)
+    pv = bound(e2e, name)
+    with Staged(e2e, pv) as s:
+        digest = write_random(os.path.join(s.target, "data"), 8)
+    yield name, pv, digest
+    delete_claim(e2e, name)
+
+
+# --- tests --------------------------------------------------------------------------------------
+def test_pvc_binds_through_node_deployed_provisioner_and_capacity_is_published(e2e: E2E) -> None:
+    pvc(e2e, "first")
+    pv = bound(e2e, "first")
+    terms = pv.spec.node_affinity.required.node_selector_terms
+    assert terms[0].match_expressions[0].key == TOPOLOGY_KEY
+    assert terms[0].match_expressions[0].values == [NODE]
+    assert os.path.exists(image_path(e2e, pv.spec.csi.volume_handle))
+
+    def capacities() -> list[Any]:
+        caps = e2e.storage.list_namespaced_csi_storage_capacity(NAMESPACE).items
+        return [
+            c
+            for c in caps
+            if c.storage_class_name == "stowage"
+            and c.node_topology.match_labels == {TOPOLOGY_KEY: NODE}
+            and c.capacity
+        ]
+
+    caps = wait(capacities, 120, "CSIStorageCapacity for class stowage on the node")
+    assert caps[0].maximum_volume_size is not None
+    owner = caps[0].metadata.owner_references[0]
+    assert owner.kind == "DaemonSet"  # --capacity-ownerref-level=1 from the chart
+    delete_claim(e2e, "first")
+    wait(lambda: gone(e2e.core.read_persistent_volume, pv.metadata.name), 60, "PV deleted")
+
+
+def test_volume_attachment_attaches_and_detaches(e2e: E2E, data_claim: Any) -> None:
+    _name, pv, _digest = data_claim
+    va_name = f"va-{uuid.uuid4().hex[:6]}"
+    e2e.storage.create_volume_attachment(
+        client.V1VolumeAttachment(
+            metadata=client.V1ObjectMeta(name=va_name),
+            spec=client.V1VolumeAttachmentSpec(
+                attacher=DRIVER,
+                node_name=NODE,
+                source=client.V1VolumeAttachmentSource(persistent_volume_name=pv.metadata.name),
+            ),
+        )
+    )
+    va = wait(
+        lambda: (
+            (v := e2e.storage.read_volume_attachment(va_name)).status and v.status.attached and v
+        ),
+        60,
+        "VolumeAttachment attached by csi-attacher",
+    )
+    assert va.status.attachment_metadata  # the driver's publish_context reached Kubernetes
+    e2e.storage.delete_volume_attachment(va_name)
+    wait(lambda: gone(e2e.storage.read_volume_attachment, va_name), 60, "VolumeAttachment detached")
+
+
+def test_snapshot_restore_and_clone_carry_the_bytes(e2e: E2E, data_claim: Any) -> None:
+    name, _pv, digest = data_claim
+    snap = snapshot(e2e, f"snap-{name}", name)
+    assert snap["status"]["restoreSize"]
+    copies = {
+        "restored": {"apiGroup": SNAP_GROUP, "kind": "VolumeSnapshot", "name": f"snap-{name}"},
+        "cloned": {"kind": "PersistentVolumeClaim", "name": name},
+    }
+    for kind, source in copies.items():
+        claim = f"{kind}-{name}"
+        pvc(e2e, claim, source=source)
+        pv = bound(e2e, claim)
+        with Staged(e2e, pv) as s:
+            assert sha256(os.path.join(s.target, "data")) == digest, kind
+        delete_claim(e2e, claim)
+    e2e.custom.delete_namespaced_custom_object(
+        SNAP_GROUP, SNAP_VERSION, NS, "volumesnapshots", f"snap-{name}"
+    )
+    wait(
+        lambda: not os.listdir(os.path.join(e2e.cluster.pool_dir, "snapshots")),
+        60,
+        "snapshot image removed (deletionPolicy Delete)",
+    )
+
+
+def test_resize_expands_controller_then_node(e2e: E2E) -> None:
+    # xfs: online growth needs no extra capability (ext4's needs CAP_SYS_RESOURCE)
+    pvc(e2e, "grow", size="320Mi", sc="stowage-xfs")
+    pv = bound(e2e, "grow")
+    with Staged(e2e, pv, fs="xfs") as s:
+        before = os.statvfs(s.target)
+        e2e.core.patch_namespaced_persistent_volume_claim(
+            "grow", NS, {"spec": {"resources": {"requests": {"storage": "640Mi"}}}}
+        )
+        wait(
+            lambda: (
+                e2e.core.read_persistent_volume(pv.metadata.name).spec.capacity["storage"]
+                == "640Mi"
+            ),
+            90,
+            "csi-resizer: ControllerExpandVolume and PV capacity 640Mi",
+        )
+        wait(
+            lambda: any(
+                c.type == "FileSystemResizePending"
+                for c in e2e.core.read_namespaced_persistent_volume_claim(
+                    "grow", NS
+                ).status.conditions
+                or []
+            ),
+            60,
+            "PVC condition FileSystemResizePending (node expansion is the kubelet's part)",
+        )
+        e2e.node.node_expand(pv.spec.csi.volume_handle, s.target, 640 << 20)
+        after = os.statvfs(s.target)
+        assert after.f_blocks * after.f_frsize > before.f_blocks * before.f_frsize + (200 << 20)
+    assert os.path.getsize(image_path(e2e, pv.spec.csi.volume_handle)) >= 640 << 20
+    delete_claim(e2e, "grow")
+
+
+def test_reclaim_delete_removes_the_image_retain_keeps_it(e2e: E2E) -> None:
+    pvc(e2e, "del")
+    pvc(e2e, "keep", sc="stowage-block", block=True)  # the chart's block class is Retain
+    deleted, kept = bound(e2e, "del"), bound(e2e, "keep")
+    delete_claim(e2e, "del")
+    delete_claim(e2e, "keep")
+    wait(lambda: gone(e2e.core.read_persistent_volume, deleted.metadata.name), 60, "PV deleted")
+    assert not os.path.exists(image_path(e2e, deleted.spec.csi.volume_handle))
+    wait(
+        lambda: e2e.core.read_persistent_volume(kept.metadata.name).status.phase == "Released",
+        60,
+        "Retain PV Released",
+    )
+    assert os.path.exists(image_path(e2e, kept.spec.csi.volume_handle))
+    e2e.core.delete_persistent_volume(kept.metadata.name)
+
+
+def test_every_chart_object_and_example_passes_server_side_dry_run(e2e: E2E) -> None:
+    docs = list(e2e.cluster.rendered)
+    for path in sorted(glob.glob(os.path.join(REPO, "deploy", "examples", "*.yaml"))):
+        with open(path, encoding="utf-8") as fh:
+            docs += [d for d in yaml.safe_load_all(fh) if d]
+    checked = 0
+    for d in docs:
+        res = e2e.dyn.resources.get(api_version=d["apiVersion"], kind=d["kind"])
+        ns = (d["metadata"].get("namespace") or NAMESPACE) if res.namespaced else None
+        res.patch(
+            body=d,
+            name=d["metadata"]["name"],
+            namespace=ns if res.namespaced else None,
+            content_type="application/apply-patch+yaml",
+            field_manager="stowage-e2e",
+            force=True,
+            dry_run="All",
+        )
+        checked += 1
+    print(f"  server-side dry-run accepted {checked} objects")
+    assert checked >= len(e2e.cluster.rendered) + 5
+
+
+def test_a_sidecar_missing_one_rbac_rule_is_caught(e2e: E2E, data_claim: Any) -> None:
+    """The RBAC check can fail: the attacher without `patch volumeattachments/status` cannot
+    attach, and its log shows the denial the autouse check looks for."""
+    _name, pv, _digest = data_claim
+    role = next(
+        r for r in e2e.cluster.objects("ClusterRole") if r["metadata"]["name"].endswith("-attacher")
+    )
+    crippled_rules = [r for r in role["rules"] if r["resources"] != ["volumeattachments/status"]]
+    assert len(crippled_rules) == len(role["rules"]) - 1
+    sa = "e2e-crippled-attacher"
+    e2e.core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": sa}})
+    e2e.rbac.create_cluster_role({"metadata": {"name": sa}, "rules": crippled_rules})
+    e2e.rbac.create_cluster_role_binding(
+        {
+            "metadata": {"name": sa},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": sa},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}],
+        }
+    )
+    main = e2e.cluster.procs["csi-attacher"]
+    main.stop()
+    va_name = f"va-{uuid.uuid4().hex[:6]}"
+    try:
+        e2e.start_sidecar("csi-attacher", e2e.sa_kubeconfig(sa), proc_name="crippled-attacher")
+        e2e.storage.create_volume_attachment(
+            client.V1VolumeAttachment(
+                metadata=client.V1ObjectMeta(name=va_name),
+                spec=client.V1VolumeAttachmentSpec(
+                    attacher=DRIVER,
+                    node_name=NODE,
+                    source=client.V1VolumeAttachmentSource(persistent_volume_name=pv.metadata.name),
+                ),
+            )
+        )
+        crippled = e2e.cluster.procs["crippled-attacher"]
+        wait(lambda: "forbidden" in crippled.log(), 60, "the crippled attacher to be denied")
+        time.sleep(2)
+        va = e2e.storage.read_volume_attachment(va_name)
+        assert not (va.status and va.status.attached)
+        crippled.stop()
+    finally:
+        e2e.cluster.procs.pop("crippled-attacher").stop()
+        main.start()
+    wait(
+        lambda: (v := e2e.storage.read_volume_attachment(va_name)).status and v.status.attached,
+        60,
+        "the chart's attacher to attach it",
+    )
+    e2e.storage.delete_volume_attachment(va_name)
+    wait(lambda: gone(e2e.storage.read_volume_attachment, va_name), 60, "VolumeAttachment detached")
