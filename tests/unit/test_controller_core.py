@@ -528,3 +528,15 @@ def test_validate_capabilities(controller: ControllerCore, ctx: PoolContext) -> 
         controller.validate_capabilities(v.id, [], {})
     with pytest.raises(NotFound):
         controller.validate_capabilities("v-" + "0" * 32, [RW], {})
+
+
+def test_controller_unpublish_of_a_malformed_id_is_ok(controller: ControllerCore) -> None:
+    """CSI: a volume the plugin cannot find and can regard as unpublished SHOULD answer OK; a
+    malformed ID was never ours, so it was never published (was NOT_FOUND)."""
+    for bad in ("../../etc", "/etc/passwd", "v-" + "0" * 31 + "/", "x" * 5000):
+        controller.unpublish(bad, NODE)
+        controller.unpublish(bad, "")
+    with pytest.raises(InvalidArgument):
+        controller.unpublish("", NODE)
+    with pytest.raises(InvalidArgument):
+        controller.unpublish("../x", "node\n")
