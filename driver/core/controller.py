@@ -16,6 +16,7 @@ from driver.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     ResourceExhausted,
 )
 from driver.model import (
@@ -233,7 +234,7 @@ class ControllerCore:
         )
         if want <= vol.size:
             if rng.limit and vol.size > rng.limit:
-                raise InvalidArgument(
+                raise OutOfRange(
                     f"volume {vol.id} is already {vol.size} bytes, above limit_bytes {rng.limit}; "
                     "volumes never shrink"
                 )
