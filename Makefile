@@ -8,13 +8,14 @@ STATE ?= $(CURDIR)/.run
 REPORTS ?= $(CURDIR)/reports
 PROTO_GEN := $(PY) -m grpc_tools.protoc -I . --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) csi_proto/csi.proto
 
-.PHONY: help deps proto check-generated lint test test-unit test-integration test-faults test-hardening e2e-tools e2e test-chart sanity run image clean
+.PHONY: help deps proto check-generated lint test test-unit test-integration test-faults test-hostile test-hardening e2e-tools e2e test-chart sanity run image clean
 
 help:
 	@echo "make run              start the driver on an embedded XFS pool and run the demo"
 	@echo "make test             lint, check generated code, unit + integration + chart tests, csi-sanity"
 	@echo "make proto            regenerate csi_proto/ stubs from csi_proto/csi.proto"
 	@echo "make check-generated  prove the committed stubs match csi.proto"
+	@echo "make test-hostile     the hostile input corpus (root): bad IDs, names, sizes, flags, paths, secrets"
 
 deps:
 	@tests/tools/install-deps.sh
@@ -55,6 +56,9 @@ e2e: deps
 	STOWAGE_E2E_BIN=$$(tests/e2e/tools/build.sh | tail -n 1) \
 	STOWAGE_HELM=$$(tests/tools/install-helm.sh | tail -n 1) \
 	  $(PY) -m pytest -q -s -p no:cacheprovider tests/e2e
+
+test-hostile: deps
+	$(PY) -m pytest -q -p no:cacheprovider tests/hardening/test_hostile.py
 
 test-chart: deps
 	STOWAGE_HELM=$$(tests/tools/install-helm.sh | tail -n 1) $(PY) -m pytest -q tests/chart

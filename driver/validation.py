@@ -25,6 +25,8 @@ from driver.model import (
 MAX_STRING_BYTES = 128
 MAX_MAP_BYTES = 4096
 MAX_PATH_BYTES = 4096
+MAX_FLAGS_BYTES = 4096
+MAX_SIZE = 2**63 - 1  # capacity_bytes is an int64 on the wire
 MAX_GID = 2**32 - 2
 _GID = re.compile(r"[0-9]{1,10}")
 
@@ -160,7 +162,22 @@ def require_path(field: str, value: str) -> str:
         raise InvalidArgument(f"{field} is not a usable path")
     if not os.path.isabs(value):
         raise InvalidArgument(f"{field} must be an absolute path, got {value!r}")
+    if ".." in value.split("/"):
+        # normpath would resolve ".." lexically, which is not what the kernel does when a
+        # symlink precedes it; kubelet never sends one, so refuse instead of guessing.
+        raise InvalidArgument(f"{field} must not contain '..', got {value!r}")
     return os.path.normpath(value)
+
+
+def require_outside(field: str, path: str, root: str) -> None:
+    """A kubelet path must neither lie inside the pool nor contain it: mounting there would
+    hide or expose the pool's images."""
+    if (
+        path == root
+        or path.startswith(root.rstrip("/") + "/")
+        or root.startswith(path.rstrip("/") + "/")
+    ):
+        raise InvalidArgument(f"{field} {path!r} overlaps the storage pool {root}")
 
 
 def check_capabilities(caps: Iterable[Capability]) -> list[Capability]:
@@ -186,7 +203,11 @@ def check_capability(cap: Capability) -> None:
                 f"filesystem type {cap.fs_type!r} is not supported; "
                 f"use one of {', '.join(SUPPORTED_FS_TYPES)}"
             )
-        check_mount_flags(cap.mount_flags)
+        flags = check_mount_flags(cap.mount_flags)
+        if cap.access_mode.read_only and "rw" in flags:
+            raise InvalidArgument(
+                f"mount option 'rw' contradicts access mode {cap.access_mode.name}"
+            )
         if cap.mount_group and not (
             _GID.fullmatch(cap.mount_group) and int(cap.mount_group) <= MAX_GID
         ):
@@ -217,6 +238,9 @@ def split_mount_flags(flags: Iterable[str]) -> list[str]:
 
 
 def check_mount_flags(flags: Iterable[str]) -> list[str]:
+    flags = list(flags)
+    if sum(len(f.encode("utf-8")) + 1 for f in flags) > MAX_FLAGS_BYTES:
+        raise InvalidArgument(f"mount options are longer than {MAX_FLAGS_BYTES} bytes")
     parts = split_mount_flags(flags)
     for part in parts:
         if part in _ALLOWED_FLAGS:
@@ -271,15 +295,20 @@ def _align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-def resolve_size(rng: CapacityRange, access: AccessType, fs_type: str, floor: int = 0) -> int:
-    """The size to allocate for a capacity range: at least `floor` (e.g. the source's size) and
-    the filesystem's minimum, rounded up to SIZE_ALIGNMENT, never above the limit."""
+def check_range(rng: CapacityRange) -> None:
+    """A capacity range that contradicts itself is malformed, whatever the volume."""
     if rng.required < 0 or rng.limit < 0:
         raise InvalidArgument("capacity_range values must not be negative")
     if rng.limit and rng.required > rng.limit:
         raise InvalidArgument(
             f"required_bytes {rng.required} is larger than limit_bytes {rng.limit}"
         )
+
+
+def resolve_size(rng: CapacityRange, access: AccessType, fs_type: str, floor: int = 0) -> int:
+    """The size to allocate for a capacity range: at least `floor` (e.g. the source's size) and
+    the filesystem's minimum, rounded up to SIZE_ALIGNMENT, never above the limit."""
+    check_range(rng)
     minimum = MIN_FS_SIZE[fs_type] if access is AccessType.MOUNT else MIN_BLOCK_SIZE
     lower = max(rng.required, minimum, floor)
     want = max(rng.required or DEFAULT_VOLUME_SIZE, lower)
@@ -298,6 +327,8 @@ def resolve_size(rng: CapacityRange, access: AccessType, fs_type: str, floor: in
                 f"cannot fit a volume in limit_bytes {rng.limit}: needs at least {lower} bytes "
                 f"(filesystem minimum {minimum}, source size {floor})"
             )
+    if size > MAX_SIZE:
+        raise OutOfRange(f"{size} bytes is more than a volume can be ({MAX_SIZE} bytes)")
     return size
 
 

@@ -15,6 +15,8 @@ class VolumeBackend(Protocol):
     at most a temporary file that `orphans()` reports.
     """
 
+    root: str  # the pool directory, resolved; kubelet paths must stay clear of it
+
     @property
     def reflink(self) -> bool:
         """True when snapshots and clones share extents (O(extents) instead of O(size))."""

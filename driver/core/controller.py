@@ -16,6 +16,7 @@ from driver.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     ResourceExhausted,
 )
 from driver.model import (
@@ -257,7 +258,7 @@ class ControllerCore:
         )
         if want <= vol.size:
             if rng.limit and vol.size > rng.limit:
-                raise InvalidArgument(
+                raise OutOfRange(
                     f"volume {vol.id} is already {vol.size} bytes, above limit_bytes {rng.limit}; "
                     "volumes never shrink"
                 )
@@ -382,9 +383,12 @@ class ControllerCore:
             return validation.publish_context(vol.access_type, vol.fs_type, readonly)
 
     def unpublish(self, volume_id: str, node_id: str) -> None:
-        validation.require_volume_id(volume_id)
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
         if node_id:
             validation.check_string("node_id", node_id)
+        if not ids.is_volume_id(volume_id):
+            return  # never ours, so never published anywhere: the spec's "SHOULD return OK"
         with self.ctx.locks.hold(volume_id):
             for a in self.ctx.store.attachments(volume_id):
                 if not node_id or a.node_id == node_id:

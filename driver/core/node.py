@@ -8,7 +8,14 @@ import stat
 
 from driver import faults, validation
 from driver.core.pool import PoolContext
-from driver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from driver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
 from driver.model import (
     AccessType,
     Capability,
@@ -38,6 +45,14 @@ class NodeCore:
         self.ctx = ctx
 
     # --- helpers ------------------------------------------------------------------------------
+    def _path(self, field: str, value: str) -> str:
+        """A staging or target path from kubelet: absolute, no '..', no symbolic link on the
+        way, and clear of the pool (rule 6 of the design)."""
+        path = validation.require_path(field, value)
+        validation.require_outside(field, path, self.ctx.backend.root)
+        self.ctx.mounter.refuse_symlinks(path)
+        return path
+
     def _volume(self, volume_id: str) -> Volume:
         vol = self.ctx.store.get_volume(volume_id)
         if vol is None:
@@ -75,7 +90,7 @@ class NodeCore:
     # --- stage --------------------------------------------------------------------------------
     def stage(self, volume_id: str, staging_path: str, cap: Capability) -> None:
         validation.require_volume_id(volume_id)
-        staging_path = validation.require_path("staging_target_path", staging_path)
+        staging_path = self._path("staging_target_path", staging_path)
         validation.check_capability(cap)
         self.ctx.require_healthy()
         with self.ctx.locks.hold(volume_id):
@@ -103,17 +118,35 @@ class NodeCore:
         image = self.ctx.backend.image_path(vol.id)
         if self.ctx.backend.volume_size(vol.id) is None:
             raise FailedPrecondition(f"the image of volume {vol.id} is missing from the pool")
-        existed = bool(self.ctx.loops.find(image))
+        had_loop = bool(self.ctx.loops.find(image))
+        made_dir = False
+        if vol.access_type is AccessType.MOUNT:
+            made_dir = self.ctx.mounter.ensure_dir(staging_path)
+        try:
+            return self._attach_and_mount(vol, staging_path, cap, readonly, flags)
+        except BaseException:
+            # A refused or failed stage leaves nothing behind that it made: no loop device it
+            # attached, no directory it created (only when nothing got mounted on either).
+            if not had_loop:
+                for lo in self.ctx.loops.find(image):
+                    if not mountinfo.mounts_of(lo.device):
+                        self.ctx.loops.detach(lo.device)
+            if made_dir and not self.ctx.mounter.is_mounted(staging_path):
+                self.ctx.mounter.remove_target(staging_path)
+            raise
+
+    def _attach_and_mount(
+        self,
+        vol: Volume,
+        staging_path: str,
+        cap: Capability,
+        readonly: bool,
+        flags: tuple[str, ...],
+    ) -> Staging:
+        image = self.ctx.backend.image_path(vol.id)
         loop = self.ctx.loops.attach(image, sector_size=vol.sector_size)
         faults.hit("stage:loop-attached")
-        try:
-            return self._stage_on(vol, staging_path, cap, loop.device, readonly, flags)
-        except Exception:
-            # A refused or failed stage leaves the host as it found it: a loop device this call
-            # attached is detached again unless something mounted it meanwhile.
-            if not existed and not mountinfo.mounts_of(loop.device):
-                self.ctx.loops.detach(loop.device)
-            raise
+        return self._stage_on(vol, staging_path, cap, loop.device, readonly, flags)
 
     def _stage_on(
         self,
@@ -130,7 +163,6 @@ class NodeCore:
             return staging
 
         fs_type = vol.fs_type or cap.fs_type or "ext4"
-        self.ctx.mounter.ensure_dir(staging_path)
         top = mountinfo.top_mount_at(staging_path)
         if top is not None and not mountinfo.is_on(top, device):
             raise FailedPrecondition(
@@ -202,7 +234,7 @@ class NodeCore:
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         validation.require_volume_id(volume_id)
-        staging_path = validation.require_path("staging_target_path", staging_path)
+        staging_path = self._path("staging_target_path", staging_path)
         with self.ctx.locks.hold(volume_id):
             current = self.ctx.store.staging(volume_id)
             if current is not None and current.path != staging_path:
@@ -245,8 +277,10 @@ class NodeCore:
         readonly: bool,
     ) -> None:
         validation.require_volume_id(volume_id)
-        staging_path = validation.require_path("staging_target_path", staging_path)
-        target = validation.require_path("target_path", target)
+        staging_path = self._path("staging_target_path", staging_path)
+        target = self._path("target_path", target)
+        if target == staging_path or target.startswith(staging_path + "/"):
+            raise InvalidArgument(f"target_path {target} must not be the staging path or inside it")
         validation.check_capability(cap)
         self.ctx.require_healthy()
         with self.ctx.locks.hold(volume_id):
@@ -332,7 +366,7 @@ class NodeCore:
 
     def unpublish(self, volume_id: str, target: str) -> None:
         validation.require_volume_id(volume_id)
-        target = validation.require_path("target_path", target)
+        target = self._path("target_path", target)
         with self.ctx.locks.hold(volume_id):
             pub = self.ctx.store.publication(target)
             if pub is not None and pub.volume_id != volume_id:
@@ -346,6 +380,11 @@ class NodeCore:
                     )
                 self.ctx.mounter.unmount(target)
                 faults.hit("unpublish:unmounted")
+            if pub is None:
+                # Nothing here is known to be ours (never published, or already undone): leave
+                # whatever is at the path; kubelet removes its own empty directories.
+                log.info("%s is not a publication of %s; nothing to undo", target, volume_id)
+                return
             self.ctx.mounter.remove_target(target)
             faults.hit("unpublish:target-removed")
             self.ctx.store.remove_publication(target)
@@ -416,19 +455,30 @@ class NodeCore:
         if not path:
             raise InvalidArgument("volume_path is required")
         validation.require_volume_id(volume_id)
+        if rng is not None:
+            validation.check_range(rng)
         self.ctx.require_healthy()
         with self.ctx.locks.hold(volume_id):
             vol = self._volume(volume_id)
             staging = self._locate(vol, path)
             want = max(vol.size, rng.required if rng else 0)
             if rng and rng.limit and want > rng.limit:
-                raise InvalidArgument(f"volume {volume_id} is {want} bytes, above limit_bytes")
+                raise OutOfRange(
+                    f"volume {volume_id} is {want} bytes, above limit_bytes {rng.limit}; "
+                    "volumes never shrink"
+                )
             if want > vol.size:
                 want = validation.resolve_size(
                     CapacityRange(want, rng.limit if rng else 0),
                     vol.access_type,
                     vol.fs_type or "ext4",
                 )
+                free = self.ctx.backend.usage().available_bytes
+                if want - vol.size > free:
+                    raise ResourceExhausted(
+                        f"the pool has {free} bytes free; growing {volume_id} by "
+                        f"{want - vol.size} bytes does not fit"
+                    )
             # Rule 11: image, then loop, then filesystem, then the record; each step idempotent.
             self.ctx.backend.expand(volume_id, want)
             faults.hit("node-expand:image-grown")

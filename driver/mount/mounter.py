@@ -58,8 +58,20 @@ class Mounter:
 
     # --- target paths ---------------------------------------------------------------------------
     @staticmethod
-    def ensure_dir(path: str) -> None:
-        """Create a directory target without following a symlink planted at it."""
+    def refuse_symlinks(path: str) -> None:
+        """Refuse a path that has a symbolic link in any of its existing components: kubelet
+        never makes one, and following it could take a mount or an rmdir outside kubelet's
+        directories. `path` must be absolute and normalised."""
+        real = os.path.realpath(path)
+        if real != path:
+            raise InvalidArgument(
+                f"{path} passes through a symbolic link (it resolves to {real}); refusing it"
+            )
+
+    @staticmethod
+    def ensure_dir(path: str) -> bool:
+        """Create a directory target without following a symlink planted at it; True when this
+        call created it."""
         _refuse_symlink(path)
         try:
             os.mkdir(path, 0o750)
@@ -67,6 +79,8 @@ class Mounter:
             st = os.lstat(path)
             if not stat.S_ISDIR(st.st_mode):
                 raise InvalidArgument(f"{path} exists and is not a directory") from None
+            return False
+        return True
 
     @staticmethod
     def ensure_file(path: str) -> None:
@@ -108,3 +122,4 @@ def _refuse_symlink(path: str) -> None:
     parent = os.path.dirname(os.path.normpath(path)) or "/"
     if not os.path.isdir(parent):
         raise InvalidArgument(f"parent directory {parent} of {path} does not exist")
+    Mounter.refuse_symlinks(os.path.normpath(path))

@@ -495,7 +495,7 @@ def test_expand_volume(controller: ControllerCore, ctx: PoolContext) -> None:
     assert ctx.backend.volume_size(v.id) == 20 * MiB
     assert ctx.store.get_volume(v.id).size == 20 * MiB  # type: ignore[union-attr]
     assert controller.expand_volume(v.id, CapacityRange(5 * MiB)) == (20 * MiB, True)
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(OutOfRange):  # a limit below the current size would shrink it
         controller.expand_volume(v.id, CapacityRange(0, 15 * MiB))
     with pytest.raises(InvalidArgument):
         controller.expand_volume(v.id, None)
@@ -567,3 +567,15 @@ def test_thin_volume_on_a_full_pool_is_abnormal(
     )
     cond = controller.condition(v)
     assert cond.abnormal and "pool is full" in cond.message
+
+
+def test_controller_unpublish_of_a_malformed_id_is_ok(controller: ControllerCore) -> None:
+    """CSI: a volume the plugin cannot find and can regard as unpublished SHOULD answer OK; a
+    malformed ID was never ours, so it was never published (was NOT_FOUND)."""
+    for bad in ("../../etc", "/etc/passwd", "v-" + "0" * 31 + "/", "x" * 5000):
+        controller.unpublish(bad, NODE)
+        controller.unpublish(bad, "")
+    with pytest.raises(InvalidArgument):
+        controller.unpublish("", NODE)
+    with pytest.raises(InvalidArgument):
+        controller.unpublish("../x", "node\n")

@@ -11,7 +11,15 @@ import pytest
 from driver.core.controller import ControllerCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
-from driver.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from driver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
 from driver.model import AccessMode, AccessType, Capability, CapacityRange, MiB, Volume
 from tests.unit.fakes import FakeHost
 
@@ -501,8 +509,7 @@ def test_unpublish_never_deletes_contents(
     os.mkdir(target)
     with open(os.path.join(target, "data"), "w") as fh:
         fh.write("precious")
-    with pytest.raises(FailedPrecondition):
-        node.unpublish(v.id, target)
+    node.unpublish(v.id, target)  # never published there: nothing to undo, nothing removed
     with open(os.path.join(target, "data")) as fh:
         assert fh.read() == "precious"
 
@@ -630,3 +637,119 @@ def test_failed_growth_after_mount_unmounts_what_this_call_mounted(
         )
     assert host.top(staging) is None and host.loop_devices() == []
     assert ctx.store.staging(v.id) is None
+
+
+# --- hostile paths and sizes (found by tests/hardening/test_hostile.py) ---------------------------
+def test_refused_stage_leaves_no_loop_and_no_directory(
+    node: NodeCore, controller: ControllerCore, host: FakeHost, kubelet: str
+) -> None:
+    """A stage refused after the loop device was attached (read-only on an unformatted volume)
+    used to leave the loop device and the staging directory behind."""
+    v = make(controller)
+    staging = os.path.join(kubelet, "never-made")
+    with pytest.raises(FailedPrecondition, match="read-only"):
+        node.stage(v.id, staging, RO)
+    assert host.loop_devices() == []
+    assert not os.path.exists(staging)
+    assert node.ctx.store.staging(v.id) is None
+
+
+def test_stage_on_foreign_mount_detaches_its_loop(
+    node: NodeCore, controller: ControllerCore, host: FakeHost, staging: str
+) -> None:
+    v = make(controller)
+    os.mkdir(staging)
+    host.add_mount("/dev/sda1", staging)
+    with pytest.raises(FailedPrecondition, match="another filesystem"):
+        node.stage(v.id, staging, RW)
+    assert host.loop_devices() == [] and os.path.isdir(staging)
+
+
+@pytest.mark.parametrize(
+    "make_path",
+    [
+        lambda kubelet, pool: os.path.join(kubelet, "link", "new"),  # symlinked parent
+        lambda kubelet, pool: os.path.join(kubelet, "link"),  # the symlink itself
+        lambda kubelet, pool: os.path.join(kubelet, "x", "..", "y"),
+        lambda kubelet, pool: os.path.join(pool, "volumes"),
+        lambda kubelet, pool: pool,
+        lambda kubelet, pool: os.path.dirname(pool),  # an ancestor of the pool
+    ],
+    ids=["symlink-parent", "symlink", "dotdot", "in-pool", "pool", "pool-ancestor"],
+)
+def test_kubelet_paths_are_contained(
+    node: NodeCore,
+    controller: ControllerCore,
+    host: FakeHost,
+    kubelet: str,
+    pool_dir: str,
+    tmp_path: os.PathLike[str],
+    make_path: object,
+) -> None:
+    outside = os.path.join(str(tmp_path), "outside")
+    os.mkdir(outside)
+    with open(os.path.join(outside, "data"), "w") as fh:
+        fh.write("keep")
+    os.symlink(outside, os.path.join(kubelet, "link"))
+    path = make_path(kubelet, pool_dir)  # type: ignore[operator]
+    v = make(controller)
+    staging = os.path.join(kubelet, "staging")
+    os.mkdir(staging)
+    with pytest.raises(InvalidArgument):
+        node.stage(v.id, path, RW)
+    with pytest.raises(InvalidArgument):
+        node.unstage(v.id, path)
+    with pytest.raises(InvalidArgument):
+        node.unpublish(v.id, path)
+    node.stage(v.id, staging, RW)
+    with pytest.raises(InvalidArgument):
+        node.publish(v.id, staging, path, RW, False)
+    assert sorted(os.listdir(outside)) == ["data"]
+    assert [m.mount_point for m in host.mounts] == [staging]
+
+
+def test_publish_target_must_not_be_staging_or_foreign_mount(
+    node: NodeCore, controller: ControllerCore, host: FakeHost, staging: str, target: str
+) -> None:
+    v = make(controller)
+    node.stage(v.id, staging, RW)
+    for bad in (staging, os.path.join(staging, "sub")):
+        with pytest.raises(InvalidArgument):
+            node.publish(v.id, staging, bad, RW, False)
+    os.mkdir(target)
+    host.add_mount("tmpfs", target, "tmpfs")
+    with pytest.raises(FailedPrecondition, match="another filesystem"):
+        node.publish(v.id, staging, target, RW, False)
+    assert not host.runner.ran("umount") and len(host.mounts) == 2
+
+
+def test_unpublish_without_record_removes_nothing(
+    node: NodeCore, controller: ControllerCore, kubelet: str
+) -> None:
+    v = make(controller)
+    empty_dir, empty_file = os.path.join(kubelet, "d"), os.path.join(kubelet, "f")
+    os.mkdir(empty_dir)
+    open(empty_file, "w").close()
+    node.unpublish(v.id, empty_dir)
+    node.unpublish(v.id, empty_file)
+    assert os.path.isdir(empty_dir) and os.path.isfile(empty_file)
+
+
+def test_node_expand_checks_range_and_pool_before_growing(
+    node: NodeCore, controller: ControllerCore, ctx: PoolContext, staging: str, target: str
+) -> None:
+    v = make(controller)
+    node.publish(v.id, staging, target, RW, False)
+    before = ctx.backend.volume_size(v.id)
+    with pytest.raises(InvalidArgument):
+        node.expand(v.id, target, CapacityRange(-1))
+    with pytest.raises(InvalidArgument):
+        node.expand(v.id, target, CapacityRange(2 * v.size, v.size))
+    with pytest.raises(OutOfRange):
+        node.expand(v.id, target, CapacityRange(0, MiB))  # would shrink
+    with pytest.raises(OutOfRange):
+        node.expand(v.id, target, CapacityRange(2**63 - 1))
+    with pytest.raises(ResourceExhausted):
+        node.expand(v.id, target, CapacityRange(1 << 60))
+    assert ctx.backend.volume_size(v.id) == before
+    assert ctx.store.get_volume(v.id).size == v.size  # type: ignore[union-attr]

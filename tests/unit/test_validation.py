@@ -360,8 +360,17 @@ def test_require_snapshot_id() -> None:
 
 
 def test_require_path() -> None:
-    assert validation.require_path("p", "/var/lib/kubelet/x/../y/") == "/var/lib/kubelet/y"
-    for bad in ("", "relative/path", "/a\0b", "/" + "a" * 5000):
+    assert validation.require_path("p", "/var/lib/kubelet//x/./y/") == "/var/lib/kubelet/x/y"
+    assert validation.require_path("p", "/var/lib/kubelet/x..y/..z") == "/var/lib/kubelet/x..y/..z"
+    for bad in (
+        "",
+        "relative/path",
+        "/a\0b",
+        "/" + "a" * 5000,
+        "/var/lib/kubelet/x/../y/",  # resolved lexically, ".." could climb out of a symlink
+        "/var/lib/kubelet/..",
+        "/../etc",
+    ):
         with pytest.raises(InvalidArgument):
             validation.require_path("p", bad)
 
@@ -392,3 +401,47 @@ def test_mount_group_must_be_a_usable_gid(group: str) -> None:
         validation.check_capability(
             Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER, mount_group=group)
         )
+
+
+# --- hostile input (found by tests/hardening/test_hostile.py) ----------------------------------
+def test_rw_contradicts_a_read_only_access_mode() -> None:
+    ro = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_READER_ONLY)
+    for flags in (("rw",), ("noatime,rw",), ("noatime", " rw ")):
+        with pytest.raises(InvalidArgument, match="contradicts"):
+            validation.check_capability(Capability(ro.access_type, ro.access_mode, "", flags))
+    validation.check_capability(Capability(ro.access_type, ro.access_mode, "", ("ro",)))
+    validation.check_capability(
+        Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER, "", ("rw",))
+    )
+
+
+def test_mount_flags_have_a_size_limit() -> None:
+    validation.check_mount_flags(["noatime"] * 100)
+    with pytest.raises(InvalidArgument, match="longer than"):
+        validation.check_mount_flags(["noatime," * 2000])  # every part allowed, still refused
+
+
+def test_require_outside_the_pool() -> None:
+    pool = "/var/lib/stowage"
+    validation.require_outside("p", "/var/lib/kubelet/pods/x/mount", pool)
+    validation.require_outside("p", "/var/lib/stowage-other/x", pool)
+    for bad in (pool, pool + "/volumes", pool + "/volumes/v-1.img", "/var/lib", "/var", "/"):
+        with pytest.raises(InvalidArgument, match="overlaps"):
+            validation.require_outside("p", bad, pool)
+
+
+def test_sizes_beyond_int64_are_out_of_range() -> None:
+    with pytest.raises(OutOfRange):
+        validation.resolve_size(CapacityRange(2**63 - 1), AccessType.MOUNT, "ext4")
+    with pytest.raises(OutOfRange):
+        validation.resolve_size(CapacityRange(2**63 - 1, 2**63 - 1), AccessType.BLOCK, "")
+    top = (2**63 - 1) // SIZE_ALIGNMENT * SIZE_ALIGNMENT
+    assert validation.resolve_size(CapacityRange(top), AccessType.BLOCK, "") == top
+
+
+def test_check_range() -> None:
+    validation.check_range(CapacityRange(0, 0))
+    validation.check_range(CapacityRange(5, 5))
+    for bad in (CapacityRange(-1), CapacityRange(0, -1), CapacityRange(2, 1)):
+        with pytest.raises(InvalidArgument):
+            validation.check_range(bad)
