@@ -75,8 +75,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, smaller scale (< 3 min)")
     ap.add_argument("--only", default="datapath,snapshots,control,scale",
                     help="comma-separated sections")
-    ap.add_argument("--sparse", action="store_true",
-                    help="data-path volumes sparse instead of preallocate=true")
+    ap.add_argument("--preallocate", action="store_true",
+                    help="data-path volumes with preallocate=true (default: sparse, as the "
+                    "driver's default StorageClass makes them)")
     ap.add_argument("--driver-arg", action="append", default=[],
                     help="extra flag for the driver (repeatable), e.g. --loop-sector-size=512")
     ap.add_argument("--results", default=os.path.join(REPO, "bench", "results"))
@@ -84,7 +85,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("make bench needs root (loop devices, mkfs, mount)", file=sys.stderr)
         return 2
-    mode = modes(preallocate=not args.sparse)["quick" if args.quick else "full"]
+    mode = modes(preallocate=args.preallocate)["quick" if args.quick else "full"]
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     signal.signal(signal.SIGTERM, _sigterm)
     started = time.monotonic()

@@ -61,14 +61,29 @@ def layout(filename: str, size: int) -> float:
     return float(job["write"]["bw"]) / 1000.0
 
 
-def measure(filename: str, size: int, p: Profile, s: Settings) -> float:
+def _busy_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def measure(filename: str, size: int, p: Profile, s: Settings) -> tuple[float, float]:
+    """(figure, busy CPU microseconds per I/O across the machine during the run)."""
     args = [
         f"--rw={p.rw}", f"--bs={p.bs}", f"--iodepth={p.iodepth}", "--time_based",
         f"--runtime={s.runtime}s", f"--ramp_time={s.ramp}s", "--randrepeat=0",
     ]
+    b0, _ = _busy_ticks()
     job = fio(filename, size, args, timeout=s.runtime + s.ramp + 120)
+    b1, _ = _busy_ticks()
     side = job["read"] if p.rw in ("randread", "read") else job["write"]
-    return float(side["iops"]) if p.metric == "iops" else float(side["bw"]) / 1000.0
+    ios = float(side["total_ios"]) or 1.0
+    # Ticks cover the ramp too; fio's total_ios does not, so scale by the share of time measured.
+    cpu_us = (b1 - b0) / os.sysconf("SC_CLK_TCK") * 1e6 * s.runtime / (s.runtime + s.ramp) / ios
+    value = float(side["iops"]) if p.metric == "iops" else float(side["bw"]) / 1000.0
+    return value, cpu_us
 
 
 def loop_settings(device: str) -> dict[str, str]:
@@ -112,10 +127,13 @@ def run(env: Env, client: Client, pool: PoolDir, s: Settings, log: Any) -> dict[
     results: dict[str, Any] = {}
     for p in PROFILES:
         runs: dict[str, list[float]] = {k: [] for k in TARGETS}
+        cpu: dict[str, list[float]] = {k: [] for k in TARGETS}
         for rnd in range(s.rounds):
             order = TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS))  # A B C D, D C B A, …
             for key in order:
-                runs[key].append(measure(files[key], s.file_size, p, s))
+                value, cpu_us = measure(files[key], s.file_size, p, s)
+                runs[key].append(value)
+                cpu[key].append(cpu_us)
         med = {k: median(v) for k, v in runs.items()}
         paired = {
             k: median([ratio(x, a) for x, a in zip(runs[k], runs["a"], strict=True)])
@@ -127,12 +145,15 @@ def run(env: Env, client: Client, pool: PoolDir, s: Settings, log: Any) -> dict[
             "median": med,
             "ratio": {k: ratio(med[k], med["a"]) for k in ("b", "c", "d")},
             "paired_ratio": paired,
+            "cpu_us_per_io": {k: median(v) for k, v in cpu.items()},
         }
         log(
             f"  {p.name}: "
             + ", ".join(f"{LABELS[k]} {med[k]:.0f}" for k in TARGETS)
             + f" {p.metric}; ratios "
             + " ".join(f"{k}/a={results[p.name]['ratio'][k]:.2f}" for k in ("b", "c", "d"))
+            + "; busy CPU µs/IO "
+            + " ".join(f"{k}={results[p.name]['cpu_us_per_io'][k]:.1f}" for k in TARGETS)
         )
     return {
         "settings": {
