@@ -8,7 +8,7 @@ STATE ?= $(CURDIR)/.run
 REPORTS ?= $(CURDIR)/reports
 PROTO_GEN := $(PY) -m grpc_tools.protoc -I . --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) csi_proto/csi.proto
 
-.PHONY: help deps proto check-generated lint test test-unit test-integration test-faults test-hostile test-hardening e2e-tools e2e test-chart sanity run image clean
+.PHONY: help deps proto check-generated lint test test-unit test-integration test-faults test-hostile test-hardening e2e-tools e2e test-chart sanity run image clean bench bench-quick bench-deps
 
 help:
 	@echo "make run              start the driver on an embedded XFS pool and run the demo"
@@ -16,6 +16,8 @@ help:
 	@echo "make proto            regenerate csi_proto/ stubs from csi_proto/csi.proto"
 	@echo "make check-generated  prove the committed stubs match csi.proto"
 	@echo "make test-hostile     the hostile input corpus (root): bad IDs, names, sizes, flags, paths, secrets"
+	@echo "make bench            root: data path, snapshots, control path, scale vs targets (~20 min)"
+	@echo "make bench-quick      the same, short runs and smaller scale (< 3 min)"
 
 deps:
 	@tests/tools/install-deps.sh
@@ -33,7 +35,7 @@ check-generated: deps
 	done; echo "generated code matches csi_proto/csi.proto"
 
 lint: deps
-	$(VENV)/bin/ruff check driver tests
+	$(VENV)/bin/ruff check driver tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -74,6 +76,16 @@ test: deps check-generated lint
 
 run: deps
 	STATE=$(STATE) PY=$(PY) deploy/local/run.sh
+
+bench-deps: deps
+	@command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio; }
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[dev,bench]'
+
+bench: bench-deps
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	$(PY) -m bench --quick $(BENCH_ARGS)
 
 image:
 	v=$$($(PY) -c 'import driver; print(driver.__version__)'); \

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 
@@ -104,6 +105,19 @@ class ImagePool:
         return self._inside(os.path.join(self._snapshots, snapshot_id + ".img"))
 
     def _inside(self, path: str) -> str:
+        # Fast path (two lstat calls instead of realpath's one per component): `path` is built
+        # from the directories resolved when the pool opened and a validated ID, so it can only
+        # lead elsewhere through a symlink at the entry or at its directory. Anything else,
+        # including an entry that does not exist yet, takes the full resolution below.
+        try:
+            if (
+                os.path.dirname(os.path.dirname(path)) == self.root
+                and not stat.S_ISLNK(os.lstat(path).st_mode)
+                and not stat.S_ISLNK(os.lstat(os.path.dirname(path)).st_mode)
+            ):
+                return path
+        except OSError:
+            pass
         real = os.path.realpath(path)
         if os.path.dirname(os.path.dirname(real)) != self.root:
             raise Internal(f"{path} resolves outside the pool")

@@ -70,8 +70,9 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
     # 3. Staging and publication records against the mount table (a reboot empties it).
     entries = mountinfo.read()
     stagings = {s.volume_id: s for s in store.stagings()}
+    loops_by_file = ctx.loops.by_backing_file()  # one sysfs pass, not one per staging
     for vid, staging in list(stagings.items()):
-        found = ctx.loops.find(backend.image_path(vid)) if vid in known_vols else []
+        found = loops_by_file.get(backend.image_path(vid), []) if vid in known_vols else []
         ok = len(found) == 1 and found[0].device == staging.device
         if ok and staging.access_type is AccessType.MOUNT:
             tops = mountinfo.mounts_at(staging.path, entries)

@@ -60,10 +60,33 @@ class LoopManager:
             )
         return devices
 
+    def by_backing_file(self) -> dict[str, list[LoopDevice]]:
+        """Every live loop device grouped by its backing file: one sysfs pass for callers that
+        look up many images (start-up reconciliation), where find() per image is quadratic."""
+        out: dict[str, list[LoopDevice]] = {}
+        for dev in self.devices():
+            if not dev.deleted:
+                out.setdefault(dev.backing_file, []).append(dev)
+        return out
+
     def find(self, image: str) -> list[LoopDevice]:
-        """Every loop device currently backed by `image` (there should be at most one)."""
+        """Every loop device currently backed by `image` (there should be at most one).
+
+        Reads only `backing_file` of each device and the rest of a match: with hundreds of
+        loop devices every sysfs read counts (this runs on each stage and publish)."""
         real = os.path.realpath(image)
-        return [d for d in self.devices() if d.backing_file == real and not d.deleted]
+        found = []
+        for loop_dir in sorted(glob.glob(os.path.join(self._sys_block, "loop*"))):
+            if _read(os.path.join(loop_dir, "loop", "backing_file")) != real:
+                continue  # "(deleted)" backings never equal a live path
+            found.append(
+                LoopDevice(
+                    device="/dev/" + os.path.basename(loop_dir),
+                    backing_file=real,
+                    direct_io=_read(os.path.join(loop_dir, "loop", "dio")) == "1",
+                )
+            )
+        return found
 
     def attach(self, image: str, *, sector_size: int = 512, direct_io: bool = True) -> LoopDevice:
         """Reuse the loop device already backed by `image`, or attach a new one."""

@@ -458,3 +458,18 @@ def test_read_from_file(tmp_path: os.PathLike[str]) -> None:
     with open(p, "w") as fh:
         fh.write(SAMPLE)
     assert [e.mount_id for e in REAL_READ(p)] == [22, 36, 37, 38, 39, 40, 41]
+
+
+def test_by_backing_file_groups_live_devices_in_one_pass(
+    sysb: str, image: str, runner: FakeRunner
+) -> None:
+    write_loop(sysb, "loop3", image)
+    write_loop(sysb, "loop4", image + " (deleted)")
+    write_loop(sysb, "loop5", "/other.img")
+    write_loop(sysb, "loop6", "/other.img")
+    grouped = LoopManager(runner, sys_block=sysb).by_backing_file()
+    assert {k: [d.device for d in v] for k, v in grouped.items()} == {
+        image: ["/dev/loop3"],
+        "/other.img": ["/dev/loop5", "/dev/loop6"],
+    }
+    assert runner.calls == []

@@ -1,0 +1,1 @@
+"""`make bench`: data path, snapshots, control path and scale figures for Stowage."""
