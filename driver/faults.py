@@ -6,7 +6,7 @@ operation. It does nothing unless the variable STOWAGE_FAULTS named it when the 
 
     STOWAGE_FAULTS="create-volume:recorded"            kill -9 the first time the point is reached
     STOWAGE_FAULTS="stage:mounted@2"                   ... the second time
-    STOWAGE_FAULTS="create-volume:journaled=sleep:0.5" pause there instead (to force overlaps)
+    STOWAGE_FAULTS="create-volume:checked=sleep:0.5" pause there instead (to force overlaps)
 
 Several entries are separated by commas. Unknown names are refused at start-up, so a typo in a
 test cannot silently test nothing.
@@ -27,39 +27,39 @@ ENV = "STOWAGE_FAULTS"
 # this table, so a point added to the code but not here fails `hit()` (unknown name).
 OPERATIONS: dict[str, tuple[str, ...]] = {
     "create-volume": (
-        "create-volume:journaled",
+        "create-volume:checked",
         "image:tmp-written",
         "create-volume:image-ready",
         "create-volume:recorded",
     ),
     "restore-volume": (
-        "restore-volume:journaled",
+        "restore-volume:checked",
         "image:tmp-written",
         "restore-volume:image-ready",
         "restore-volume:recorded",
     ),
     "clone-volume": (
-        "clone-volume:journaled",
+        "clone-volume:checked",
         "clone-volume:frozen",
         "image:tmp-written",
         "clone-volume:image-ready",
         "clone-volume:recorded",
     ),
     "delete-volume": (
-        "delete-volume:journaled",
+        "delete-volume:checked",
         "delete-volume:unrecorded",
         "image:trashed",
         "delete-volume:image-gone",
     ),
     "create-snapshot": (
-        "create-snapshot:journaled",
+        "create-snapshot:checked",
         "create-snapshot:frozen",
         "image:tmp-written",
         "create-snapshot:image-ready",
         "create-snapshot:recorded",
     ),
     "delete-snapshot": (
-        "delete-snapshot:journaled",
+        "delete-snapshot:checked",
         "delete-snapshot:unrecorded",
         "image:trashed",
         "delete-snapshot:image-gone",

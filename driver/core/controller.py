@@ -130,8 +130,7 @@ class ControllerCore:
             op = {None: "create-volume", "snapshot": "restore-volume", "volume": "clone-volume"}[
                 source.kind if source else None
             ]
-            seq = self.ctx.store.journal_begin("create-volume", vol.id, {"name": name})
-            faults.hit(op + ":journaled")
+            faults.hit(op + ":checked")
             if source is None:
                 self.ctx.backend.create(
                     vol.id, size, preallocate=parameters.get("preallocate") == "true"
@@ -144,7 +143,6 @@ class ControllerCore:
             faults.hit(op + ":image-ready")
             self.ctx.store.add_volume(vol)
             faults.hit(op + ":recorded")
-            self.ctx.store.journal_end(seq)
             log.info("created volume %s (%s, %d bytes) as %s", vol.id, access.value, size, name)
             return vol
 
@@ -232,13 +230,11 @@ class ControllerCore:
                 raise FailedPrecondition(
                     f"volume {volume_id} is still published to node(s) {', '.join(nodes)}"
                 )
-            seq = self.ctx.store.journal_begin("delete-volume", volume_id, {"name": vol.name})
-            faults.hit("delete-volume:journaled")
+            faults.hit("delete-volume:checked")
             self.ctx.store.remove_volume(volume_id)
             faults.hit("delete-volume:unrecorded")
             self.ctx.backend.delete_volume(volume_id)
             faults.hit("delete-volume:image-gone")
-            self.ctx.store.journal_end(seq)
             log.info("deleted volume %s (%s)", volume_id, vol.name)
 
     def expand_volume(self, volume_id: str, rng: CapacityRange | None) -> tuple[int, bool]:
@@ -431,14 +427,12 @@ class ControllerCore:
                     created_at=time.time(),
                     sector_size=vol.sector_size,
                 )
-                seq = self.ctx.store.journal_begin("create-snapshot", snap.id, {"name": name})
-                faults.hit("create-snapshot:journaled")
+                faults.hit("create-snapshot:checked")
                 with self._quiesced(vol.id, "create-snapshot"):
                     self.ctx.backend.snapshot(vol.id, snap.id)
                 faults.hit("create-snapshot:image-ready")
                 self.ctx.store.add_snapshot(snap)
                 faults.hit("create-snapshot:recorded")
-                self.ctx.store.journal_end(seq)
                 log.info("created snapshot %s of %s as %s", snap.id, vol.id, name)
                 return snap
 
@@ -452,13 +446,11 @@ class ControllerCore:
             snap = self.ctx.store.get_snapshot(snapshot_id)
             if snap is None:
                 return
-            seq = self.ctx.store.journal_begin("delete-snapshot", snapshot_id, {"name": snap.name})
-            faults.hit("delete-snapshot:journaled")
+            faults.hit("delete-snapshot:checked")
             self.ctx.store.remove_snapshot(snapshot_id)
             faults.hit("delete-snapshot:unrecorded")
             self.ctx.backend.delete_snapshot(snapshot_id)
             faults.hit("delete-snapshot:image-gone")
-            self.ctx.store.journal_end(seq)
             log.info("deleted snapshot %s (%s)", snapshot_id, snap.name)
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot:

@@ -29,12 +29,12 @@ HOLD = 3.0  # seconds the first call of a round sits inside its lock
 ROUND_FAULTS = ",".join(
     f"{p}=sleep:{HOLD}"
     for p in (
-        "create-volume:journaled",
+        "create-volume:checked",
         "stage:loop-attached",
         "publish:bound",
         "expand-volume:journaled",
-        "create-snapshot:journaled",
-        "delete-volume:journaled",
+        "create-snapshot:checked",
+        "delete-volume:checked",
     )
 )
 
