@@ -63,6 +63,7 @@ def inspect(
         if backend.owns(lo.backing_file):
             by_image.setdefault(lo.backing_file, []).append(lo)
     stagings = {s.volume_id: s for s in store.stagings()}
+    owners = {backend.image_path(v): v for v in volumes}
     explained: set[str] = set()  # mount points a staging or publication record accounts for
     for image, attached in sorted(by_image.items()):
         devs = ", ".join(lo.device for lo in attached)
@@ -72,7 +73,7 @@ def inspect(
             if lo.deleted:
                 bad(f"{lo.device} still holds the deleted image {image}")
                 continue
-            owner = next((v for v in volumes if backend.image_path(v) == image), None)
+            owner = owners.get(image)
             staging = stagings.get(owner) if owner else None
             if staging is None or staging.device != lo.device:
                 bad(f"{lo.device} backs {image} but no staging record explains it")
@@ -90,7 +91,8 @@ def inspect(
                 bad(f"volume {vid} is recorded as staged at {staging.path}, which is not mounted")
             explained.add(staging.path)
 
-    for pub in store.publications():
+    publications = store.publications()
+    for pub in publications:
         staging = stagings.get(pub.volume_id)
         tops = mountinfo.mounts_at(pub.target, entries)
         if pub.volume_id not in volumes:
@@ -125,6 +127,6 @@ def inspect(
         )
     found.notes.append(
         f"{len(volumes)} volume(s), {len(snapshots)} snapshot(s), {len(stagings)} staged, "
-        f"{len(store.publications())} publication(s)"
+        f"{len(publications)} publication(s)"
     )
     return found

@@ -21,8 +21,7 @@ import pytest
 
 from driver.ctl import local
 from driver.ctl.client import Client, block_cap, mount_cap
-from tests.conftest import DriverProcess, make_pool
-from tests.hardening.world import World
+from tests.hardening.world import World, running_world
 from tests.integration.helpers import MiB
 
 HOLD = 3.0  # seconds the first call of a round sits inside its lock
@@ -41,18 +40,8 @@ ROUND_FAULTS = ",".join(
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    made, teardown = make_pool()
-    proc = DriverProcess(made, "--workers", "64")
-    try:
-        w = World(made, proc, proc.start())
-        try:
-            yield w
-        finally:
-            w.tidy()
-            w.client.close()
-    finally:
-        proc.stop()
-        teardown()
+    with running_world("--workers", "64") as w:
+        yield w
 
 
 def code_of(call: Callable[[], object]) -> grpc.StatusCode:

@@ -23,8 +23,7 @@ from csi_proto import csi_pb2
 from driver import faults
 from driver.ctl.client import mount_cap
 from driver.mount import mountinfo
-from tests.conftest import DriverProcess, make_pool
-from tests.hardening.world import Placed, World, assert_writable, loops_of
+from tests.hardening.world import Placed, World, assert_writable, loops_of, running_world
 from tests.integration.helpers import MiB, sha256, write_random
 
 
@@ -361,17 +360,8 @@ def test_every_operation_with_fault_points_has_a_scenario() -> None:
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    made, teardown = make_pool()
-    proc = DriverProcess(made)
-    try:
-        w = World(made, proc, proc.start())
-        try:
-            yield w
-        finally:
-            w.client.close()
-    finally:
-        proc.stop()
-        teardown()
+    with running_world() as w:
+        yield w
 
 
 @pytest.mark.parametrize(("op", "point"), CASES, ids=[f"{o}/{p}" for o, p in CASES])

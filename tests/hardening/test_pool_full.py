@@ -15,25 +15,15 @@ import pytest
 from csi_proto import csi_pb2
 from driver.ctl import local
 from driver.ctl.client import mount_cap
-from tests.conftest import DriverProcess, Pool, make_pool
-from tests.hardening.world import World
+from tests.conftest import Pool
+from tests.hardening.world import World, running_world
 from tests.integration.helpers import MiB, sha256
 
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    made, teardown = make_pool("xfs", 512 * MiB)
-    proc = DriverProcess(made)
-    try:
-        w = World(made, proc, proc.start())
-        try:
-            yield w
-        finally:
-            w.tidy()
-            w.client.close()
-    finally:
-        proc.stop()
-        teardown()
+    with running_world(size=512 * MiB) as w:
+        yield w
 
 
 def fill(pool: Pool) -> str:

@@ -17,24 +17,13 @@ from driver.ctl import local
 from driver.exec import SubprocessRunner
 from driver.mount import mountinfo
 from driver.mount.loop import LoopManager
-from tests.conftest import DriverProcess, make_pool
-from tests.hardening.world import Placed, World, loops_of
+from tests.hardening.world import Placed, World, loops_of, running_world
 
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    made, teardown = make_pool()
-    proc = DriverProcess(made)
-    try:
-        w = World(made, proc, proc.start())
-        try:
-            yield w
-        finally:
-            w.tidy()
-            w.client.close()
-    finally:
-        proc.stop()
-        teardown()
+    with running_world() as w:
+        yield w
 
 
 def reboot(w: World) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,9 +16,8 @@ from csi_proto import csi_pb2
 from driver.ctl import local
 from driver.ctl.client import Client, capability
 from driver.exec import SubprocessRunner
-from driver.mount import mountinfo
 from driver.mount.loop import LoopManager
-from tests.conftest import DriverProcess, Pool
+from tests.conftest import DriverProcess, Pool, make_pool
 from tests.integration.helpers import MiB, sha256, write_random
 
 
@@ -186,5 +186,20 @@ def _read_block(device: str, mib: int) -> str:
         os.close(fd)
 
 
-def mounted_under(base: str) -> list[str]:
-    return [e.mount_point for e in mountinfo.mounts_under(base)]
+@contextlib.contextmanager
+def running_world(
+    *driver_args: str, fs_type: str = "xfs", size: int = 256 << 30
+) -> Iterator[World]:
+    """A fresh pool and a driver on it; everything undone afterwards, also on failure."""
+    made, teardown = make_pool(fs_type, size)
+    proc = DriverProcess(made, *driver_args)
+    try:
+        w = World(made, proc, proc.start())
+        try:
+            yield w
+        finally:
+            w.tidy()
+            w.client.close()
+    finally:
+        proc.stop()
+        teardown()
