@@ -1,9 +1,9 @@
-"""WORK IN PROGRESS (issue 4, not yet run end to end): the tool build is verified for etcd,
-kube-apiserver, kube-controller-manager and kube-scheduler; the sidecar builds and this harness
-have not completed a run yet. `make test` does not collect this directory.
+"""The control-plane end-to-end tier (issue 4): `make e2e` after `make e2e-tools`.
 
-One control plane, one node driver, one controller driver and the chart's sidecars for the
-whole session; torn down (processes by PID, mounts, loops, files) even when something fails."""
+One control plane (etcd, kube-apiserver, kube-controller-manager), one node-mode driver, one
+controller-mode driver and the chart's sidecars, each sidecar authenticating with a token of its
+chart ServiceAccount, for the whole session; torn down (processes by PID, mounts, loops, files)
+even when something fails. `make test` does not collect this directory (no tools there)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 
 from driver.ctl.client import capability
 from tests.e2e.cluster import NAMESPACE, NODE, REPO, wait
-from tests.e2e.conftest import DRIVER, E2E, TOPOLOGY_KEY
+from tests.e2e.conftest import DENIED, DRIVER, E2E, TOPOLOGY_KEY
 from tests.integration.helpers import sha256, write_random
 
 NS = "default"
@@ -288,13 +288,13 @@ def test_every_chart_object_and_example_passes_server_side_dry_run(e2e: E2E) -> 
     for d in docs:
         res = e2e.dyn.resources.get(api_version=d["apiVersion"], kind=d["kind"])
         ns = (d["metadata"].get("namespace") or NAMESPACE) if res.namespaced else None
-        res.patch(
+        e2e.dyn.server_side_apply(
+            res,
             body=d,
             name=d["metadata"]["name"],
-            namespace=ns if res.namespaced else None,
-            content_type="application/apply-patch+yaml",
+            namespace=ns,
             field_manager="stowage-e2e",
-            force=True,
+            force_conflicts=True,
             dry_run="All",
         )
         checked += 1
@@ -337,7 +337,8 @@ def test_a_sidecar_missing_one_rbac_rule_is_caught(e2e: E2E, data_claim: Any) ->
             )
         )
         crippled = e2e.cluster.procs["crippled-attacher"]
-        wait(lambda: "forbidden" in crippled.log(), 60, "the crippled attacher to be denied")
+        # the same pattern the autouse check applies to every chart sidecar's log
+        wait(lambda: DENIED.search(crippled.log()), 60, "the crippled attacher to be denied")
         time.sleep(2)
         va = e2e.storage.read_volume_attachment(va_name)
         assert not (va.status and va.status.attached)

@@ -44,6 +44,7 @@ gomod, module, version, staging_version, name = sys.argv[1:]
 text = open(gomod).read()
 go_line = re.search(r"^go (\S+)", text, re.M).group(1)
 replaces = []
+root = re.sub(r"/v[0-9]+$", "", module)  # the repository path of a /vN module
 block = re.findall(r"^replace \((.*?)^\)", text, re.M | re.S)
 lines = [l for b in block for l in b.splitlines()] + re.findall(r"^replace (.+)$", text, re.M)
 for line in lines:
@@ -56,6 +57,10 @@ for line in lines:
     old, new, ver = m.groups()
     if new.startswith("./staging/"):  # k8s.io/kubernetes: staging modules at the matching v0 tag
         replaces.append(f"{old} => {old} {staging_version}")
+    elif new.startswith("./") and old.startswith(f"{root}/{new[2:].rstrip('/')}"):
+        # a module of the same repository (snapshotter's client/v8 => ./client) is tagged
+        # with the same version
+        replaces.append(f"{old} => {old} {version}")
     elif new.startswith(".") or new.startswith("/"):
         continue
     else:
