@@ -7,6 +7,12 @@ fresh temporary directory, gives its kubelet a static pod of the busybox image t
 pod IP and a marker into a hostPath under that directory, waits for the file, checks the pod
 got an address from the CNI bridge, then tears down and checks that no process, mount, network
 namespace or cgroup of the node is left. Exit 0 only when all of that holds.
+
+It also starts Stowage's node driver on a socket in the workdir with the registrar stand-in
+(tests/e2e/registrar.py) and checks the kubelet's plugin watcher takes it up: GetInfo, the
+driver's NodeGetInfo, then NotifyRegistrationStatus. Standalone, the kubelet has no Node object
+to annotate, so that status is "not registered: ... error getting kube client" - the expected
+answer here; with an apiserver it is registered.
 """
 
 from __future__ import annotations
@@ -14,12 +20,17 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.e2e.node import BUSYBOX_IMAGE, Node, log, wait_for
+from tests.e2e.registrar import Registrar
+
+DRIVER = "stowage.csi.io"
 
 
 def static_pod(out_dir: str) -> dict[str, object]:
@@ -50,6 +61,43 @@ def static_pod(out_dir: str) -> dict[str, object]:
     }
 
 
+@dataclass
+class Plugin:
+    driver: subprocess.Popen[bytes] | None = None
+    registrar: Registrar | None = None
+
+    def stop(self) -> None:
+        if self.registrar:
+            self.registrar.stop()
+        if self.driver and self.driver.poll() is None:
+            self.driver.terminate()
+            try:
+                self.driver.wait(30)
+            except subprocess.TimeoutExpired:
+                self.driver.kill()
+                self.driver.wait()
+
+
+def plugin_registration(node: Node, name: str, plugin: Plugin) -> None:
+    sock = os.path.join(node.workdir, "csi.sock")
+    pool = os.path.join(node.workdir, "pool")
+    os.makedirs(pool)
+    exe = os.path.join(os.path.dirname(sys.executable), "stowage-csi")
+    with open(os.path.join(node.logs, "driver.log"), "ab") as out:
+        plugin.driver = subprocess.Popen(
+            [exe, "--endpoint", f"unix://{sock}", "--mode", "node", "--node-id", name,
+             "--pool-dir", pool, "--metrics-address", ""],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    wait_for(lambda: os.path.exists(sock), 30, "the driver's socket")
+    registrar = plugin.registrar = Registrar(node.kubelet_root, DRIVER, sock).start()
+    wait_for(registrar.notified.is_set, 30, "the kubelet's NotifyRegistrationStatus")
+    registered, error = registrar.status or (False, "")
+    log(f"plugin registration: registered={registered} error={error!r}")
+    if not registered and "kube client" not in error:
+        raise AssertionError(f"unexpected registration status: {registered} {error}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,6 +113,7 @@ def main() -> int:
     os.makedirs(out_dir)
     node = Node(workdir, args.name, kubeconfig=None)
     ok = False
+    plugin = Plugin()
     started = time.monotonic()
     try:
         node.start()
@@ -84,6 +133,7 @@ def main() -> int:
             "the kubelet to report the pod Running",
         )
         log(f"kubelet /pods: {[(p['metadata']['name'], p['status']['phase']) for p in pods]}")
+        plugin_registration(node, args.name, plugin)
         ok = True
     except Exception as exc:
         log(f"FAILED: {exc}")
@@ -91,6 +141,7 @@ def main() -> int:
             if proc:
                 log(f"--- last lines of {proc.log_path}\n{proc.tail(25)}")
     finally:
+        plugin.stop()
         problems = node.stop()
     if problems:
         log(f"teardown left: {problems}")

@@ -160,6 +160,6 @@ image busybox.tar "$BUSYBOX_REF" --busybox /bin/busybox --cmd /bin/sh
   echo "image ${PAUSE_REF} ${images}/pause.tar"
   echo "image ${BUSYBOX_REF} ${images}/busybox.tar"
 } >"${cache}/node-versions"
-[ -z "$REGISTRAR_PSEUDO" ] && log "csi-node-driver-registrar skipped: set REGISTRAR_PSEUDO (the module proxy here refuses github.com/kubernetes-csi/node-driver-registrar)"
+[ -z "$REGISTRAR_PSEUDO" ] && log "csi-node-driver-registrar skipped: the module proxy here refuses github.com/kubernetes-csi/node-driver-registrar (403); tests/e2e/registrar.py stands in. Set REGISTRAR_PSEUDO=v0.0.0-<UTC time>-<12 hex> to build it"
 log "node tools ready in $(( $(date +%s) - total_started ))s"
 echo "$bin"
