@@ -93,3 +93,11 @@ image:
 
 clean:
 	rm -rf $(REPORTS) .mypy_cache .ruff_cache .pytest_cache
+
+.PHONY: e2e-node-tools e2e-node-smoke
+e2e-node-tools: deps
+	tests/e2e/tools/build-node.sh
+
+e2e-node-smoke: deps  # root: containerd + kubelet in a netns, a static busybox pod, no apiserver
+	tests/e2e/tools/build-node.sh
+	$(PY) -m tests.e2e.node_smoke
