@@ -10,20 +10,27 @@ temporary directory and is stopped by PID.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import yaml
+from kubernetes import client, config, dynamic
+
+from driver.ctl.client import Client
+from tests.conftest import make_pool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMESPACE = "stowage-system"
@@ -100,20 +107,26 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
-def make_certs(d: str) -> None:
+def make_certs(d: str, address: str = "", nodes: tuple[str, ...] = ()) -> None:
+    """A CA, the apiserver's serving certificate (for loopback, and `address` when a node must
+    reach it), an admin client, a client per node (system:node:<name> in system:nodes, what the
+    Node authorizer and NodeRestriction expect of a kubelet) and the service-account key."""
     os.makedirs(d, exist_ok=True)
     p = lambda n: os.path.join(d, n)  # noqa: E731
     _openssl(
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
         "-keyout", p("ca.key"), "-out", p("ca.crt"), "-subj", "/CN=stowage-e2e-ca",
     )  # fmt: skip
+    sans = "IP:127.0.0.1,DNS:localhost" + (f",IP:{address}" if address else "")
+    client_auth = "extendedKeyUsage=clientAuth\n"
     for name, subj, ext in (
         (
             "apiserver",
             "/CN=kube-apiserver",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n",
         ),
-        ("admin", "/O=system:masters/CN=e2e-admin", "extendedKeyUsage=clientAuth\n"),
+        ("admin", "/O=system:masters/CN=e2e-admin", client_auth),
+        *((f"node-{n}", f"/O=system:nodes/CN=system:node:{n}", client_auth) for n in nodes),
     ):
         with open(p(f"{name}.ext"), "w", encoding="ascii") as fh:
             fh.write(ext)
@@ -153,6 +166,10 @@ class Cluster:
     procs: dict[str, Proc] = field(default_factory=dict)
     api_port: int = 0
     rendered: list[dict[str, Any]] = field(default_factory=list)
+    # The node tier: the host end of the node's veth. The apiserver then listens on every address
+    # (the veth appears only when the node starts), serves a certificate for this one, admits
+    # kubelets (NodeRestriction) and a kube-scheduler runs. "" = loopback only, no kubelet.
+    node_address: str = ""
 
     # --- paths ------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -173,6 +190,16 @@ class Cluster:
     def admin_kubeconfig(self) -> str:
         return self.path("admin.kubeconfig")
 
+    def kubelet_kubeconfig(self, node: str = NODE) -> str:
+        """The kubelet's: the apiserver at the node address, client system:node:<node>."""
+        c = lambda n: self.path("pki", n)  # noqa: E731
+        return kubeconfig(
+            self.path(f"kubelet-{node}.kubeconfig"),
+            f"https://{self.node_address}:{self.api_port}",
+            c("ca.crt"),
+            {"client-certificate": c(f"node-{node}.crt"), "client-key": c(f"node-{node}.key")},
+        )
+
     # --- processes --------------------------------------------------------------------------
     def run(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         os.makedirs(self.path("logs"), exist_ok=True)
@@ -190,7 +217,8 @@ class Cluster:
     # --- control plane ----------------------------------------------------------------------
     def start_control_plane(self) -> None:
         certs = self.path("pki")
-        make_certs(certs)
+        with_node = bool(self.node_address)
+        make_certs(certs, self.node_address, (NODE,) if with_node else ())
         c = lambda n: os.path.join(certs, n)  # noqa: E731
         etcd_port, peer_port = free_port(), free_port()
         self.run(
@@ -214,8 +242,8 @@ class Cluster:
             [
                 os.path.join(self.bin_dir, "kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={'0.0.0.0' if with_node else '127.0.0.1'}",
+                f"--advertise-address={self.node_address or '127.0.0.1'}",
                 f"--secure-port={self.api_port}",
                 f"--cert-dir={self.path('apiserver-certs')}",
                 f"--tls-cert-file={c('apiserver.crt')}",
@@ -225,6 +253,7 @@ class Cluster:
                 f"--service-account-key-file={c('sa.pub')}",
                 f"--service-account-signing-key-file={c('sa.key')}",
                 "--authorization-mode=Node,RBAC",
+                *(["--enable-admission-plugins=NodeRestriction"] if with_node else []),
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--allow-privileged=true",
                 "--profiling=false",
@@ -255,6 +284,20 @@ class Cluster:
                 "--v=1",
             ],
         )
+        if with_node:  # places pods, and sets selected-node on WaitForFirstConsumer claims
+            self.run(
+                "kube-scheduler",
+                [
+                    os.path.join(self.bin_dir, "kube-scheduler"),
+                    f"--kubeconfig={self.admin_kubeconfig()}",
+                    f"--authentication-kubeconfig={self.admin_kubeconfig()}",
+                    f"--authorization-kubeconfig={self.admin_kubeconfig()}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={free_port()}",
+                    "--leader-elect=false",
+                    "--v=1",
+                ],
+            )
 
     def _readyz(self) -> bool:
         certs = self.path("pki")
@@ -342,3 +385,216 @@ def driver_argv(mode: str, socket_path: str, pool_dir: str = "") -> list[str]:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, default=str, indent=1)[:2000]
+
+
+# --- the session both tiers share ---------------------------------------------------------------
+DRIVER = "stowage.csi.io"
+TOPOLOGY_KEY = "topology.stowage.csi.io/node"
+# Sidecar → (chart workload, container). Each runs as its workload's ServiceAccount.
+SIDECARS = {
+    "csi-provisioner": ("node", "csi-provisioner"),
+    "csi-snapshotter": ("node", "csi-snapshotter"),
+    "csi-attacher": ("controller", "csi-attacher"),
+    "csi-resizer": ("controller", "csi-resizer"),
+    "snapshot-controller": ("snapshot-controller", "snapshot-controller"),
+}
+DENIED = re.compile(r"is forbidden|forbidden: User", re.IGNORECASE)
+
+
+class E2E:
+    """What tests get: the cluster, API clients and a CSI client on the node socket."""
+
+    def __init__(self, cluster: Cluster, api: client.ApiClient) -> None:
+        self.cluster = cluster
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.storage = client.StorageV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+        self.dyn = dynamic.DynamicClient(api)
+        self.node = Client("unix://" + cluster.node_socket, timeout=120)
+        self.log_marks: dict[str, int] = {}
+
+    def token(self, service_account: str, namespace: str = NAMESPACE) -> str:
+        req = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=7200)
+        )
+        resp = self.core.create_namespaced_service_account_token(service_account, namespace, req)
+        return str(resp.status.token)
+
+    def sa_kubeconfig(self, service_account: str, namespace: str = NAMESPACE) -> str:
+        path = self.cluster.path(f"{namespace}-{service_account}.kubeconfig")
+        return kubeconfig(
+            path,
+            self.cluster.server,
+            self.cluster.path("pki", "ca.crt"),
+            {"token": self.token(service_account, namespace)},
+        )
+
+    def start_sidecar(self, name: str, kubeconfig_path: str = "", proc_name: str = "") -> None:
+        c = self.cluster
+        workload, container_name = SIDECARS[name]
+        ctr = c.container(workload, container_name)
+        kc = kubeconfig_path or self.sa_kubeconfig(c.service_account(workload))
+        sock = c.controller_socket if workload == "controller" else c.node_socket
+        pod = self.pod_of(workload)
+        env = sidecar_env(
+            ctr,
+            {
+                "spec.nodeName": NODE,
+                "metadata.name": pod,
+                "metadata.namespace": NAMESPACE,
+            },
+        )
+        c.run(
+            proc_name or name,
+            sidecar_argv(ctr, os.path.join(c.bin_dir, name), sock, kc),
+            env=env,
+        )
+
+    def pod_of(self, workload: str) -> str:
+        """The Pending pod the chart's DaemonSet/Deployment made (the sidecar's identity)."""
+        pods = self.core.list_namespaced_pod(NAMESPACE).items
+        for p in pods:
+            if p.metadata.name.startswith(f"stw-stowage-{workload}-"):
+                if workload == "controller" and "snapshot" in p.metadata.name:
+                    continue
+                return str(p.metadata.name)
+        return ""
+
+    def denied_lines(self) -> list[str]:
+        """Lines where a sidecar was refused by RBAC since the last call."""
+        found = []
+        for name in SIDECARS:
+            proc = self.cluster.procs.get(name)
+            if proc is None:
+                continue
+            text = proc.log()
+            start = self.log_marks.get(name, 0)
+            self.log_marks[name] = len(text)
+            found += [f"{name}: {ln}" for ln in text[start:].splitlines() if DENIED.search(ln)]
+        return found
+
+
+def apply(e: E2E, docs: list[dict[str, Any]]) -> None:
+    for d in docs:
+        res = e.dyn.resources.get(api_version=d["apiVersion"], kind=d["kind"])
+        ns = d["metadata"].get("namespace") or (NAMESPACE if res.namespaced else None)
+        res.create(body=d, namespace=ns)
+
+
+def bring_up(cluster: Cluster, *chart_values: str) -> E2E:
+    """The control plane, then the rendered chart: CRDs (awaited until established), then the
+    rest (RBAC, CSIDriver, StorageClasses, VolumeSnapshotClass, workloads)."""
+    cluster.start_control_plane()
+    api = config.new_client_from_config(config_file=cluster.admin_kubeconfig())
+    e = E2E(cluster, api)
+    docs = cluster.render_chart(*chart_values)
+    e.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    apply(e, crds)
+    ext = client.ApiextensionsV1Api(api)
+    for crd in crds:
+        wait(
+            lambda n=crd["metadata"]["name"]: any(
+                c.type == "Established" and c.status == "True"
+                for c in ext.read_custom_resource_definition(n).status.conditions or []
+            ),
+            60,
+            f"CRD {crd['metadata']['name']} established",
+        )
+    e.dyn = dynamic.DynamicClient(api)  # fresh discovery now that the CRDs exist
+    apply(e, [d for d in docs if d["kind"] != "CustomResourceDefinition"])
+    return e
+
+
+def fake_node(e: E2E, _stack: contextlib.ExitStack) -> None:
+    """What a kubelet would create, for the tier without one: the Node (labelled with our
+    topology segment, with controller-managed attach/detach) and its CSINode entry."""
+    e.core.create_node(
+        client.V1Node(
+            metadata=client.V1ObjectMeta(
+                name=NODE,
+                labels={TOPOLOGY_KEY: NODE, "kubernetes.io/hostname": NODE},
+                annotations={"volumes.kubernetes.io/controller-managed-attach-detach": "true"},
+            )
+        )
+    )
+    e.storage.create_csi_node(
+        client.V1CSINode(
+            metadata=client.V1ObjectMeta(name=NODE),
+            spec=client.V1CSINodeSpec(
+                drivers=[
+                    client.V1CSINodeDriver(
+                        name=DRIVER,
+                        node_id=NODE,
+                        topology_keys=[TOPOLOGY_KEY],
+                        allocatable=client.V1VolumeNodeResources(count=64),
+                    )
+                ]
+            ),
+        )
+    )
+
+
+def start_node_driver(cluster: Cluster) -> None:
+    os.makedirs(os.path.dirname(cluster.node_socket), exist_ok=True)
+    cluster.run("driver-node", driver_argv("node", cluster.node_socket, cluster.pool_dir))
+    probe = Client("unix://" + cluster.node_socket)
+    probe.wait_ready(60)
+    probe.close()
+
+
+def start_drivers(e: E2E) -> None:
+    """Stowage in node mode (on the pool) and controller mode (with its chart SA's token)."""
+    cluster = e.cluster
+    start_node_driver(cluster)
+    os.makedirs(os.path.dirname(cluster.controller_socket), exist_ok=True)
+    cluster.run(
+        "driver-controller",
+        driver_argv("controller", cluster.controller_socket),
+        env={"KUBECONFIG": e.sa_kubeconfig(cluster.service_account("controller"))},
+    )
+    probe = Client("unix://" + cluster.controller_socket)
+    probe.wait_ready(60)
+    probe.close()
+
+
+@contextlib.contextmanager
+def stowage_world(
+    join: Callable[[E2E, contextlib.ExitStack], None],
+    node_address: str = "",
+    chart_values: Callable[[Cluster], tuple[str, ...]] = lambda _c: (),
+) -> Iterator[E2E]:
+    """A pool, the control plane with the chart, both driver modes, then `join` (which makes
+    the node known: fake_node, or a real kubelet that registers the driver; it pushes its own
+    teardown on the stack, which runs first), then every sidecar. Torn down even on failure:
+    processes by PID, mounts, loops and the temporary directory."""
+    pool, teardown = make_pool("xfs", 64 << 30)
+    cluster = Cluster(
+        pool.base, os.environ["STOWAGE_E2E_BIN"], os.environ["STOWAGE_HELM"], pool.mount,
+        node_address=node_address,
+    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        stack.callback(teardown)
+        stack.callback(lambda: print("\n--- e2e logs kept until teardown in", cluster.path("logs")))
+        stack.callback(cluster.stop_all)
+        e = bring_up(cluster, *chart_values(cluster))
+        stack.callback(e.node.close)
+        start_drivers(e)
+        join(e, stack)
+        # The DaemonSet's pod (made once the Node exists) is the node sidecars' identity.
+        wait(lambda: e.pod_of("node"), 60, "the chart DaemonSet's pod object for the node")
+        for name in SIDECARS:
+            e.start_sidecar(name)
+        yield e
+
+
+@pytest.fixture(autouse=True)
+def no_rbac_denials(e2e: E2E) -> Iterator[None]:
+    """Any sidecar refused by RBAC during a test fails that test."""
+    e2e.denied_lines()  # mark
+    yield
+    denied = e2e.denied_lines()
+    assert not denied, "a sidecar was denied by RBAC:\n" + "\n".join(denied[:20])

@@ -19,8 +19,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from driver.ctl.client import capability
-from tests.e2e.cluster import NAMESPACE, NODE, REPO, wait
-from tests.e2e.conftest import DENIED, DRIVER, E2E, TOPOLOGY_KEY
+from tests.e2e.cluster import DENIED, DRIVER, E2E, NAMESPACE, NODE, REPO, TOPOLOGY_KEY, wait
 from tests.integration.helpers import sha256, write_random
 
 NS = "default"
