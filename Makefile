@@ -94,9 +94,15 @@ image:
 clean:
 	rm -rf $(REPORTS) .mypy_cache .ruff_cache .pytest_cache
 
-.PHONY: e2e-node-tools e2e-node-smoke
+.PHONY: e2e-node-tools e2e-node e2e-node-smoke
 e2e-node-tools: deps
 	tests/e2e/tools/build-node.sh
+
+e2e-node: deps  # root: the control plane and a kubelet + containerd node running pods with Stowage volumes
+	tests/e2e/tools/build-node.sh >/dev/null
+	STOWAGE_E2E_NODE=1 STOWAGE_E2E_BIN=$$(tests/e2e/tools/build.sh | tail -n 1) \
+	STOWAGE_HELM=$$(tests/tools/install-helm.sh | tail -n 1) \
+	  $(PY) -m pytest -q -s -p no:cacheprovider tests/e2e_node
 
 e2e-node-smoke: deps  # root: containerd + kubelet in a netns, a static busybox pod, no apiserver
 	tests/e2e/tools/build-node.sh

@@ -28,8 +28,11 @@ from driver.mount.loop import LoopManager
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The control-plane tier needs binaries `make e2e-tools` builds (tens of minutes cold); it runs
-# through `make e2e`, which points STOWAGE_E2E_BIN at them, not as part of `make test`.
+# through `make e2e`, which points STOWAGE_E2E_BIN at them, not as part of `make test`. The node
+# tier (a kubelet and containerd besides) runs only through `make e2e-node`.
 collect_ignore = [] if os.environ.get("STOWAGE_E2E_BIN") else ["e2e"]
+if not os.environ.get("STOWAGE_E2E_NODE"):
+    collect_ignore.append("e2e_node")
 
 
 @dataclass

@@ -221,6 +221,7 @@ class Node:
         self._made_netns = False
         self._made_cgroups: list[str] = []
         self._saved_sysctls: dict[str, str] = {}
+        self._past_task_ids: set[str] = set()  # tasks of runs before a power_off()
 
     # ---------------------------------------------------------------- start
     def start(self) -> Node:
@@ -530,6 +531,35 @@ oom_score = 0
                         pids.update(int(x) for x in fh.read().split())
         return sorted(pids)
 
+    # ---------------------------------------------------------------- reboot
+    def power_off(self) -> None:
+        """What a reboot does to this node: the kubelet, every container, the shims and
+        containerd end (by PID and this node's cgroups only), every mount under the workdir goes
+        (pod volumes, staging mounts, container root filesystems, sandbox namespaces) and the
+        runtime state that lives on a tmpfs on a real machine (containerd's state, runc's root)
+        is emptied. The kubelet's root, containerd's root and images stay, as on a disk."""
+        if self.kubelet:
+            self.kubelet.stop()
+        tasks = self._task_ids()  # before their shims die and containerd drops their state
+        self._past_task_ids.update(tasks)
+        self._kill_cgroup_pids()
+        self._kill_shims()
+        if self.containerd:
+            self.containerd.stop()
+        self._kill_shims()
+        self._unmount_all()
+        self._remove_shim_sockets(tasks)  # /run is a tmpfs
+        for d in (self.ctd_state, os.path.join(self.workdir, "runc")):
+            shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(self.ctd_state)
+        log(f"node {self.name} powered off")
+
+    def power_on(self) -> None:
+        """containerd, then the kubelet, with the configuration of start()."""
+        self._start_containerd()
+        self._start_kubelet()
+        log(f"node {self.name} powered on")
+
     # ---------------------------------------------------------------- stop
     def stop(self) -> list[str]:
         """Tear everything down; return what could not be cleaned (empty = clean)."""
@@ -545,7 +575,7 @@ oom_score = 0
 
         step("static pods", self._drain_pods)
         step("kubelet", lambda: self.kubelet and self.kubelet.stop())
-        shim_ids = self._task_ids()
+        shim_ids = sorted(self._past_task_ids.union(self._task_ids()))
         step("pod processes", self._kill_cgroup_pids)
         step("shims", self._kill_shims)
         step("containerd", lambda: self.containerd and self.containerd.stop())
@@ -561,10 +591,13 @@ oom_score = 0
         return problems
 
     def _drain_pods(self) -> None:
-        """Let the kubelet stop its pods (CNI DEL, unmounts) before it goes."""
+        """Let the kubelet stop its static pods (CNI DEL, unmounts) before it goes. Pods from an
+        apiserver are the caller's to delete first; whatever still runs is killed after."""
         if not (
             self.kubelet and self.kubelet.alive() and self.containerd and self.containerd.alive()
         ):
+            return
+        if not (os.path.isdir(self.static_pod_dir) and os.listdir(self.static_pod_dir)):
             return
         self.remove_static_pods()
         with contextlib.suppress(TimeoutError):
@@ -662,18 +695,24 @@ oom_score = 0
             with open(path, "w", encoding="ascii") as fh:
                 fh.write(value)
 
-    def _host_leftovers(self, task_ids: list[str]) -> None:
+    def _remove_shim_sockets(self, task_ids: list[str]) -> None:
         # Shim sockets: /run/containerd/s/sha256(<containerd socket>/<namespace>/<task id>).
         for tid in task_ids:
             for debug in ("", "/debug"):
                 h = hashlib.sha256(f"{self.ctd_sock}/k8s.io/{tid}{debug}".encode()).hexdigest()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(SHIM_SOCKETS, h))
-        # libcni's result cache: <dir>/results/<network>-<container>-<ifname>.
+
+    def _host_leftovers(self, task_ids: list[str]) -> None:
+        self._remove_shim_sockets(task_ids)
+        # libcni's result cache: <dir>/results/<network>-<container>-<ifname>, also for the
+        # loopback network containerd adds to every sandbox (left when a sandbox is not torn
+        # down through CNI, e.g. a pod that was never deleted).
         results = os.path.join(CNI_CACHE, "results")
+        loopback = {f"cni-loopback-{tid}-lo" for tid in task_ids}
         if os.path.isdir(results):
             for f in os.listdir(results):
-                if f.startswith(self.cni_network + "-"):
+                if f.startswith(self.cni_network + "-") or f in loopback:
                     os.unlink(os.path.join(results, f))
         for link_dir in (CONTAINER_LOG_LINKS,):
             if os.path.isdir(link_dir):
