@@ -330,8 +330,13 @@ def test_node_reboot_keeps_the_data_on_the_right_device(sts: World) -> None:
     before = sts_ready(sts)
     old_logs = tuple(log_files(sts, "web-0"))
     uid = e.core.read_namespaced_pod("web-0", NS).metadata.uid
+    vid = pv_of(e, CLAIM).spec.csi.volume_handle
+    mark = len(e.cluster.procs["driver-node"].log())
     sts.reboot()
     after = sts_ready(sts, exclude=old_logs)
+    since = e.cluster.procs["driver-node"].log()[mark:]  # the restarted driver's lines
+    for step in ("staged", "published"):  # by the restarted kubelet, on the restarted driver
+        assert f"{step} {vid}" in since, step
     assert e.core.read_namespaced_pod("web-0", NS).metadata.uid == uid  # restarted, not recreated
     assert after["state"] == "existing"
     assert after["sum"] == before["sum"]
