@@ -36,6 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 NAMESPACE = "stowage-system"
 RELEASE = "stw"
 NODE = "e2e-node"
+SNAP_GROUP, SNAP_VERSION = "snapshot.storage.k8s.io", "v1"
 
 
 def free_port() -> int:
@@ -462,6 +463,58 @@ class E2E:
                     continue
                 return str(p.metadata.name)
         return ""
+
+    def create_claim(
+        self,
+        name: str,
+        size: str = "64Mi",
+        sc: str = "stowage",
+        block: bool = False,
+        source: dict[str, str] | None = None,
+        annotations: dict[str, str] | None = None,
+        namespace: str = "default",
+    ) -> client.V1PersistentVolumeClaim:
+        spec: dict[str, Any] = {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": sc,
+            "resources": {"requests": {"storage": size}},
+            "volumeMode": "Block" if block else "Filesystem",
+        }
+        if source:
+            spec["dataSource"] = source
+        body = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "annotations": annotations or {}},
+            "spec": spec,
+        }
+        return self.core.create_namespaced_persistent_volume_claim(namespace, body)
+
+    def snapshot(self, name: str, claim: str, namespace: str = "default") -> dict[str, Any]:
+        """A VolumeSnapshot of `claim` (class stowage), once readyToUse."""
+        body = {
+            "apiVersion": f"{SNAP_GROUP}/{SNAP_VERSION}",
+            "kind": "VolumeSnapshot",
+            "metadata": {"name": name},
+            "spec": {
+                "volumeSnapshotClassName": "stowage",
+                "source": {"persistentVolumeClaimName": claim},
+            },
+        }
+        args = (SNAP_GROUP, SNAP_VERSION, namespace, "volumesnapshots")
+        self.custom.create_namespaced_custom_object(*args, body)
+        return dict(
+            wait(
+                lambda: (
+                    (s := self.custom.get_namespaced_custom_object(*args, name))
+                    .get("status", {})
+                    .get("readyToUse")
+                    and s
+                ),
+                90,
+                f"VolumeSnapshot {name} readyToUse",
+            )
+        )
 
     def denied_lines(self) -> list[str]:
         """Lines where a sidecar was refused by RBAC since the last call."""

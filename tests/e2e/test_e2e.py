@@ -19,11 +19,21 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from driver.ctl.client import capability
-from tests.e2e.cluster import DENIED, DRIVER, E2E, NAMESPACE, NODE, REPO, TOPOLOGY_KEY, wait
+from tests.e2e.cluster import (
+    DENIED,
+    DRIVER,
+    E2E,
+    NAMESPACE,
+    NODE,
+    REPO,
+    SNAP_GROUP,
+    SNAP_VERSION,
+    TOPOLOGY_KEY,
+    wait,
+)
 from tests.integration.helpers import sha256, write_random
 
 NS = "default"
-SNAP_GROUP, SNAP_VERSION = "snapshot.storage.k8s.io", "v1"
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -37,24 +47,8 @@ def pvc(
 ) -> client.V1PersistentVolumeClaim:
     """A claim the scheduler has placed on our node (it sets volume.kubernetes.io/selected-node
     for WaitForFirstConsumer classes; there is no pod to schedule here, so the test does)."""
-    spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
-        "storageClassName": sc,
-        "resources": {"requests": {"storage": size}},
-        "volumeMode": "Block" if block else "Filesystem",
-    }
-    if source:
-        spec["dataSource"] = source
-    body = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {
-            "name": name,
-            "annotations": {"volume.kubernetes.io/selected-node": NODE},
-        },
-        "spec": spec,
-    }
-    return e.core.create_namespaced_persistent_volume_claim(NS, body)
+    selected = {"volume.kubernetes.io/selected-node": NODE}
+    return e.create_claim(name, size, sc, block, source, annotations=selected, namespace=NS)
 
 
 def bound(e: E2E, name: str, timeout: float = 90) -> client.V1PersistentVolume:
@@ -94,35 +88,6 @@ class Staged:
     def __exit__(self, *exc: object) -> None:
         self.e.node.unpublish(self.vid, self.target)
         self.e.node.unstage(self.vid, self.staging)
-
-
-def snapshot(e: E2E, name: str, claim: str) -> dict[str, Any]:
-    body = {
-        "apiVersion": f"{SNAP_GROUP}/{SNAP_VERSION}",
-        "kind": "VolumeSnapshot",
-        "metadata": {"name": name},
-        "spec": {
-            "volumeSnapshotClassName": "stowage",
-            "source": {"persistentVolumeClaimName": claim},
-        },
-    }
-    e.custom.create_namespaced_custom_object(SNAP_GROUP, SNAP_VERSION, NS, "volumesnapshots", body)
-    return dict(
-        wait(
-            lambda: (
-                (
-                    s := e.custom.get_namespaced_custom_object(
-                        SNAP_GROUP, SNAP_VERSION, NS, "volumesnapshots", name
-                    )
-                )
-                .get("status", {})
-                .get("readyToUse")
-                and s
-            ),
-            90,
-            f"VolumeSnapshot {name} readyToUse",
-        )
-    )
 
 
 def delete_claim(e: E2E, name: str) -> None:
@@ -203,7 +168,7 @@ def test_volume_attachment_attaches_and_detaches(e2e: E2E, data_claim: Any) -> N
 
 def test_snapshot_restore_and_clone_carry_the_bytes(e2e: E2E, data_claim: Any) -> None:
     name, _pv, digest = data_claim
-    snap = snapshot(e2e, f"snap-{name}", name)
+    snap = e2e.snapshot(f"snap-{name}", name, NS)
     assert snap["status"]["restoreSize"]
     copies = {
         "restored": {"apiGroup": SNAP_GROUP, "kind": "VolumeSnapshot", "name": f"snap-{name}"},

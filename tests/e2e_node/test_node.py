@@ -23,11 +23,10 @@ from kubernetes import client
 from driver.exec import SubprocessRunner
 from driver.mount import mountinfo
 from driver.mount.loop import LoopManager
-from tests.e2e.cluster import DRIVER, E2E, NODE, TOPOLOGY_KEY, wait
+from tests.e2e.cluster import DRIVER, E2E, NODE, SNAP_GROUP, SNAP_VERSION, TOPOLOGY_KEY, wait
 from tests.e2e.node import BUSYBOX_IMAGE
 from tests.e2e_node.conftest import NS, World
 
-SNAP_GROUP, SNAP_VERSION = "snapshot.storage.k8s.io", "v1"
 STS, CLAIM = "web", "data-web-0"
 STS_SIZE, STS_GROWN = "320Mi", "640Mi"  # xfs: mkfs.xfs wants 300 MiB; ext4 growth online
 # needs CAP_SYS_RESOURCE, which this machine's sandbox does not grant
@@ -77,24 +76,6 @@ def pod_spec(ctr: dict[str, Any], volumes: list[dict[str, Any]], **extra: Any) -
 
 def claim_volume(claim: str, read_only: bool = False) -> dict[str, Any]:
     return {"name": "data", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
-
-
-def make_pvc(
-    e: E2E, name: str, sc: str, size: str, block: bool = False, source: dict[str, str] | None = None
-) -> None:
-    """No selected-node annotation: the scheduler sets it when a pod uses the claim."""
-    spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
-        "storageClassName": sc,
-        "resources": {"requests": {"storage": size}},
-        "volumeMode": "Block" if block else "Filesystem",
-    }
-    if source:
-        spec["dataSource"] = source
-    e.core.create_namespaced_persistent_volume_claim(
-        NS, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
-             "spec": spec}
-    )  # fmt: skip
 
 
 def make_pod(e: E2E, name: str, spec: dict[str, Any]) -> None:
@@ -270,7 +251,7 @@ def _target(w: World, pod: str, pv: client.V1PersistentVolume) -> str:
 
 def test_block_volume_raw_bytes_written_and_read_back(world: World) -> None:
     e = world.e
-    make_pvc(e, "raw", "stowage-block", "32Mi", block=True)
+    e.create_claim("raw", "32Mi", "stowage-block", block=True, namespace=NS)
     script = (
         "head -c 1048576 /dev/urandom > /tmp/x"
         " && dd if=/tmp/x of=/dev/xvda bs=1048576 count=1 conv=fsync 2>/dev/null"
@@ -294,7 +275,7 @@ def test_block_volume_raw_bytes_written_and_read_back(world: World) -> None:
 
 def test_fs_group_owns_new_files_and_read_only_mounts_refuse_writes(world: World) -> None:
     e = world.e
-    make_pvc(e, "shared", "stowage", "64Mi")
+    e.create_claim("shared", "64Mi", "stowage", namespace=NS)
     mount = [{"name": "data", "mountPath": "/data"}]
     writer = container(
         "echo hello > /data/f && echo gid=$(stat -c %g /data/f) && echo uid=$(stat -c %u /data/f)"
@@ -350,27 +331,10 @@ def test_snapshot_while_the_pod_writes_restores_into_a_second_pod(sts: World) ->
     e = sts.e
     state = sts_ready(sts)
     name = f"snap-{uuid.uuid4().hex[:6]}"
-    e.custom.create_namespaced_custom_object(
-        SNAP_GROUP, SNAP_VERSION, NS, "volumesnapshots",
-        {"apiVersion": f"{SNAP_GROUP}/{SNAP_VERSION}", "kind": "VolumeSnapshot",
-         "metadata": {"name": name},
-         "spec": {"volumeSnapshotClassName": "stowage",
-                  "source": {"persistentVolumeClaimName": CLAIM}}},
-    )  # fmt: skip
-    wait(
-        lambda: (
-            e.custom.get_namespaced_custom_object(
-                SNAP_GROUP, SNAP_VERSION, NS, "volumesnapshots", name
-            )
-            .get("status", {})
-            .get("readyToUse")
-        ),
-        90,
-        f"VolumeSnapshot {name} readyToUse",
-    )
+    e.snapshot(name, CLAIM, NS)
     assert phase(e, "web-0") == "Running"  # it kept writing
-    make_pvc(e, "restored", "stowage-xfs", STS_SIZE,
-             source={"apiGroup": SNAP_GROUP, "kind": "VolumeSnapshot", "name": name})  # fmt: skip
+    source = {"apiGroup": SNAP_GROUP, "kind": "VolumeSnapshot", "name": name}
+    e.create_claim("restored", STS_SIZE, "stowage-xfs", source=source, namespace=NS)
     reader = container(
         "echo sum=$(sha256sum /data/blob | cut -d' ' -f1) && echo lines=$(wc -l < /data/journal)",
         volumeMounts=[{"name": "data", "mountPath": "/data"}],
@@ -379,7 +343,10 @@ def test_snapshot_while_the_pod_writes_restores_into_a_second_pod(sts: World) ->
     finished(e, "restored")
     got = latest(sts, "restored", "sum")
     assert got["sum"] == state["sum"], got
-    assert int(got["lines"]) > 0
+    journal = os.path.join(_target(sts, "web-0", pv_of(e, CLAIM)), "journal")
+    with open(journal, encoding="ascii") as fh:  # the live volume, as the host sees it
+        live = len(fh.read().splitlines())
+    assert 0 < int(got["lines"]) < live, (got, live)  # a copy from the middle of the writes
     delete_pod(e, "restored")
     delete_claim(e, "restored")
     e.custom.delete_namespaced_custom_object(SNAP_GROUP, SNAP_VERSION, NS, "volumesnapshots", name)
