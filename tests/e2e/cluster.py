@@ -1,11 +1,13 @@
 """A Kubernetes control plane and Stowage with the real CSI sidecars, all as local processes.
 
-etcd and kube-apiserver listen on loopback with certificates made for this run; the chart
-(rendered by helm, not copied) supplies the CRDs, RBAC, CSIDriver, StorageClasses and even the
-DaemonSet and Deployments, whose pods stay Pending (there is no kubelet here) but give the
-sidecars a real owner for CSIStorageCapacity. Each sidecar runs with the arguments of its chart
-container and authenticates with a token of its chart ServiceAccount. Everything lives under one
-temporary directory and is stopped by PID.
+etcd and kube-apiserver listen on loopback with certificates made for this run (with
+`node_address`, the apiserver also serves a kubelet in a network namespace, and a kube-scheduler
+runs); the chart (rendered by helm, not copied) supplies the CRDs, RBAC, CSIDriver,
+StorageClasses and even the DaemonSet and Deployments, whose pods stay Pending (or, for the
+DaemonSet on a real node, cannot start) but give the sidecars a real owner for
+CSIStorageCapacity. Each sidecar runs with the arguments of its chart container and
+authenticates with a token of its chart ServiceAccount. Everything lives under one temporary
+directory and is stopped by PID. `stowage_world` is the session of both e2e tiers.
 """
 
 from __future__ import annotations

@@ -99,7 +99,8 @@ class World:
         containers, shims, containerd, every mount under the node's directories), detach the
         pool's volume loops; start the driver, its registration and the kubelet again. The
         DaemonSet pod's sidecars go down and come back with the driver, as they would."""
-        self.node.kubelet and self.node.kubelet.stop()
+        if self.node.kubelet:
+            self.node.kubelet.stop()
         self.e.cluster.procs["driver-node"].stop()
         pod_sidecars = [n for n, (workload, _c) in SIDECARS.items() if workload == "node"]
         for name in pod_sidecars:
