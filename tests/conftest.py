@@ -84,6 +84,15 @@ def pool() -> Iterator[Pool]:
         teardown()
 
 
+def read_log(path: str) -> str:
+    """A process's log file so far ("" before it exists)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return ""
+
+
 class DriverProcess:
     """`python -m driver --mode all` on a pool, started and stopped by PID."""
 
@@ -142,11 +151,7 @@ class DriverProcess:
         return code
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
 
 @pytest.fixture

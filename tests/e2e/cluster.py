@@ -17,12 +17,10 @@ import http.client
 import json
 import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +31,8 @@ from kubernetes import client, config, dynamic
 
 from driver.ctl.client import Client
 from tests.conftest import make_pool
+from tests.e2e.procs import REPO, Proc, wait
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMESPACE = "stowage-system"
 RELEASE = "stw"
 NODE = "e2e-node"
@@ -45,65 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
-    """Poll until `predicate` returns something truthy; say what was awaited and how long."""
-    started = time.monotonic()
-    last: Exception | None = None
-    while time.monotonic() - started < timeout:
-        try:
-            got = predicate()
-            if got:
-                print(f"  waited {time.monotonic() - started:5.1f}s for {what}")
-                return got
-        except Exception as exc:
-            last = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
-
-
-@dataclass
-class Proc:
-    name: str
-    argv: list[str]
-    log_path: str
-    env: dict[str, str] = field(default_factory=dict)
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Proc:
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
-                cwd=REPO,
-            )
-        return self
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def stop(self) -> None:
-        p = self.popen
-        if p is None:
-            return
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.popen = None
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return ""
 
 
 def _openssl(*args: str) -> None:

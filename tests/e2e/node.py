@@ -36,8 +36,9 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
+
+from tests.e2e.procs import Fatal, Proc, wait
 
 CACHE = os.path.expanduser(os.environ.get("STOWAGE_E2E_CACHE", "~/.cache/stowage/e2e/k8s-v1.34.4"))
 BIN = os.environ.get("STOWAGE_E2E_BIN", os.path.join(CACHE, "bin"))
@@ -89,25 +90,8 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return p
 
 
-class Fatal(RuntimeError):
-    """Raised by a wait_for predicate to stop waiting at once (a process died)."""
-
-
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
-    started = time.monotonic()
-    last: BaseException | None = None
-    while time.monotonic() - started < timeout:
-        try:
-            got = predicate()
-            if got:
-                log(f"waited {time.monotonic() - started:5.1f}s for {what}")
-                return got
-        except Fatal:
-            raise
-        except Exception as exc:
-            last = exc
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
+    return wait(predicate, timeout, what, every, say=lambda m: log(m.strip()))
 
 
 def _mountinfo_points() -> list[str]:
@@ -125,46 +109,6 @@ def _pid_alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-
-
-@dataclass
-class _Proc:
-    name: str
-    argv: list[str]
-    log_path: str
-    env: dict[str, str] = field(default_factory=dict)
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as out:
-            self.popen = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env}, start_new_session=True,
-            )  # fmt: skip
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def stop(self, timeout: float = 30) -> None:
-        p = self.popen
-        if p is None:
-            return
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} (pid {p.pid}) ignored SIGTERM for {timeout:.0f}s: SIGKILL")
-                p.kill()
-                p.wait()
-        self.popen = None
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                return "".join(fh.readlines()[-lines:])
-        except FileNotFoundError:
-            return ""
 
 
 class Node:
@@ -215,8 +159,8 @@ class Node:
         self.kubelet_config_path = d("kubelet-config.json")
         self.static_pod_dir = d("manifests")
         self.pod_logs_dir = d("pod-logs")
-        self.containerd: _Proc | None = None
-        self.kubelet: _Proc | None = None
+        self.containerd: Proc | None = None
+        self.kubelet: Proc | None = None
         # What stop() must undo; filled as start() goes.
         self._made_netns = False
         self._made_cgroups: list[str] = []
@@ -388,7 +332,7 @@ oom_score = 0
     def _start_containerd(self) -> None:
         with open(self.ctd_config, "w", encoding="utf-8") as fh:
             fh.write(self._containerd_toml())
-        self.containerd = _Proc(
+        self.containerd = Proc(
             "containerd",
             self._in_netns(os.path.join(self.bin_dir, "containerd"), "--config", self.ctd_config),
             os.path.join(self.logs, "containerd.log"),
@@ -477,7 +421,7 @@ oom_score = 0
         if self.kubeconfig:
             argv.append(f"--kubeconfig={self.kubeconfig}")
         argv += self.extra_kubelet_args
-        self.kubelet = _Proc(
+        self.kubelet = Proc(
             "kubelet", self._in_netns(*argv), os.path.join(self.logs, "kubelet.log")
         )
         self.kubelet.start()
