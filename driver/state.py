@@ -3,6 +3,10 @@
 Rows are written after the files they describe are complete, and deleted before the files are
 moved away, so a crash leaves at worst an orphan file (reconciled to trash), never a row that
 points at nothing.
+
+Writes use group commit: concurrent writers share one open transaction, each in its own
+savepoint, and one COMMIT (one WAL fsync) makes all of them durable before any of them returns.
+Reads go through other connections, which in WAL mode see only committed transactions.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from driver.errors import ResourceExhausted, Unavailable
@@ -94,8 +98,20 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
     )
 
 
+class _Batch:
+    """The writers of one shared transaction; `done` is set once its COMMIT finished or failed."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: sqlite3.Error | None = None
+
+
 class Store:
-    """Thread-safe: one connection, one lock; every write is its own durable transaction."""
+    """Thread-safe. Writes go through one connection and are group-committed (see `_tx`):
+    every write method returns only once its rows are durable. Reads use a small pool of other
+    connections, which in WAL mode see only committed transactions."""
 
     def __init__(
         self,
@@ -105,22 +121,22 @@ class Store:
         before_write: Callable[[], None] | None = None,
     ) -> None:
         """`readonly` opens an existing store for inspection (stowagectl check) and never
-        creates or migrates anything. `before_write` runs before every write transaction (the
-        pool uses it to release its metadata reserve when the disk is full)."""
+        creates or migrates anything. `before_write` runs before every write (the pool uses it
+        to release its metadata reserve when the disk is full)."""
         self.path = path
-        self._lock = threading.RLock()
+        self._readonly = readonly
         self._before_write = before_write
+        self._lock = threading.Lock()  # the write connection and `_batch`
+        self._batch: _Batch | None = None  # writers of the open transaction; None: none open
+        self._arrivals = 0  # writers waiting for `_lock`
+        self._arrivals_lock = threading.Lock()
+        self._readers: list[sqlite3.Connection] = []  # idle read connections
+        self._readers_lock = threading.Lock()
+        self._closed = False
         if readonly:
             if not os.path.isfile(path):
                 raise Unavailable(f"metadata store {path} does not exist")
-            try:
-                self._db = sqlite3.connect(
-                    f"file:{path}?mode=ro", uri=True, check_same_thread=False
-                )
-                self._db.row_factory = sqlite3.Row
-                self._db.execute("PRAGMA query_only=ON")
-            except sqlite3.Error as exc:
-                raise Unavailable(f"metadata store {path} is unusable: {exc}") from exc
+            self._db = self._connect_reader()  # writes fail on it; reads use the pool
             return
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -136,36 +152,128 @@ class Store:
         except sqlite3.Error as exc:
             raise Unavailable(f"metadata store {path} is unusable: {exc}") from exc
 
+    def _connect_reader(self) -> sqlite3.Connection:
+        try:
+            if self._readonly:
+                db = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+                )
+            else:
+                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as exc:
+            raise Unavailable(f"metadata store {self.path} is unusable: {exc}") from exc
+        return db
+
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
+            self._closed = True
             self._db.close()
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
+
+    def _error(self, exc: sqlite3.Error) -> Unavailable | ResourceExhausted:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return ResourceExhausted(
+                f"metadata store {self.path} has no room left on the pool: {exc}"
+            )
+        return Unavailable(f"metadata store {self.path} failed: {exc}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One caller's writes, durable when the block exits (group commit).
+
+        The caller's statements run in a savepoint inside the transaction its concurrent
+        writers share, so a failing caller rolls back only its own. The last writer in (nobody
+        else waiting for the lock) commits the transaction for all of them, while the others
+        wait for that COMMIT and get its outcome: one fsync for the whole batch.
+        """
+        with self._arrivals_lock:
+            self._arrivals += 1
         with self._lock:
-            if self._before_write is not None:
-                self._before_write()
+            with self._arrivals_lock:
+                self._arrivals -= 1
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                if self._before_write is not None:
+                    self._before_write()
+                try:
+                    if self._batch is None:
+                        self._db.execute("BEGIN IMMEDIATE")
+                        self._batch = _Batch()
+                    batch = self._batch
+                    self._db.execute("SAVEPOINT caller")
+                except sqlite3.Error as exc:
+                    raise self._error(exc) from exc
                 try:
                     yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
+                    self._db.execute("RELEASE caller")
+                except BaseException as exc:
+                    self._undo_savepoint(exc)
+                    if isinstance(exc, sqlite3.Error):
+                        raise self._error(exc) from exc
                     raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                    raise ResourceExhausted(
-                        f"metadata store {self.path} has no room left on the pool: {exc}"
-                    ) from exc
-                raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
+            finally:
+                with self._arrivals_lock:
+                    last = self._arrivals == 0
+                if last and self._batch is not None:
+                    self._commit()
+        batch.done.wait()
+        if batch.error is not None:
+            raise self._error(batch.error) from batch.error
+
+    def _undo_savepoint(self, exc: BaseException) -> None:
+        """Roll back a failed caller's savepoint. If SQLite already rolled back the whole
+        transaction (it may on SQLITE_FULL or an I/O error), nobody's rows in it survive: the
+        batch fails with that error."""
+        if self._batch is None:
+            return
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK TO caller")
+                self._db.execute("RELEASE caller")
+                return
+        except sqlite3.Error as rollback_failed:
+            exc = rollback_failed
+        self._finish(exc if isinstance(exc, sqlite3.Error) else sqlite3.OperationalError(exc))
+
+    def _commit(self) -> None:
+        """COMMIT the open transaction for every writer in it (the caller holds `_lock`)."""
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._finish(exc)
+        else:
+            self._finish(None)
+
+    def _finish(self, error: sqlite3.Error | None) -> None:
+        """End the open batch with `error` (None: committed) and release its writers."""
+        assert self._batch is not None
+        if error is not None and self._db.in_transaction:
+            with suppress(sqlite3.Error):  # if it fails, the next BEGIN reports it
+                self._db.execute("ROLLBACK")
+        self._batch.error = error
+        self._batch.done.set()
+        self._batch = None
 
     def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            try:
-                return list(self._db.execute(sql, args).fetchall())
-            except sqlite3.Error as exc:
-                raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
+        with self._readers_lock:
+            if self._closed:
+                raise Unavailable(f"metadata store {self.path} is closed")
+            db = self._readers.pop() if self._readers else None
+        if db is None:
+            db = self._connect_reader()
+        try:
+            return list(db.execute(sql, args).fetchall())
+        except sqlite3.Error as exc:
+            raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
+        finally:
+            with self._readers_lock:
+                if self._closed:
+                    db.close()
+                else:
+                    self._readers.append(db)
 
     def healthy(self) -> bool:
         try:

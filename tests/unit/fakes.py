@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -263,3 +264,25 @@ class RecordingFilesystems(Filesystems):
             yield
         finally:
             self.events.append(("thaw", mount_point))
+
+
+class HookedConnection:
+    """Stands in for a Store's write connection: `hook(sql)` runs before every statement and
+    may block (to hold a COMMIT) or raise (to inject SQLITE_FULL); the rest goes to `db`."""
+
+    def __init__(self, db: sqlite3.Connection, hook: Callable[[str], None]) -> None:
+        self._real = db
+        self._hook = hook
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        self._hook(sql)
+        return self._real.execute(sql, *args)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+def sqlite_full() -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError("database or disk is full")
+    exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    return exc

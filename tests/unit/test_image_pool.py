@@ -305,23 +305,24 @@ def test_metadata_reserve_is_given_up_when_full_and_restored_after_delete(
 def test_store_full_is_resource_exhausted_and_runs_before_write(
     tmp_path: os.PathLike[str],
 ) -> None:
-    import sqlite3
-
     from driver.state import Store
+    from tests.unit.fakes import HookedConnection, sqlite_full
 
     calls: list[int] = []
     s = Store(os.path.join(str(tmp_path), "m.db"), before_write=lambda: calls.append(1))
     s.journal_begin("x", "y", {})
     assert calls == [1]
 
-    class Full:
-        def execute(self, sql: str, *a: object) -> object:
-            if sql.startswith("BEGIN"):
-                return None
-            exc = sqlite3.OperationalError("database or disk is full")
-            exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
-            raise exc
+    def full_at_commit(sql: str) -> None:
+        if sql == "COMMIT":
+            raise sqlite_full()
 
-    s._db = Full()  # type: ignore[assignment]
+    real = s._db
+    s._db = HookedConnection(real, full_at_commit)  # type: ignore[assignment]
     with pytest.raises(ResourceExhausted, match="no room"):
         s.journal_begin("x", "z", {})
+    assert calls == [1, 1]
+    s._db = real
+    assert [key for _, _, key, _ in s.journal()] == ["y"]  # rolled back, and the store works:
+    s.journal_begin("x", "w", {})
+    assert [key for _, _, key, _ in s.journal()] == ["y", "w"]
