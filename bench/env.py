@@ -151,7 +151,12 @@ class Driver:
         ]
         started = time.monotonic()
         self.proc = self.env.spawn(argv, self.name + ".log")
-        ready = wait_probe(self.endpoint, self.proc, deadline)
+        try:
+            ready = wait_probe(self.endpoint, self.proc, deadline)
+        except RuntimeError as exc:
+            with open(self.env.path(self.name + ".log"), encoding="utf-8", errors="replace") as fh:
+                tail = "".join(fh.readlines()[-15:])
+            raise RuntimeError(f"{exc}; last lines of {self.name}.log:\n{tail}") from None
         return Client(self.endpoint, timeout=300), ready - started
 
     def stop(self) -> int:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from driver.core.pool import PoolContext
+from driver.errors import StowageError
 from driver.model import AccessType
 from driver.mount import mountinfo
 
@@ -98,9 +99,12 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
             continue
         mounts = mountinfo.mounts_of(loop.device, entries)
         if mounts:
-            if ctx.fs.thaw(mounts[0].mount_point):
-                report.thawed.append(mounts[0].mount_point)
-                log.warning("thawed %s, left frozen by an interrupted snapshot", loop.device)
+            # Only a filesystem can be frozen; a raw block volume's mounts are binds of its
+            # device node (files). Best effort: a mount point that cannot be opened must not
+            # stop the driver from starting.
+            fs_mounts = [m for m in mounts if m.fs_type != "devtmpfs"]
+            if fs_mounts:
+                _thaw(ctx, loop.device, fs_mounts[0].mount_point, report)
             continue  # in use; never pull a device from under a mount
         owner = pool_images.get(loop.backing_file)
         live = stagings.get(owner) if owner is not None and not loop.deleted else None
@@ -122,3 +126,14 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
         len(report.missing_images),
     )
     return report
+
+
+def _thaw(ctx: PoolContext, device: str, mount_point: str, report: Report) -> None:
+    try:
+        thawed = ctx.fs.thaw(mount_point)
+    except (OSError, StowageError) as exc:
+        log.error("could not check %s on %s for a frozen filesystem: %s", mount_point, device, exc)
+        return
+    if thawed:
+        report.thawed.append(mount_point)
+        log.warning("thawed %s, left frozen by an interrupted snapshot", device)

@@ -53,6 +53,27 @@ def test_data_survives_unpublish_unstage_restart_restage(fs_type, pool, driver, 
         client2.close()
 
 
+def test_driver_restarts_while_a_raw_block_volume_is_published(pool, driver, client):
+    """Start-up reconciliation meets the published device-node bind (a file, not a
+    filesystem); the driver once failed to start there (found by `make bench`'s restart)."""
+    vol = client.create_volume("blk-restart", 64 * MiB, block_cap())
+    m = Mounted(client, pool.base, vol.volume_id, block=True).up()
+    with open(m.target, "r+b") as dev:
+        dev.write(b"stowage" * 512)
+    client.close()
+    assert driver.stop() == 0
+    client2 = driver.start()
+    try:
+        assert "NotADirectoryError" not in driver.log()
+        with open(m.target, "rb") as dev:
+            assert dev.read(7 * 512) == b"stowage" * 512
+        Mounted(client2, pool.base, vol.volume_id, block=True).down()
+        assert _loops_for(pool.mount) == []
+        client2.delete_volume(vol.volume_id)
+    finally:
+        client2.close()
+
+
 @pytest.mark.parametrize("fs_type", FILESYSTEMS)
 def test_snapshot_restore_and_clone_return_exact_bytes(fs_type, pool, client):
     cap = mount_cap(fs_type)

@@ -255,6 +255,7 @@ class RecordingFilesystems(Filesystems):
 
     def thaw(self, mount_point: str) -> bool:  # type: ignore[override]
         self.events.append(("thaw-check", mount_point))
+        os.close(os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY))  # as the real one does
         return mount_point in self.left_frozen
 
     @contextlib.contextmanager  # type: ignore[override]

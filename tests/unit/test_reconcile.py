@@ -12,6 +12,7 @@ from driver.model import AccessMode, AccessType, Capability, CapacityRange, MiB,
 from tests.unit.fakes import FakeHost
 
 RW = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
+BLOCK = Capability(AccessType.BLOCK, AccessMode.SINGLE_NODE_WRITER)
 
 
 def test_half_done_create_is_rolled_back_to_trash(ctx: PoolContext, host: FakeHost) -> None:
@@ -133,3 +134,22 @@ def test_filesystem_left_frozen_by_a_crash_is_thawed(
     report = reconcile(ctx)
     assert report.thawed == [staging]
     assert ("thaw-check", staging) in ctx.fs.events  # type: ignore[attr-defined]
+
+
+def test_published_raw_block_volume_does_not_stop_start_up(
+    controller: ControllerCore, ctx: PoolContext, tmp_path: os.PathLike[str]
+) -> None:
+    """A raw block volume's mounts are binds of its device node, files rather than
+    filesystems: the frozen-filesystem check must skip them (it used to open one with
+    O_DIRECTORY, and the driver could not start while a block volume was published)."""
+    v = controller.create_volume("b", [BLOCK], CapacityRange(MiB), {}, None)
+    staging = os.path.join(str(tmp_path), "staging")
+    target = os.path.join(str(tmp_path), "target")
+    os.mkdir(staging)
+    node = NodeCore(ctx)
+    node.stage(v.id, staging, BLOCK)
+    node.publish(v.id, staging, target, BLOCK, False)
+    report = reconcile(ctx)
+    assert report.thawed == []
+    assert not [e for e in ctx.fs.events if e[0] == "thaw-check"]  # type: ignore[attr-defined]
+    assert [p.target for p in ctx.store.publications(v.id)] == [target]
