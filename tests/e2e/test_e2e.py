@@ -141,12 +141,12 @@ def test_pvc_binds_through_node_deployed_provisioner_and_capacity_is_published(e
     wait(lambda: gone(e2e.core.read_persistent_volume, pv.metadata.name), 60, "PV deleted")
 
 
-def test_volume_attachment_attaches_and_detaches(e2e: E2E, data_claim: Any) -> None:
-    _name, pv, _digest = data_claim
-    va_name = f"va-{uuid.uuid4().hex[:6]}"
+def attach(e2e: E2E, pv: client.V1PersistentVolume) -> str:
+    """Ask for the PV on our node, as the attach/detach controller would; the object's name."""
+    name = f"va-{uuid.uuid4().hex[:6]}"
     e2e.storage.create_volume_attachment(
         client.V1VolumeAttachment(
-            metadata=client.V1ObjectMeta(name=va_name),
+            metadata=client.V1ObjectMeta(name=name),
             spec=client.V1VolumeAttachmentSpec(
                 attacher=DRIVER,
                 node_name=NODE,
@@ -154,6 +154,12 @@ def test_volume_attachment_attaches_and_detaches(e2e: E2E, data_claim: Any) -> N
             ),
         )
     )
+    return name
+
+
+def test_volume_attachment_attaches_and_detaches(e2e: E2E, data_claim: Any) -> None:
+    _name, pv, _digest = data_claim
+    va_name = attach(e2e, pv)
     va = wait(
         lambda: (
             (v := e2e.storage.read_volume_attachment(va_name)).status and v.status.attached and v
@@ -287,19 +293,10 @@ def test_a_sidecar_missing_one_rbac_rule_is_caught(e2e: E2E, data_claim: Any) ->
     )
     main = e2e.cluster.procs["csi-attacher"]
     main.stop()
-    va_name = f"va-{uuid.uuid4().hex[:6]}"
+    va_name = ""
     try:
         e2e.start_sidecar("csi-attacher", e2e.sa_kubeconfig(sa), proc_name="crippled-attacher")
-        e2e.storage.create_volume_attachment(
-            client.V1VolumeAttachment(
-                metadata=client.V1ObjectMeta(name=va_name),
-                spec=client.V1VolumeAttachmentSpec(
-                    attacher=DRIVER,
-                    node_name=NODE,
-                    source=client.V1VolumeAttachmentSource(persistent_volume_name=pv.metadata.name),
-                ),
-            )
-        )
+        va_name = attach(e2e, pv)
         crippled = e2e.cluster.procs["crippled-attacher"]
         # the same pattern the autouse check applies to every chart sidecar's log
         wait(lambda: DENIED.search(crippled.log()), 60, "the crippled attacher to be denied")
