@@ -93,8 +93,7 @@ def _clone_setup(w: World) -> dict[str, object]:
 
 
 def _clone_act(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     s["id"] = w.client.create_volume(
         "cloned", 64 * MiB, mount_cap("ext4"), volume=wit.volume_id
     ).volume_id
@@ -120,8 +119,7 @@ def _snap_setup(w: World) -> dict[str, object]:
 
 
 def _snap_act(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     s["snap"] = w.client.create_snapshot("snap", wit.volume_id).snapshot_id
 
 
@@ -156,14 +154,12 @@ def _expand_setup(w: World) -> dict[str, object]:
 
 
 def _expand_act(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     s["size"] = w.client.expand_volume(wit.volume_id, 256 * MiB)
 
 
 def _expand_verify(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     assert int(str(s["size"])) >= 256 * MiB
     vol = next(e.volume for e in w.client.list_volumes() if e.volume.volume_id == wit.volume_id)
     assert vol.capacity_bytes == s["size"]
@@ -179,14 +175,12 @@ def _node_expand_setup(w: World) -> dict[str, object]:
 
 
 def _node_expand_act(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     w.client.node_expand(wit.volume_id, wit.target, 640 * MiB)
 
 
 def _node_expand_verify(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     st = os.statvfs(wit.target)
     assert st.f_blocks * st.f_frsize > 500 * MiB
 
@@ -239,6 +233,12 @@ def _publish_verify(w: World, s: dict[str, object]) -> None:
     _adopt(w, s)
 
 
+def _witness_in(s: dict[str, object]) -> Placed:
+    wit = s["witness"]
+    assert isinstance(wit, Placed)
+    return wit
+
+
 def _unpublish_setup(w: World) -> dict[str, object]:
     wit = _witness(w)
     w.placed.remove(wit)  # the operation takes it down; its data is checked below
@@ -246,14 +246,12 @@ def _unpublish_setup(w: World) -> dict[str, object]:
 
 
 def _unpublish_act(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     w.client.unpublish(wit.volume_id, wit.target)
 
 
 def _unpublish_verify(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     assert mountinfo.top_mount_at(wit.target) is None
     # The target is removed with its publication record. A crash right after the unmount
     # leaves an empty directory the restart can no longer tie to a publication; the driver
@@ -266,21 +264,18 @@ def _unpublish_verify(w: World, s: dict[str, object]) -> None:
 
 def _unstage_setup(w: World) -> dict[str, object]:
     s = _unpublish_setup(w)
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     w.client.unpublish(wit.volume_id, wit.target)
     return s
 
 
 def _unstage_act(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     w.client.unstage(wit.volume_id, wit.staging)
 
 
 def _unstage_verify(w: World, s: dict[str, object]) -> None:
-    wit = s["witness"]
-    assert isinstance(wit, Placed)
+    wit = _witness_in(s)
     assert not loops_of(w.pool, wit.volume_id)
     assert mountinfo.top_mount_at(wit.staging) is None
     w.client.stage(wit.volume_id, wit.staging, wit.cap)  # stage again: the old bytes are there
