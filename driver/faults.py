@@ -28,7 +28,7 @@ ENV = "STOWAGE_FAULTS"
 OPERATIONS: dict[str, tuple[str, ...]] = {
     "create-volume": (
         "create-volume:checked",
-        "image:tmp-written",
+        "image:written",
         "create-volume:image-ready",
         "create-volume:recorded",
     ),
@@ -48,7 +48,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "delete-volume": (
         "delete-volume:checked",
         "delete-volume:unrecorded",
-        "image:trashed",
+        "image:unlinked",
         "delete-volume:image-gone",
     ),
     "create-snapshot": (
@@ -61,7 +61,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "delete-snapshot": (
         "delete-snapshot:checked",
         "delete-snapshot:unrecorded",
-        "image:trashed",
+        "image:unlinked",
         "delete-snapshot:image-gone",
     ),
     "expand-volume": (

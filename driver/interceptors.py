@@ -26,17 +26,31 @@ else:  # grpc's classes are not subscriptable at run time
 class CallInterceptor(_Interceptor):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # Wrapped handler per full method name: the servicers are fixed once the server
+        # starts, so each method is wrapped once instead of on every call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1]
+        wrapped = self._wrap(details.method, handler)
+        self._wrapped[details.method] = wrapped
+        return wrapped
+
+    def _wrap(
+        self, full_method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = full_method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
+        assert inner is not None  # intercept_service wraps unary-unary handlers only
         metrics = self._metrics
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:

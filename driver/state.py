@@ -389,6 +389,18 @@ class Store:
             for r in rows
         ]
 
+    def holders(self, volume_id: str) -> tuple[bool, list[str]]:
+        """(staged or published on this node, nodes it is attached to) in one read: what a
+        delete must find empty."""
+        rows = self._all(
+            "SELECT NULL AS node FROM stagings WHERE volume_id = ?1"
+            " UNION ALL SELECT NULL FROM publications WHERE volume_id = ?1"
+            " UNION ALL SELECT node_id FROM attachments WHERE volume_id = ?1",
+            (volume_id,),
+        )
+        nodes = sorted(r["node"] for r in rows if r["node"] is not None)
+        return any(r["node"] is None for r in rows), nodes
+
     def attachment_count(self, node_id: str) -> int:
         rows = self._all("SELECT COUNT(*) AS n FROM attachments WHERE node_id = ?", (node_id,))
         return int(rows[0]["n"])

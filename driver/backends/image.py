@@ -107,15 +107,17 @@ class ImagePool:
     def _inside(self, path: str) -> str:
         # Fast path (two lstat calls instead of realpath's one per component): `path` is built
         # from the directories resolved when the pool opened and a validated ID, so it can only
-        # lead elsewhere through a symlink at the entry or at its directory. Anything else,
-        # including an entry that does not exist yet, takes the full resolution below.
+        # lead elsewhere through a symlink at the entry or at its directory; an entry that does
+        # not exist yet leads nowhere. Anything else takes the full resolution below.
         try:
-            if (
-                os.path.dirname(os.path.dirname(path)) == self.root
-                and not stat.S_ISLNK(os.lstat(path).st_mode)
-                and not stat.S_ISLNK(os.lstat(os.path.dirname(path)).st_mode)
+            if os.path.dirname(os.path.dirname(path)) == self.root and not stat.S_ISLNK(
+                os.lstat(os.path.dirname(path)).st_mode
             ):
-                return path
+                try:
+                    if not stat.S_ISLNK(os.lstat(path).st_mode):
+                        return path
+                except FileNotFoundError:
+                    return path
         except OSError:
             pass
         real = os.path.realpath(path)
@@ -142,10 +144,19 @@ class ImagePool:
         _fsync_dir(os.path.dirname(final))
 
     def create(self, volume_id: str, size: int, *, preallocate: bool = False) -> None:
+        """A new empty image, made under its final name: until the caller records the volume,
+        a file here is an orphan that the start-up sweep moves to trash, so no temporary name
+        and rename are needed (a copy, which can be half done, still uses one)."""
         final = self.image_path(volume_id)
-        tmp = final + _TMP_SUFFIX
         try:
-            fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            fd = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if _no_space(exc):
+                raise ResourceExhausted(
+                    f"the pool cannot hold a new image: {exc.strerror}"
+                ) from exc
+            raise
+        try:
             try:
                 if preallocate:
                     os.posix_fallocate(fd, 0, size)
@@ -154,10 +165,10 @@ class ImagePool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            faults.hit("image:tmp-written")
-            self._publish(tmp, final)
+            faults.hit("image:written")
+            _fsync_dir(os.path.dirname(final))
         except OSError as exc:
-            self._discard(tmp)
+            self._discard(final)
             if _no_space(exc):
                 raise ResourceExhausted(
                     f"the pool cannot hold {size} bytes: {exc.strerror}"
@@ -287,16 +298,18 @@ class ImagePool:
         return ", ".join(self._to_trash(path, kind, object_id))
 
     def delete_volume(self, volume_id: str) -> None:
-        self._delete(self.image_path(volume_id), "volume", volume_id)
+        self._delete(self.image_path(volume_id))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        self._delete(self.snapshot_path(snapshot_id), "snapshot", snapshot_id)
+        self._delete(self.snapshot_path(snapshot_id))
 
-    def _delete(self, path: str, kind: str, object_id: str) -> None:
-        moved = self._to_trash(path, kind, object_id)
-        faults.hit("image:trashed")
-        for trashed in moved:
-            self._discard(trashed)
+    def _delete(self, path: str) -> None:
+        """Remove an image whose record the caller has already removed (durably). Nothing here
+        needs to be durable: an image that comes back after a crash has no record, so the
+        start-up sweep moves it to trash like any orphan."""
+        self._discard(path)
+        faults.hit("image:unlinked")
+        self._discard(path + _TMP_SUFFIX)
         self.ensure_reserve()
 
     def empty_trash(self, older_than: float) -> int:

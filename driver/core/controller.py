@@ -221,11 +221,11 @@ class ControllerCore:
             vol = self.ctx.store.get_volume(volume_id)
             if vol is None:
                 return
-            if self.ctx.store.staging(volume_id) or self.ctx.store.publications(volume_id):
+            local, nodes = self.ctx.store.holders(volume_id)
+            if local:
                 raise FailedPrecondition(
                     f"volume {volume_id} is still staged or published on {self.ctx.node_id}"
                 )
-            nodes = [a.node_id for a in self.ctx.store.attachments(volume_id)]
             if nodes:
                 raise FailedPrecondition(
                     f"volume {volume_id} is still published to node(s) {', '.join(nodes)}"

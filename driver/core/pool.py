@@ -32,8 +32,12 @@ class PoolContext:
     loop_sector_size: int = 4096
 
     def require_healthy(self) -> None:
-        if not self.backend.healthy() or not self.store.healthy():
-            raise Unavailable("the storage pool or its metadata store is unusable on this node")
+        """Refuse a call before it acts when the pool's directories are gone or read-only.
+
+        The metadata store is not probed here: every core operation reads the store before it
+        changes anything, and a failing read already raises Unavailable. Probe checks both."""
+        if not self.backend.healthy():
+            raise Unavailable("the storage pool is unusable on this node")
 
     def starved(self, volume_id: str, size: int) -> str:
         """Why writes into this thin volume may fail for lack of pool space, or "".

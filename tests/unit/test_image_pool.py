@@ -186,27 +186,27 @@ def test_sparse_copy_of_all_hole_file(tmp_path: os.PathLike[str]) -> None:
     assert os.stat(dst).st_blocks == 0
 
 
-def test_delete_moves_to_trash_then_removes(
-    pool: ImagePool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_delete_unlinks_image_and_leftover_without_trash(pool: ImagePool) -> None:
+    """The record is gone before delete is called, so the image is unlinked outright (a crash
+    that brings it back leaves an orphan for the sweep); a leftover temporary copy goes too."""
     pool.create(V1, MiB)
     path = pool.image_path(V1)
-    discarded: list[tuple[str, bool]] = []
-    real_discard = ImagePool._discard
-
-    def spy(p: str) -> None:
-        discarded.append((p, os.path.exists(path)))
-        real_discard(p)
-
-    monkeypatch.setattr(pool, "_discard", spy)
+    with open(path + ".tmp", "wb") as fh:
+        fh.truncate(MiB)
     pool.delete_volume(V1)
-    assert len(discarded) == 1
-    trashed, original_still_there = discarded[0]
-    assert os.path.dirname(trashed) == os.path.join(pool.root, "trash")
-    assert os.path.basename(trashed).startswith(f"volume-{V1}-")
-    assert not original_still_there  # renamed away before anything was unlinked
-    assert not os.path.exists(path) and not os.path.exists(trashed)
+    assert not os.path.exists(path) and not os.path.exists(path + ".tmp")
+    trash = os.listdir(os.path.join(pool.root, "trash"))
+    assert [n for n in trash if n.startswith("volume-")] == []
     pool.delete_volume(V1)  # idempotent
+
+
+def test_create_makes_the_image_under_its_final_name_once(pool: ImagePool) -> None:
+    pool.create(V1, 3 * MiB)
+    path = pool.image_path(V1)
+    assert os.path.getsize(path) == 3 * MiB and not os.path.exists(path + ".tmp")
+    with pytest.raises(FileExistsError):
+        pool.create(V1, MiB)  # never truncates an existing image
+    assert os.path.getsize(path) == 3 * MiB
 
 
 def test_delete_snapshot(pool: ImagePool) -> None:

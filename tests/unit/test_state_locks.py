@@ -191,6 +191,27 @@ def test_stagings_and_publications(store: Store) -> None:
     assert store.staging(s.volume_id) is None and store.stagings() == []
 
 
+def test_holders_is_what_a_delete_must_find_empty(store: Store) -> None:
+    vid, other = "v-" + "7" * 32, "v-" + "8" * 32
+    assert store.holders(vid) == (False, [])
+    store.add_attachment(Attachment(vid, "n2", False, AccessMode.SINGLE_NODE_WRITER))
+    store.add_attachment(Attachment(vid, "n1", True, AccessMode.SINGLE_NODE_READER_ONLY))
+    store.add_attachment(Attachment(other, "n3", False, AccessMode.SINGLE_NODE_WRITER))
+    assert store.holders(vid) == (False, ["n1", "n2"])
+    store.put_publication(Publication(vid, "/k/t", False, AccessMode.SINGLE_NODE_WRITER))
+    assert store.holders(vid) == (True, ["n1", "n2"])
+    store.remove_publication("/k/t")
+    store.put_staging(
+        Staging(vid, "/k/s", "/dev/loop1", AccessType.BLOCK, "", False, ())
+    )
+    assert store.holders(vid) == (True, ["n1", "n2"])
+    store.remove_staging(vid)
+    store.remove_attachment(vid, "n1")
+    store.remove_attachment(vid, "n2")
+    assert store.holders(vid) == (False, [])
+    assert store.holders(other) == (False, ["n3"])
+
+
 def test_unusable_store_is_unavailable(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(Unavailable):
         Store(os.path.join(str(tmp_path), "missing-dir", "meta.db"))
