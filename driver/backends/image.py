@@ -150,7 +150,7 @@ class ImagePool:
         final = self.image_path(volume_id)
         try:
             fd = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
+        except OSError as exc:  # nothing was created, so nothing is discarded (EEXIST: not ours)
             if _no_space(exc):
                 raise ResourceExhausted(
                     f"the pool cannot hold a new image: {exc.strerror}"
