@@ -21,9 +21,9 @@ import grpc
 
 from csi_proto import csi_pb2
 from driver.ctl.client import Client
-from driver.exec import SubprocessRunner
-from driver.mount import mountinfo
-from driver.mount.loop import LoopManager
+from driver.host import mountinfo
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

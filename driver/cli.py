@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if armed:
         log.warning("fault injection armed (%s): %s", faults.ENV, ", ".join(armed))
-    from driver import server  # imported late: flag errors should not pay for gRPC start-up
+    from driver.csi import server  # imported late: flag errors should not pay for gRPC start-up
 
     try:
         running = server.start(cfg)

@@ -1,4 +1,4 @@
-"""Domain errors. Every layer below the servicers raises these; driver.status maps them to gRPC
+"""Domain errors. Every layer below the servicers raises these; driver.csi.status maps them to gRPC
 codes in one table. Messages are for people: say what was wrong and what to do about it."""
 
 from __future__ import annotations

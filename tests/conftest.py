@@ -21,9 +21,9 @@ import pytest
 
 from driver.ctl import pool as devpool
 from driver.ctl.client import Client
-from driver.exec import SubprocessRunner
-from driver.mount import mountinfo
-from driver.mount.loop import LoopManager
+from driver.host import mountinfo
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from driver.backends.base import VolumeBackend
+from driver.host import mountinfo
+from driver.host.loop import LoopDevice, LoopManager
 from driver.model import AccessType
-from driver.mount import mountinfo
-from driver.mount.loop import LoopDevice, LoopManager
-from driver.state import Store
+from driver.storage.base import VolumeBackend
+from driver.storage.store import Store
 
 
 @dataclass

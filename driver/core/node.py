@@ -16,6 +16,9 @@ from driver.errors import (
     OutOfRange,
     ResourceExhausted,
 )
+from driver.host import mountinfo
+from driver.host.loop import LoopDevice
+from driver.host.mounter import SAFE_DEFAULTS
 from driver.model import (
     AccessType,
     Capability,
@@ -26,9 +29,6 @@ from driver.model import (
     Volume,
     VolumeStats,
 )
-from driver.mount import mountinfo
-from driver.mount.loop import LoopDevice
-from driver.mount.mounter import SAFE_DEFAULTS
 
 log = logging.getLogger(__name__)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from driver.backends.base import VolumeBackend
 from driver.errors import Unavailable
-from driver.exec import Runner
-from driver.locks import KeyedLocks
-from driver.mount.fs import Filesystems
-from driver.mount.loop import LoopManager
-from driver.mount.mounter import Mounter
-from driver.state import Store
+from driver.host.exec import Runner
+from driver.host.fs import Filesystems
+from driver.host.loop import LoopManager
+from driver.host.mounter import Mounter
+from driver.storage.base import VolumeBackend
+from driver.storage.locks import KeyedLocks
+from driver.storage.store import Store
 
 # Below this much free space the pool counts as full for volume conditions.
 POOL_FULL_BYTES = 16 * 1024 * 1024

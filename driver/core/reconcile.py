@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from driver.core.pool import PoolContext
 from driver.errors import StowageError
+from driver.host import mountinfo
 from driver.model import AccessType
-from driver.mount import mountinfo
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ import json
 import os
 import re
 
-from driver.backends.image import ImagePool
 from driver.core.check import Findings, inspect
-from driver.exec import SubprocessRunner
-from driver.mount.loop import LoopManager
-from driver.state import Store
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
+from driver.storage.image import ImagePool
+from driver.storage.store import Store
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

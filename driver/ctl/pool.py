@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 
 from driver.errors import CommandFailed
-from driver.exec import Runner, SubprocessRunner
-from driver.mount import mountinfo
-from driver.mount.loop import LoopManager
+from driver.host import mountinfo
+from driver.host.exec import Runner, SubprocessRunner
+from driver.host.loop import LoopManager
 
 POOL_MKFS = {
     "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],

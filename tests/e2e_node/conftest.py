@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from driver.exec import SubprocessRunner
-from driver.mount.loop import LoopManager
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
 from tests.e2e.cluster import (
     DRIVER,
     E2E,

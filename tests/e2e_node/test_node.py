@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from driver.exec import SubprocessRunner
-from driver.mount import mountinfo
-from driver.mount.loop import LoopManager
+from driver.host import mountinfo
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
 from tests.e2e.cluster import DRIVER, E2E, NODE, SNAP_GROUP, SNAP_VERSION, TOPOLOGY_KEY, wait
 from tests.e2e.node import BUSYBOX_IMAGE
 from tests.e2e_node.conftest import NS, World

@@ -22,7 +22,7 @@ import pytest
 from csi_proto import csi_pb2
 from driver import faults
 from driver.ctl.client import mount_cap
-from driver.mount import mountinfo
+from driver.host import mountinfo
 from tests.hardening.world import Placed, World, assert_writable, loops_of, running_world
 from tests.integration.helpers import MiB, sha256, write_random
 

@@ -33,9 +33,9 @@ from google.protobuf.message import Message
 
 from csi_proto import csi_pb2
 from driver.ctl.client import Client, block_cap, mount_cap
-from driver.exec import SubprocessRunner
-from driver.mount import mountinfo
-from driver.mount.loop import LoopManager
+from driver.host import mountinfo
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
 from tests.conftest import DriverProcess, Pool, make_pool
 
 pytestmark = pytest.mark.root

@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from driver.ctl import local
-from driver.exec import SubprocessRunner
-from driver.mount import mountinfo
-from driver.mount.loop import LoopManager
+from driver.host import mountinfo
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
 from tests.hardening.world import Placed, World, loops_of, running_world
 
 

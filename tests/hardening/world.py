@@ -15,8 +15,8 @@ import grpc
 from csi_proto import csi_pb2
 from driver.ctl import local
 from driver.ctl.client import Client, capability
-from driver.exec import SubprocessRunner
-from driver.mount.loop import LoopManager
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
 from tests.conftest import DriverProcess, Pool, make_pool
 from tests.integration.helpers import MiB, sha256, write_random
 

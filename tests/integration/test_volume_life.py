@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from driver.ctl.client import block_cap, capability, mount_cap
-from driver.exec import SubprocessRunner
-from driver.mount import mountinfo
-from driver.mount.loop import LoopManager
+from driver.host import mountinfo
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
 from tests.integration.helpers import MiB, Mounted, sha256, write_random
 
 FILESYSTEMS = ["ext4", "xfs", "btrfs"]

@@ -14,16 +14,16 @@ import pytest
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from driver.backends.image import ImagePool
 from driver.core.controller import ControllerCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
-from driver.locks import KeyedLocks
-from driver.mount import fs as fs_module
-from driver.mount import mountinfo
-from driver.mount.loop import LoopManager
-from driver.mount.mounter import Mounter
-from driver.state import Store
+from driver.host import fs as fs_module
+from driver.host import mountinfo
+from driver.host.loop import LoopManager
+from driver.host.mounter import Mounter
+from driver.storage.image import ImagePool
+from driver.storage.locks import KeyedLocks
+from driver.storage.store import Store
 from tests.unit.fakes import FakeHost, FakeRunner, RecordingFilesystems
 
 NODE = "node-a"

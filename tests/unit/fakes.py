@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from driver.errors import CommandFailed
-from driver.exec import DEFAULT_TIMEOUT, Result
-from driver.mount.fs import Filesystems
-from driver.mount.mountinfo import MountEntry
+from driver.host.exec import DEFAULT_TIMEOUT, Result
+from driver.host.fs import Filesystems
+from driver.host.mountinfo import MountEntry
 
 Handler = Callable[[list[str]], "tuple[int, str, str] | Result"]
 

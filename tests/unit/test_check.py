@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from driver.backends.image import ImagePool
 from driver.core.check import inspect
 from driver.core.controller import ControllerCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.ctl import local
 from driver.model import AccessMode, AccessType, Capability, CapacityRange, MiB, Publication
-from driver.state import Store
+from driver.storage.image import ImagePool
+from driver.storage.store import Store
 from tests.unit.fakes import FakeHost
 
 RW = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)

@@ -7,7 +7,6 @@ import os
 import pytest
 
 from driver import TOPOLOGY_KEY, ids
-from driver.backends.image import ImagePool
 from driver.core.controller import ControllerCore
 from driver.core.pool import PoolContext
 from driver.errors import (
@@ -33,7 +32,8 @@ from driver.model import (
     Publication,
     Staging,
 )
-from driver.state import Store
+from driver.storage.image import ImagePool
+from driver.storage.store import Store
 from tests.unit.conftest import NODE, build_ctx
 from tests.unit.fakes import FakeHost
 

@@ -9,8 +9,8 @@ import pytest
 
 from driver import DRIVER_NAME, TOPOLOGY_KEY
 from driver.core.gate import GateCore, VolumeRef
+from driver.csi.kube import KubeCatalog, parse_quantity
 from driver.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
-from driver.kube import KubeCatalog, parse_quantity
 from driver.model import AccessMode, AccessType, Capability, CapacityRange, GiB, MiB
 
 VID = "v-" + "a" * 32

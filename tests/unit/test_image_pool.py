@@ -1,4 +1,4 @@
-"""driver.backends.image.ImagePool on a plain tmp directory (no root, no loop devices)."""
+"""driver.storage.image.ImagePool on a plain tmp directory (no root, no loop devices)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from collections import namedtuple
 import pytest
 
 from driver import ids
-from driver.backends import image as image_mod
-from driver.backends.image import ImagePool, _sparse_copy
 from driver.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from driver.model import MiB
+from driver.storage import image as image_mod
+from driver.storage.image import ImagePool, _sparse_copy
 
 V1 = "v-" + "1" * 32
 V2 = "v-" + "2" * 32
@@ -305,7 +305,7 @@ def test_metadata_reserve_is_given_up_when_full_and_restored_after_delete(
 def test_store_full_is_resource_exhausted_and_runs_before_write(
     tmp_path: os.PathLike[str],
 ) -> None:
-    from driver.state import Store
+    from driver.storage.store import Store
     from tests.unit.fakes import HookedConnection, sqlite_full
 
     calls: list[int] = []

@@ -1,4 +1,4 @@
-"""driver.interceptors.CallInterceptor: every RPC is timed, counted, logged without secrets,
+"""driver.csi.interceptors.CallInterceptor: every RPC is timed, counted, logged without secrets,
 and its errors mapped to gRPC codes (domain errors by table, anything else INTERNAL).
 
 The module is imported per test (fixture) so an import failure shows up as failing tests here
@@ -24,7 +24,7 @@ CANARY = "hunter2-CANARY-7f3a"
 
 @pytest.fixture
 def CallInterceptor() -> Any:
-    return importlib.import_module("driver.interceptors").CallInterceptor
+    return importlib.import_module("driver.csi.interceptors").CallInterceptor
 
 
 # --- CallInterceptor with a fake context --------------------------------------------------------

@@ -1,4 +1,4 @@
-"""driver.mount: Filesystems (probe/format/check/grow/freeze), LoopManager against a fake
+"""driver.host: Filesystems (probe/format/check/grow/freeze), LoopManager against a fake
 /sys/block, Mounter argv and target handling, mountinfo parsing."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import types
 import pytest
 
 from driver.errors import CommandFailed, FailedPrecondition, Internal, InvalidArgument
-from driver.mount import fs as fs_module
-from driver.mount import mountinfo
-from driver.mount.fs import FIFREEZE, FITHAW, Filesystems
-from driver.mount.loop import LoopManager
-from driver.mount.mounter import Mounter
+from driver.host import fs as fs_module
+from driver.host import mountinfo
+from driver.host.fs import FIFREEZE, FITHAW, Filesystems
+from driver.host.loop import LoopManager
+from driver.host.mounter import Mounter
 from tests.unit.fakes import FakeHost, FakeRunner, write_loop
 
 DEV = "/dev/loop900"

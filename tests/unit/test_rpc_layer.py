@@ -10,9 +10,10 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from csi_proto import csi_pb2
-from driver import convert, errors, status
+from driver import errors
+from driver.csi import convert, status
+from driver.csi.redact import MASK, loggable, redact
 from driver.model import AccessMode, AccessType, Capability, CapacityRange, ContentSource
-from driver.redact import MASK, loggable, redact
 
 CANARY = "hunter2-CANARY-7f3a"
 
@@ -128,7 +129,7 @@ def test_nested_requests_are_redacted_and_shown() -> None:
 
 
 def test_unloggable_message_shows_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from driver import redact as redact_mod
+    from driver.csi import redact as redact_mod
 
     def boom(msg: Any) -> Any:
         raise RuntimeError("unexpected shape")

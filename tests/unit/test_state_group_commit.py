@@ -1,4 +1,4 @@
-"""Group commit in driver.state.Store: durability on return, savepoint isolation between
+"""Group commit in driver.storage.store.Store: durability on return, savepoint isolation between
 writers of one batch, readers that only see committed rows, and a failed COMMIT reaching every
 writer of its batch.
 
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from driver.errors import ResourceExhausted, StowageError, Unavailable
-from driver.state import Store
+from driver.storage.store import Store
 from tests.unit.fakes import HookedConnection, sqlite_full
 from tests.unit.test_state_locks import vol
 

@@ -1,4 +1,4 @@
-"""driver.state.Store on a tmp sqlite file, and driver.locks.KeyedLocks."""
+"""driver.storage.store.Store on a tmp sqlite file, and driver.storage.locks.KeyedLocks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import time
 import pytest
 
 from driver.errors import Aborted, StowageError, Unavailable
-from driver.locks import KeyedLocks
 from driver.model import (
     AccessMode,
     AccessType,
@@ -20,7 +19,8 @@ from driver.model import (
     Staging,
     Volume,
 )
-from driver.state import Store
+from driver.storage.locks import KeyedLocks
+from driver.storage.store import Store
 
 
 def vol(n: int, name: str | None = None, **kw: object) -> Volume:

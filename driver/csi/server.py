@@ -12,26 +12,26 @@ from dataclasses import dataclass
 import grpc
 
 from csi_proto import csi_pb2_grpc
-from driver.backends.image import ImagePool
 from driver.config import Config, Mode
-from driver.controller import ControllerServicer
 from driver.core.controller import ControllerCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.core.reconcile import reconcile
+from driver.csi.controller import ControllerServicer
+from driver.csi.gate import GateServicer
+from driver.csi.identity import IdentityServicer
+from driver.csi.interceptors import CallInterceptor
+from driver.csi.kube import KubeCatalog
+from driver.csi.node import NodeServicer
 from driver.errors import InvalidArgument
-from driver.exec import SubprocessRunner
-from driver.gate import GateServicer
-from driver.identity import IdentityServicer
-from driver.interceptors import CallInterceptor
-from driver.kube import KubeCatalog
-from driver.locks import KeyedLocks
+from driver.host.exec import SubprocessRunner
+from driver.host.fs import Filesystems
+from driver.host.loop import LoopManager
+from driver.host.mounter import Mounter
 from driver.metrics import Metrics, PoolSample
-from driver.mount.fs import Filesystems
-from driver.mount.loop import LoopManager
-from driver.mount.mounter import Mounter
-from driver.node import NodeServicer
-from driver.state import Store
+from driver.storage.image import ImagePool
+from driver.storage.locks import KeyedLocks
+from driver.storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import os
 import stat
 
 from driver.errors import FailedPrecondition, Internal, InvalidArgument
-from driver.exec import Runner
-from driver.mount import mountinfo
+from driver.host import mountinfo
+from driver.host.exec import Runner
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 
 from driver.errors import CommandFailed, FailedPrecondition, Internal, InvalidArgument
-from driver.exec import Runner
+from driver.host.exec import Runner
 
 log = logging.getLogger(__name__)
 

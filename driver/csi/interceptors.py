@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from driver import status
+from driver.csi import status
+from driver.csi.redact import loggable
 from driver.errors import StowageError
 from driver.metrics import Metrics
-from driver.redact import loggable
 
 log = logging.getLogger("driver.rpc")
 

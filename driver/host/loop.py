@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from driver.errors import CommandFailed, Internal
-from driver.exec import Runner
+from driver.host.exec import Runner
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from typing import Any
 import grpc
 
 from csi_proto import csi_pb2, csi_pb2_grpc
-from driver import convert
 from driver.core.gate import Catalog, GateCore
+from driver.csi import convert
 from driver.errors import Unimplemented
 from driver.validation import present
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 
 from csi_proto import csi_pb2, csi_pb2_grpc
-from driver import convert
 from driver.core.node import NodeCore
+from driver.csi import convert
 from driver.validation import present
 
 _RPC = csi_pb2.NodeServiceCapability.RPC

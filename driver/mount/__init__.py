@@ -1,1 +1,0 @@
-"""Host helpers: mount table, mount/unmount, loop devices, formatting, resizing, freezing."""

@@ -1,0 +1,2 @@
+"""Storage: backends behind Protocols (the image pool), the metadata store and the keyed locks.
+No gRPC, no protobuf here."""
