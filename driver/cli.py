@@ -9,16 +9,32 @@ import signal
 import socket
 import sys
 import threading
+from typing import NoReturn
 
 from driver import DRIVER_NAME, __version__, faults, logs
 from driver.config import Config, Mode
 from driver.errors import StowageError
+from driver.quantity import parse_bytes
 
 log = logging.getLogger("driver")
 
 
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line (`stowage-csi: error: ...`) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="stowage-csi", description=f"{DRIVER_NAME} CSI driver")
+    p = _Parser(prog="stowage-csi", description=f"{DRIVER_NAME} CSI driver")
     p.add_argument(
         "--endpoint",
         default="unix:///run/stowage/csi.sock",
@@ -33,9 +49,9 @@ def parse(argv: list[str] | None = None) -> Config:
     p.add_argument("--max-volumes-per-node", type=int, default=0)
     p.add_argument(
         "--reserved-bytes",
-        type=int,
+        type=_bytes,
         default=0,
-        help="pool space kept free and never reported as capacity",
+        help="pool space kept free and never reported as capacity (a quantity: 0, 512Mi, 10Gi)",
     )
     p.add_argument(
         "--loop-sector-size",
@@ -58,8 +74,8 @@ def parse(argv: list[str] | None = None) -> Config:
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error("--workers must be at least 1")
-    if a.max_volumes_per_node < 0 or a.reserved_bytes < 0:
-        p.error("--max-volumes-per-node and --reserved-bytes must not be negative")
+    if a.max_volumes_per_node < 0:
+        p.error("--max-volumes-per-node must not be negative")
     return Config(
         endpoint=a.endpoint,
         mode=Mode(a.mode),
