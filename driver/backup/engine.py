@@ -642,7 +642,10 @@ class Repository:
     def _referenced(self) -> set[str]:
         refs: set[str] = set()
         for info in self.list():
-            refs |= self._manifest(info.snapshot_id).chunk_ids()
+            try:
+                refs |= self._manifest(info.snapshot_id).chunk_ids()
+            except errors.NotFound:
+                continue  # deleted since the listing: it references nothing any more
         return refs
 
     def _chunks(self) -> dict[str, tuple[int, float]]:

@@ -97,14 +97,16 @@ def parse_target(spec: str) -> Target:
     endpoint = params.get("endpoint", "")
     parts_ = urlsplit(endpoint)
     try:
-        port_ok = parts_.port is None or 0 < parts_.port < 65536
-    except ValueError:
-        port_ok = False
+        port = parts_.port
+        port_ok = port is None or 0 < port < 65536
+    except ValueError:  # not a number, or out of range
+        port, port_ok = None, False
+    host = parts_.netloc.rsplit(":", 1)[0] if port is not None else parts_.netloc
     if (
         parts_.scheme not in ("http", "https")
-        or not parts_.hostname
-        or not _HOST.fullmatch(parts_.netloc.rsplit(":", 1)[0] if parts_.port else parts_.netloc)
         or not port_ok
+        or not parts_.hostname
+        or not _HOST.fullmatch(host)
         or parts_.path not in ("", "/")
         or parts_.query
         or parts_.fragment
