@@ -93,6 +93,10 @@ def test_chunk_roundtrip_and_tamper() -> None:
         fmt.open_chunk(KEY, other_id, blob, 1 << 20)  # swapped object
     with pytest.raises(errors.DataLoss):
         fmt.open_chunk(OTHER, cid, blob, 1 << 20)
+    # sealed under an ID that is not its content's (a buggy or malicious writer with the key)
+    liar = fmt.seal_chunk(KEY, other_id, data)
+    with pytest.raises(errors.DataLoss, match="does not match its ID"):
+        fmt.open_chunk(KEY, other_id, liar, 1 << 20)
     with pytest.raises(errors.DataLoss, match="header"):
         fmt.open_chunk(KEY, cid, b"XXXX" + blob[4:], 1 << 20)
 

@@ -213,3 +213,20 @@ def test_claimed_candidates_survive_the_sweep(repo_factory: RepoFactory, tmp_pat
     assert report.swept and report.deleted_chunks == len(ids) - 3
     left = {o.key.rsplit("/", 1)[-1] for o in repo.store.list("chunks/")}
     assert left == set(ids[:3])
+
+
+def test_candidate_uploaded_again_after_the_mark_is_kept(repo_factory: RepoFactory,
+                                                         tmp_path: object) -> None:
+    """The sweep deletes only candidates not written since the candidate list."""
+    repo = repo_factory()
+    repo.backup(image(tmp_path, "a", 1), rec("s-a"))
+    ids = sorted(repo.show("s-a").chunk_ids())
+    repo.delete("s-a")
+    time.sleep(1.1)
+    repo.gc(min_candidate_age=0)
+    time.sleep(1.1)
+    name = f"chunks/{ids[0][:2]}/{ids[0]}"
+    repo.store.put(name, repo.store.get(name))
+    report = repo.gc(min_candidate_age=0)
+    assert report.swept and report.deleted_chunks == len(ids) - 1
+    assert repo.store.head(name) is not None
