@@ -195,7 +195,9 @@ class Store:
         config = botocore.config.Config(
             region_name=target.region,
             s3={"addressing_style": "path"},
-            retries={"mode": retry_mode, "max_attempts": max_attempts},
+            # total_max_attempts counts the first try too; "standard" and "adaptive" both back
+            # off exponentially with jitter and retry throttling (503 SlowDown) and 5xx.
+            retries={"mode": retry_mode, "total_max_attempts": max_attempts},
             max_pool_connections=max_connections,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -228,12 +230,12 @@ class Store:
             detail = f"{op} {where}: {code} {msg}".strip()
             if code == "NoSuchBucket":
                 return errors.FailedPrecondition(f"{detail}: the bucket does not exist")
+            if code in _FULL or status in (413, 507):
+                return errors.ResourceExhausted(f"{detail}: the object store is full")
             if code in _DENIED or status == 403:
                 return errors.PermissionDenied(f"{detail}: check the target's credentials")
             if code in _MISSING_KEY or status == 404:
                 return errors.NotFound(detail)
-            if code in _FULL or status in (413, 507):
-                return errors.ResourceExhausted(f"{detail}: the object store is full")
             if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "RequestTimeout"):
                 return errors.Unavailable(f"{detail} (retried)")
             return errors.Internal(detail)
