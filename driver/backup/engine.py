@@ -42,13 +42,13 @@ from driver.backup.format import (
     seal_manifest,
 )
 from driver.backup.keys import RepositoryKey
-from driver.backup.s3 import Store
+from driver.backup.s3 import Credentials, Store, Target
 
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"
 CANDIDATES_KEY = "gc/candidates"
-SWEEPING_KEY = "gc/sweeping"
+SWEEPING_PREFIX = "gc/sweeping/"
 MARKERS_PREFIX = "inflight/"
 #: Server timestamps have one-second resolution: anything this close to the candidate list's
 #: time counts as older than it.
@@ -141,6 +141,7 @@ class _Marker:
         self.key = MARKERS_PREFIX + uuid.uuid4().hex
         self.snapshot_id = snapshot_id
         self.started: float | None = None
+        self._started_mono = time.monotonic()
         self.claims: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -165,6 +166,7 @@ class _Marker:
         if info is None:
             raise errors.Unavailable("the backup target lost an object just written (marker)")
         self.started = info.modified
+        self._started_mono = time.monotonic()
         self.write()
         self._thread = threading.Thread(target=self._refresh, name="backup-marker", daemon=True)
         self._thread.start()
@@ -176,6 +178,10 @@ class _Marker:
                 self.write()
             except errors.StowageError as exc:
                 log.warning("cannot refresh backup in-flight marker: %s", exc)
+
+    def server_now(self) -> float:
+        """The object store's clock, estimated from this marker's first write."""
+        return (self.started or 0.0) + time.monotonic() - self._started_mono
 
     def claim(self, cid: str) -> None:
         with self._lock:
@@ -227,6 +233,28 @@ class Repository:
         self._zero = bytes(chunk_size)
         self._config_checked = False
 
+    @classmethod
+    def open(
+        cls,
+        target: Target,
+        key: RepositoryKey,
+        cluster_id: str,
+        *,
+        workers: int = 4,
+        rate_limit: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        credentials: Credentials | None = None,
+    ) -> Repository:
+        """The repository of a configured target: credentials from the environment unless given,
+        `workers` parallel transfers, an optional `rate_limit` in bytes/s shared by them."""
+        store = Store(
+            target,
+            credentials or Credentials.from_env(),
+            max_connections=workers + 4,
+            rate_limit=rate_limit,
+        )
+        return cls(store, key, cluster_id=cluster_id, chunk_size=chunk_size, workers=workers)
+
     # ---- repository config -----------------------------------------------------------------
 
     def _check_config(self, create: bool) -> None:
@@ -277,23 +305,28 @@ class Repository:
                 raise
 
     def _load_candidates(self) -> tuple[set[str], float | None]:
+        """The candidate list and its server time (from the same GET: consistent)."""
         try:
-            blob = self.store.get(CANDIDATES_KEY)
+            blob, modified = self.store.get_with_time(CANDIDATES_KEY)
         except errors.NotFound:
             return set(), None
-        info = self.store.head(CANDIDATES_KEY)
         try:
             doc = json.loads(blob)
-            return set(doc["chunks"]), (info.modified if info else None)
+            return set(doc["chunks"]), modified
         except (ValueError, KeyError, TypeError):
             raise errors.DataLoss("the garbage collector's candidate list is malformed") from None
 
+    def _sweeping(self, now: float) -> bool:
+        """True while a fresh sweep (GC pass 2) runs; stale sweep markers are ignored."""
+        return any(
+            now - o.modified <= self.stale_after for o in self.store.list(SWEEPING_PREFIX)
+        )
+
     def _wait_no_sweep(self, now: float) -> None:
-        """Wait while a fresh sweep (GC pass 2) runs; a stale sweep marker is ignored."""
+        """Wait while a fresh sweep runs (at most `stale_after`)."""
         deadline = time.monotonic() + self.stale_after
         while True:
-            info = self.store.head(SWEEPING_KEY)
-            if info is None or now - info.modified > self.stale_after:
+            if not self._sweeping(now):
                 return
             if time.monotonic() > deadline:
                 return
@@ -422,9 +455,7 @@ class Repository:
             """True when `cid` may be used without uploading it."""
             if cid in candidates:
                 marker.claim(cid)
-                info = self.store.head(SWEEPING_KEY)
-                if info is not None:
-                    self._wait_no_sweep(info.modified)
+                self._wait_no_sweep(marker.server_now())
                 return False  # re-upload: the sweep may have removed it
             return True
 
@@ -681,14 +712,15 @@ class Repository:
 
     def _sweep(self, min_age: float, report: GcReport) -> None:
         t0 = time.monotonic()
-        self.store.put(SWEEPING_KEY, json.dumps({"sweeper": uuid.uuid4().hex}).encode())
+        me = SWEEPING_PREFIX + uuid.uuid4().hex
+        self.store.put(me, b"{}")
         try:
-            self._sweep_fenced(min_age, report, t0)
+            self._sweep_fenced(me, min_age, report, t0)
         finally:
-            self.store.delete(SWEEPING_KEY)
+            self.store.delete(me)
 
-    def _sweep_fenced(self, min_age: float, report: GcReport, t0: float) -> None:
-        now_info = self.store.head(SWEEPING_KEY)
+    def _sweep_fenced(self, me: str, min_age: float, report: GcReport, t0: float) -> None:
+        now_info = self.store.head(me)
         cands, t_mark = self._load_candidates()
         if now_info is None or t_mark is None:
             report.postponed = "the candidate list or the sweep marker vanished"

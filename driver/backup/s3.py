@@ -275,6 +275,16 @@ class Store:
         self.limiter.take(len(body))
         return body
 
+    def get_with_time(self, key: str) -> tuple[bytes, float]:
+        """The object's body and its server modification time, from one GET."""
+        try:
+            resp = self._c.get_object(Bucket=self.target.bucket, Key=self.target.key(key))
+            body: bytes = resp["Body"].read()
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._map(exc, key, "download from") from exc
+        modified: datetime = resp["LastModified"]
+        return body, modified.timestamp()
+
     def head(self, key: str) -> ObjectInfo | None:
         """The object's size and modification time, None when it does not exist."""
         try:

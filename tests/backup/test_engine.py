@@ -341,3 +341,17 @@ def test_documented_third_party_restore(repo_factory: RepoFactory, s3: S3Server,
         script = script.replace(old, new)
     exec(compile(script, "backup-format.md", "exec"), {})
     assert sha256(os.path.join(str(tmp_path), "third.img")) == sha256(img)
+
+
+def test_open_from_target_and_environment(s3: S3Server, tmp_path: object) -> None:
+    from driver.backup import RepositoryKey, parse_target
+
+    bucket = s3.make_bucket()
+    target = parse_target(f"main=s3://{bucket}?endpoint={s3.endpoint}")
+    key = RepositoryKey.parse(bytes(range(32)).hex())
+    repo = Repository.open(target, key, "cluster-b", workers=2, rate_limit=1 << 30,
+                           chunk_size=CHUNK)
+    img, _ = make_image(tmp_path, "a.img", nchunks=4)
+    repo.backup(img, rec("s-1"))
+    assert repo.show("s-1").cluster_id == "cluster-b"
+    assert [s.snapshot_id for s in repo.list()] == ["s-1"]
