@@ -154,7 +154,7 @@ def test_swapped_chunk_fails_authentication(repo_factory: RepoFactory, tmp_path:
 
 def test_restore_resumes_after_interruption(repo_factory: RepoFactory, tmp_path: object) -> None:
     repo = repo_factory(workers=2)
-    img, chunks = make_image(tmp_path, "a.img", nchunks=600, data_idx=list(range(0, 600, 2)))
+    img, chunks = make_image(tmp_path, "a.img", nchunks=240, data_idx=list(range(0, 240, 2)))
     repo.backup(img, rec("s-1"))
     out = os.path.join(str(tmp_path), "out.img")
 
@@ -207,7 +207,7 @@ def test_delete_removes_manifest_only(repo_factory: RepoFactory, tmp_path: objec
 def test_store_down_mid_upload_then_retry(own_s3: S3Server, tmp_path: object) -> None:
     bucket = own_s3.make_bucket()
     repo = make_repo(own_s3, bucket, workers=2, max_attempts=1)
-    img, chunks = make_image(tmp_path, "a.img", nchunks=200, data_idx=list(range(200)))
+    img, chunks = make_image(tmp_path, "a.img", nchunks=90, data_idx=list(range(90)))
 
     def kill_midway(p: Progress) -> None:
         if p.done_bytes > p.total_bytes // 3 and own_s3.proc is not None:

@@ -153,7 +153,7 @@ def test_writers_racing_gc(repo_factory: RepoFactory, tmp_path: object) -> None:
         mine = repo_factory(workers=2)
         prev: str | None = None
         try:
-            for n in range(6):
+            for n in range(4):
                 sid = f"s-w{w}-{n}"
                 mine.backup(rng.choice(pool), rec(sid))
                 if prev is not None and rng.random() < 0.7:
