@@ -231,6 +231,8 @@ class Repository:
         self.stale_after = stale_after
         self.refresh_interval = refresh_interval or stale_after / 4
         self._zero = bytes(chunk_size)
+        #: A restore records its durable chunks at least this often (seconds).
+        self.checkpoint_interval = 2.0
         self._config_checked = False
 
     @classmethod
@@ -588,7 +590,7 @@ class Repository:
                 pending.append(c.offset)
                 progressed += c.length
                 transferred += n
-                if time.monotonic() - last_save > 2.0 or len(pending) >= 256:
+                if time.monotonic() - last_save > self.checkpoint_interval or len(pending) >= 256:
                     save()
                     last_save = time.monotonic()
                 if progress is not None:

@@ -25,6 +25,7 @@ import pytest
 from driver.backup import Credentials, Repository, RepositoryKey, Store, parse_target
 
 BIN = os.path.dirname(sys.executable)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ACCESS_KEY = "stowagetestak"
 SECRET_KEY = "stowage-test-secret-key-0123456789"
 KINDS = ["seaweedfs", "rclone"]
