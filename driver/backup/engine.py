@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -123,6 +124,15 @@ class GcReport:
 
 def _now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _local_error(exc: OSError, what: str) -> errors.StowageError:
+    """A local I/O error as a domain error: a full disk is ResourceExhausted."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.ResourceExhausted(f"{what}: {exc.strerror}")
+    if exc.errno == errno.ENOENT:
+        return errors.NotFound(f"{what}: {exc.strerror}: {exc.filename}")
+    return errors.Internal(f"{what}: {exc.strerror}")
 
 
 def _overlaps(ranges: list[extents.Range], starts: list[int], lo: int, hi: int) -> bool:
@@ -374,7 +384,10 @@ class Repository:
             started = marker.start()
             self._wait_no_sweep(started)
             candidates, _ = self._load_candidates()
-            result = self._backup(fd, image_path, record, base, progress, marker, candidates)
+            try:
+                result = self._backup(fd, image_path, record, base, progress, marker, candidates)
+            except OSError as exc:
+                raise _local_error(exc, f"reading {image_path}") from exc
             marker.check_fresh()
             self.store.put(manifest_key_name(sid), seal_manifest(self.key, result.manifest))
             ok = True
@@ -530,6 +543,14 @@ class Repository:
         `dest_path + ".stowage-partial"`; `dest_path + ".stowage-restore"` records which chunks
         are durable there, so a restart continues where the last run stopped. `dest_path` appears
         (rename) only when every chunk has been authenticated and written and the file synced."""
+        try:
+            return self._restore(snapshot_id, dest_path, progress)
+        except OSError as exc:
+            raise _local_error(exc, f"restoring to {dest_path}") from exc
+
+    def _restore(
+        self, snapshot_id: str, dest_path: str, progress: ProgressFn | None
+    ) -> Manifest:
         m = self._manifest(check_snapshot_id(snapshot_id))  # wrong key: fails here
         if os.path.lexists(dest_path):
             raise errors.AlreadyExists(f"restore target {dest_path} already exists")

@@ -355,3 +355,12 @@ def test_open_from_target_and_environment(s3: S3Server, tmp_path: object) -> Non
     repo.backup(img, rec("s-1"))
     assert repo.show("s-1").cluster_id == "cluster-b"
     assert [s.snapshot_id for s in repo.list()] == ["s-1"]
+
+
+def test_restore_into_missing_directory_is_a_clear_error(repo_factory: RepoFactory,
+                                                         tmp_path: object) -> None:
+    repo = repo_factory()
+    img, _ = make_image(tmp_path, "a.img", nchunks=4)
+    repo.backup(img, rec("s-1"))
+    with pytest.raises(errors.NotFound, match="restoring to"):
+        repo.restore("s-1", os.path.join(str(tmp_path), "no", "such", "dir", "out.img"))
