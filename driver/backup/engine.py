@@ -775,13 +775,18 @@ class Repository:
             c for c in sorted(cands)
             if c not in refs and c not in claims and c in chunks and chunks[c][1] < t_mark
         ]
-        for c in victims:
+        def on_deleted(c: str, _: None) -> None:
+            report.deleted_chunks += 1
+            report.deleted_bytes += chunks[c][0]
+
+        batch = 8 * self.workers
+        for i in range(0, len(victims), batch):
             if time.monotonic() - t0 > self.stale_after / 2:
                 report.postponed = "the sweep ran too long; the rest waits for the next pass"
                 break
-            self.store.delete(chunk_key_name(c))
-            report.deleted_chunks += 1
-            report.deleted_bytes += chunks[c][0]
+            self._pipeline(
+                victims[i : i + batch], lambda c: self.store.delete(chunk_key_name(c)), on_deleted
+            )
         if not report.postponed:
             self.store.delete(CANDIDATES_KEY)
             report.swept = True
