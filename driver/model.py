@@ -108,14 +108,6 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
-class Attachment:
-    volume_id: str
-    node_id: str
-    readonly: bool
-    access_mode: AccessMode
-
-
-@dataclass(frozen=True)
 class Staging:
     volume_id: str
     path: str

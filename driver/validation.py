@@ -346,12 +346,3 @@ def unsupported_capability(
         if cap.fs_type and formatted and cap.fs_type != fs_type:
             return f"volume {volume_id} holds {fs_type}, not {cap.fs_type}"
     return ""
-
-
-def publish_context(access: AccessType, fs_type: str, readonly: bool) -> dict[str, str]:
-    """What ControllerPublishVolume hands to the node."""
-    return {
-        "stowage.csi.io/access-type": access.value,
-        "stowage.csi.io/fs-type": fs_type,
-        "stowage.csi.io/readonly": "true" if readonly else "false",
-    }

@@ -20,6 +20,7 @@ from driver.host import mountinfo
 from driver.host.loop import LoopDevice
 from driver.host.mounter import SAFE_DEFAULTS
 from driver.model import (
+    DEFAULT_FS_TYPE,
     AccessType,
     Capability,
     CapacityRange,
@@ -450,6 +451,10 @@ class NodeCore:
         return Condition(False, "healthy")
 
     def expand(self, volume_id: str, path: str, rng: CapacityRange | None) -> int:
+        """NodeExpandVolume: the only place a volume grows (ControllerExpandVolume only answers
+        the size, see `core.controller.expand_request`). Rule 11: image, loop device,
+        filesystem, then the recorded size, each step idempotent; a journal entry carries the
+        new size across a crash (start-up reconciliation records it once the image has it)."""
         if not volume_id:
             raise InvalidArgument("volume_id is required")
         if not path:
@@ -461,6 +466,8 @@ class NodeCore:
         with self.ctx.locks.hold(volume_id):
             vol = self._volume(volume_id)
             staging = self._locate(vol, path)
+            if staging.access_type is AccessType.MOUNT and staging.readonly:
+                raise FailedPrecondition(f"volume {volume_id} is staged read-only")
             want = max(vol.size, rng.required if rng else 0)
             if rng and rng.limit and want > rng.limit:
                 raise OutOfRange(
@@ -471,7 +478,7 @@ class NodeCore:
                 want = validation.resolve_size(
                     CapacityRange(want, rng.limit if rng else 0),
                     vol.access_type,
-                    vol.fs_type or "ext4",
+                    vol.fs_type or DEFAULT_FS_TYPE,
                 )
                 free = self.ctx.backend.usage().available_bytes
                 if want - vol.size > free:
@@ -479,18 +486,26 @@ class NodeCore:
                         f"the pool has {free} bytes free; growing {volume_id} by "
                         f"{want - vol.size} bytes does not fit"
                     )
-            # Rule 11: image, then loop, then filesystem, then the record; each step idempotent.
-            self.ctx.backend.expand(volume_id, want)
-            faults.hit("node-expand:image-grown")
-            self.ctx.loops.refresh_capacity(staging.device)
-            faults.hit("node-expand:loop-refreshed")
-            if staging.access_type is AccessType.MOUNT:
-                if staging.readonly:
-                    raise FailedPrecondition(f"volume {volume_id} is staged read-only")
-                self.ctx.fs.grow(staging.device, staging.path, staging.fs_type)
-                faults.hit("node-expand:fs-grown")
-            if want != vol.size:
-                self.ctx.store.set_volume_size(volume_id, want)
+            seq = None
+            if want > vol.size:
+                seq = self.ctx.store.journal_begin("expand-volume", volume_id, {"size": want})
+                faults.hit("node-expand:journaled")
+            try:
+                self.ctx.backend.expand(volume_id, want)
+                faults.hit("node-expand:image-grown")
+                self.ctx.loops.refresh_capacity(staging.device)
+                faults.hit("node-expand:loop-refreshed")
+                if staging.access_type is AccessType.MOUNT:
+                    self.ctx.fs.grow(staging.device, staging.path, staging.fs_type)
+                    faults.hit("node-expand:fs-grown")
+                if want != vol.size:
+                    self.ctx.store.set_volume_size(volume_id, want)
+                    faults.hit("node-expand:recorded")
+            finally:
+                # A refused step (ext4 that cannot grow online) leaves the image larger than
+                # the record, which the CO's retry completes; only a crash leaves the entry.
+                if seq is not None:
+                    self.ctx.store.journal_end(seq)
             log.info("expanded %s on the node to %d bytes", volume_id, want)
             return want
 

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 
 from driver.errors import Unavailable
-from driver.host.exec import Runner
 from driver.host.fs import Filesystems
 from driver.host.loop import LoopManager
 from driver.host.mounter import Mounter
@@ -27,7 +26,6 @@ class PoolContext:
     loops: LoopManager
     mounter: Mounter
     fs: Filesystems
-    runner: Runner
     max_volumes_per_node: int = 0
     loop_sector_size: int = 4096
 

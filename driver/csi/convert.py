@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -141,10 +141,6 @@ def stats(st: VolumeStats) -> csi_pb2.NodeGetVolumeStatsResponse:
             )
         )
     return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition(st.condition))
-
-
-def str_map(values: Mapping[str, str]) -> dict[str, str]:
-    return dict(values)
 
 
 def controller_capabilities(

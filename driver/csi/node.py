@@ -22,9 +22,8 @@ CAPABILITIES = (
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):
-    def __init__(self, core: NodeCore, max_volumes: int) -> None:
+    def __init__(self, core: NodeCore) -> None:
         self.core = core
-        self.max_volumes = max_volumes
 
     def NodeGetCapabilities(
         self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
@@ -42,7 +41,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         node = self.core.ctx.node_id
         return csi_pb2.NodeGetInfoResponse(
             node_id=node,
-            max_volumes_per_node=self.max_volumes,
+            max_volumes_per_node=self.core.ctx.max_volumes_per_node,
             accessible_topology=convert.topology(node),
         )
 

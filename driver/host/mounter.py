@@ -22,10 +22,6 @@ class Mounter:
         self._runner = runner
 
     # --- queries ---------------------------------------------------------------------------
-    @staticmethod
-    def mounts_at(path: str) -> list[mountinfo.MountEntry]:
-        return mountinfo.mounts_at(path)
-
     def is_mounted(self, path: str) -> bool:
         return bool(mountinfo.mounts_at(path))
 

@@ -90,7 +90,6 @@ def build_ctx(host: FakeHost, store: Store, pool: ImagePool, **kw: object) -> Po
         loops=LoopManager(host.runner, sys_block=host.sys_block),
         mounter=Mounter(host.runner),
         fs=RecordingFilesystems(host.runner),
-        runner=host.runner,
         **kw,  # type: ignore[arg-type]
     )
 

@@ -13,10 +13,11 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from driver.errors import CommandFailed
+from driver.errors import Aborted, CommandFailed
 from driver.host.exec import DEFAULT_TIMEOUT, Result
 from driver.host.fs import Filesystems
 from driver.host.mountinfo import MountEntry
+from driver.storage.locks import KeyedLocks
 
 Handler = Callable[[list[str]], "tuple[int, str, str] | Result"]
 
@@ -287,3 +288,12 @@ def sqlite_full() -> sqlite3.OperationalError:
     exc = sqlite3.OperationalError("database or disk is full")
     exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
     return exc
+
+
+def busy(locks: KeyedLocks, key: str) -> bool:
+    """True when `key` is held: a try-lock of it is refused."""
+    try:
+        with locks.hold(key):
+            return False
+    except Aborted:
+        return True

@@ -536,7 +536,6 @@ def test_node_expand_order(
 ) -> None:
     v = make(controller)
     node.stage(v.id, staging, RW)
-    controller.expand_volume(v.id, CapacityRange(32 * MiB))
     events: list[str] = []
     real_expand = ctx.backend.expand
 
@@ -555,6 +554,36 @@ def test_node_expand_order(
     assert node.expand(v.id, staging, CapacityRange(32 * MiB)) == 32 * MiB
     assert events == [f"image {32 * MiB}", f"losetup --set-capacity {DEV}", f"resize2fs -- {DEV}"]
     assert ctx.loops.size_bytes(DEV) == 32 * MiB
+    assert ctx.store.get_volume(v.id).size == 32 * MiB  # type: ignore[union-attr]
+    assert ctx.store.journal() == []
+
+
+def test_node_expand_refused_growth_leaves_no_journal_and_the_retry_completes(
+    node: NodeCore,
+    controller: ControllerCore,
+    ctx: PoolContext,
+    staging: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ext4 without CAP_SYS_RESOURCE: the image grew, the filesystem could not. The record keeps
+    the old size, no journal entry stays open (stowagectl check would flag it), and the CO's
+    retry grows the rest."""
+    v = make(controller)
+    node.stage(v.id, staging, RW)
+    real_grow = ctx.fs.grow
+
+    def refuse(*args: object) -> None:
+        raise FailedPrecondition("the kernel refused to resize ext4")
+
+    monkeypatch.setattr(ctx.fs, "grow", refuse)
+    with pytest.raises(FailedPrecondition):
+        node.expand(v.id, staging, CapacityRange(32 * MiB))
+    assert ctx.backend.volume_size(v.id) == 32 * MiB
+    assert ctx.store.get_volume(v.id).size == v.size  # type: ignore[union-attr]
+    assert ctx.store.journal() == []
+    monkeypatch.setattr(ctx.fs, "grow", real_grow)
+    assert node.expand(v.id, staging, CapacityRange(32 * MiB)) == 32 * MiB
+    assert ctx.store.get_volume(v.id).size == 32 * MiB  # type: ignore[union-attr]
 
 
 def test_node_expand_unknown_path_is_not_found(
