@@ -153,7 +153,8 @@ class PoolUsage:
 
 @dataclass(frozen=True)
 class TrashItem:
-    """A deleted or orphaned image waiting in <pool>/trash for reclamation."""
+    """An orphaned image (no record described it) waiting in <pool>/trash for reclamation;
+    deleted images are unlinked, never trashed."""
 
     name: str
     age_seconds: float
