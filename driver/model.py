@@ -53,9 +53,6 @@ DEFAULT_FS_TYPE = "ext4"
 
 # Smallest filesystem each mkfs accepts (with our options), so CreateVolume can round up or refuse.
 MIN_FS_SIZE = {"ext4": 1 * MiB, "xfs": 300 * MiB, "btrfs": 128 * MiB}
-MIN_BLOCK_SIZE = 1 * MiB
-SIZE_ALIGNMENT = 1 * MiB
-DEFAULT_VOLUME_SIZE = 1 * GiB
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from driver import TOPOLOGY_KEY, faults, ids, validation
+from driver.core import sizing
 from driver.core.pool import PoolContext
 from driver.errors import (
     Aborted,
@@ -103,7 +104,7 @@ class ControllerCore:
                     fs_type = origin.fs_type
                 floor = origin.size
                 formatted = origin.formatted
-            size = validation.resolve_size(rng, access, fs_type or "ext4", floor)
+            size = sizing.resolve_size(rng, access, fs_type or "ext4", floor)
             # A filesystem made on one sector size may not mount on another: a clone or restore
             # keeps its origin's, a new volume takes the node's current setting.
             sector_size = origin.sector_size if origin is not None else self.ctx.loop_sector_size
@@ -274,9 +275,9 @@ class ControllerCore:
         self, volume_id: str, caps: Sequence[Capability], parameters: Mapping[str, str]
     ) -> str:
         """Empty string when every capability is supported for the volume, else the reason."""
-        validation.require_volume_id(volume_id)
-        if not caps:
+        if not caps:  # a request without capabilities is malformed whatever the ID
             raise InvalidArgument("volume_capabilities is required")
+        validation.require_volume_id(volume_id)
         vol = self._volume(volume_id)
         return validation.unsupported_capability(
             volume_id, caps, vol.access_type, vol.fs_type, vol.formatted
@@ -403,4 +404,4 @@ def expand_request(volume_id: str, rng: CapacityRange | None, cap: Capability | 
     if cap is not None:
         validation.check_capability(cap)
         access, fs_type = cap.access_type, cap.fs_type or DEFAULT_FS_TYPE
-    return validation.resolve_size(rng, access, fs_type)
+    return sizing.resolve_size(rng, access, fs_type)

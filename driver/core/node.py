@@ -7,6 +7,7 @@ import os
 import stat
 
 from driver import faults, validation
+from driver.core import sizing
 from driver.core.pool import PoolContext
 from driver.errors import (
     AlreadyExists,
@@ -461,7 +462,7 @@ class NodeCore:
             raise InvalidArgument("volume_path is required")
         validation.require_volume_id(volume_id)
         if rng is not None:
-            validation.check_range(rng)
+            sizing.check_range(rng)
         self.ctx.require_healthy()
         with self.ctx.locks.hold(volume_id):
             vol = self._volume(volume_id)
@@ -475,7 +476,7 @@ class NodeCore:
                     "volumes never shrink"
                 )
             if want > vol.size:
-                want = validation.resolve_size(
+                want = sizing.resolve_size(
                     CapacityRange(want, rng.limit if rng else 0),
                     vol.access_type,
                     vol.fs_type or DEFAULT_FS_TYPE,

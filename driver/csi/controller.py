@@ -15,7 +15,6 @@ from csi_proto import csi_pb2, csi_pb2_grpc
 from driver.core.controller import ControllerCore, VolumeStatus, expand_request
 from driver.csi import convert
 from driver.errors import Unimplemented
-from driver.validation import present
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
 
@@ -93,7 +92,6 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         core = self._pool("ValidateVolumeCapabilities")
-        present(volume_id=request.volume_id, volume_capabilities=len(request.volume_capabilities))
         caps = convert.capabilities(request.volume_capabilities)
         reason = core.validate_capabilities(request.volume_id, caps, dict(request.parameters))
         if reason:

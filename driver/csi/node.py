@@ -53,9 +53,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             staging_target_path=request.staging_target_path,
             volume_capability=request.HasField("volume_capability"),
         )
-        cap = convert.required_capability(
-            request.HasField("volume_capability"), request.volume_capability
-        )
+        cap = convert.capability(request.volume_capability)
         self.core.stage(request.volume_id, request.staging_target_path, cap)
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -75,9 +73,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             target_path=request.target_path,
             volume_capability=request.HasField("volume_capability"),
         )
-        cap = convert.required_capability(
-            request.HasField("volume_capability"), request.volume_capability
-        )
+        cap = convert.capability(request.volume_capability)
         self.core.publish(
             request.volume_id,
             request.staging_target_path,

@@ -9,6 +9,7 @@ import pytest
 from driver import TOPOLOGY_KEY, ids
 from driver.core.controller import ControllerCore, expand_request
 from driver.core.pool import PoolContext
+from driver.core.sizing import DEFAULT_VOLUME_SIZE
 from driver.errors import (
     Aborted,
     AlreadyExists,
@@ -20,7 +21,6 @@ from driver.errors import (
     Unavailable,
 )
 from driver.model import (
-    DEFAULT_VOLUME_SIZE,
     AccessMode,
     AccessType,
     Capability,
