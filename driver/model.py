@@ -48,11 +48,18 @@ class AccessMode(enum.IntEnum):
         return self is AccessMode.SINGLE_NODE_SINGLE_WRITER
 
 
-SUPPORTED_FS_TYPES = ("ext4", "xfs", "btrfs")
-DEFAULT_FS_TYPE = "ext4"
+class FsType(enum.StrEnum):
+    """A filesystem Stowage makes on a volume. Block volumes have none. What each one needs
+    (mkfs arguments, minimum size, mount options, check, growth) is one table:
+    driver.host.fs.FILESYSTEMS."""
 
-# Smallest filesystem each mkfs accepts (with our options), so CreateVolume can round up or refuse.
-MIN_FS_SIZE = {"ext4": 1 * MiB, "xfs": 300 * MiB, "btrfs": 128 * MiB}
+    EXT4 = "ext4"
+    XFS = "xfs"
+    BTRFS = "btrfs"
+
+
+SUPPORTED_FS_TYPES = tuple(t.value for t in FsType)
+DEFAULT_FS_TYPE = FsType.EXT4
 
 
 @dataclass(frozen=True)

@@ -400,7 +400,7 @@ def expand_request(volume_id: str, rng: CapacityRange | None, cap: Capability | 
     validation.require_volume_id(volume_id)
     if rng is None or (rng.required == 0 and rng.limit == 0):
         raise InvalidArgument("capacity_range is required")
-    access, fs_type = AccessType.MOUNT, DEFAULT_FS_TYPE
+    access, fs_type = AccessType.MOUNT, str(DEFAULT_FS_TYPE)
     if cap is not None:
         validation.check_capability(cap)
         access, fs_type = cap.access_type, cap.fs_type or DEFAULT_FS_TYPE

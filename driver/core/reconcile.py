@@ -61,7 +61,7 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
             log.error("volume %s is recorded but its image is missing from the pool", vid)
 
     # 3. Staging and publication records against the mount table (a reboot empties it).
-    entries = mountinfo.read()
+    entries = ctx.host.mounts()
     stagings = {s.volume_id: s for s in store.stagings()}
     loops_by_file = ctx.loops.by_backing_file()  # one sysfs pass, not one per staging
     for vid, staging in list(stagings.items()):

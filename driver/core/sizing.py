@@ -4,7 +4,8 @@ ControllerExpandVolume and NodeExpandVolume."""
 from __future__ import annotations
 
 from driver.errors import InvalidArgument, OutOfRange
-from driver.model import MIN_FS_SIZE, AccessType, CapacityRange, GiB, MiB
+from driver.host import fs
+from driver.model import AccessType, CapacityRange, GiB, MiB
 
 MIN_BLOCK_SIZE = 1 * MiB
 SIZE_ALIGNMENT = 1 * MiB
@@ -30,7 +31,7 @@ def resolve_size(rng: CapacityRange, access: AccessType, fs_type: str, floor: in
     """The size to allocate for a capacity range: at least `floor` (e.g. the source's size) and
     the filesystem's minimum, rounded up to SIZE_ALIGNMENT, never above the limit."""
     check_range(rng)
-    minimum = MIN_FS_SIZE[fs_type] if access is AccessType.MOUNT else MIN_BLOCK_SIZE
+    minimum = fs.spec(fs_type).min_size if access is AccessType.MOUNT else MIN_BLOCK_SIZE
     lower = max(rng.required, minimum, floor)
     want = max(rng.required or DEFAULT_VOLUME_SIZE, lower)
     if rng.limit:

@@ -26,6 +26,7 @@ from driver.host.exec import SubprocessRunner
 from driver.host.fs import Filesystems
 from driver.host.loop import LoopManager
 from driver.host.mounter import Mounter
+from driver.host.system import SystemHost
 from driver.metrics import Metrics, PoolSample
 from driver.storage.image import ImagePool
 from driver.storage.locks import KeyedLocks
@@ -48,6 +49,7 @@ def parse_endpoint(endpoint: str) -> tuple[str, str]:
 
 def open_pool(cfg: Config) -> PoolContext:
     runner = SubprocessRunner()
+    host = SystemHost()
     backend = ImagePool(cfg.pool_dir, reserved_bytes=cfg.reserved_bytes)
     store = Store(os.path.join(cfg.pool_dir, "meta.db"), before_write=backend.keep_metadata_room)
     return PoolContext(
@@ -56,8 +58,9 @@ def open_pool(cfg: Config) -> PoolContext:
         backend=backend,
         locks=KeyedLocks(),
         loops=LoopManager(runner),
-        mounter=Mounter(runner),
+        mounter=Mounter(runner, host),
         fs=Filesystems(runner),
+        host=host,
         max_volumes_per_node=cfg.max_volumes_per_node,
         loop_sector_size=cfg.loop_sector_size,
     )

@@ -74,7 +74,7 @@ def _stage_then_lose_mounts(
     ctx.store.put_publication(
         Publication(v.id, os.path.join(kubelet, "t"), False, AccessMode.SINGLE_NODE_WRITER)
     )
-    host.mounts.clear()  # the mounts vanished (crash, manual umount); the loop is still there
+    host.mount_table.clear()  # the mounts vanished (crash, manual umount); the loop is still there
     return v.id
 
 

@@ -10,8 +10,8 @@ from driver import validation
 from driver.core import sizing
 from driver.core.sizing import DEFAULT_VOLUME_SIZE, MIN_BLOCK_SIZE, SIZE_ALIGNMENT
 from driver.errors import InvalidArgument, NotFound, OutOfRange
+from driver.host.fs import spec
 from driver.model import (
-    MIN_FS_SIZE,
     AccessMode,
     AccessType,
     Capability,
@@ -47,7 +47,7 @@ def test_resolve_size_properties(
 ) -> None:
     access, fs = kind
     rng = CapacityRange(required, limit)
-    minimum = MIN_FS_SIZE[fs] if access is AccessType.MOUNT else MIN_BLOCK_SIZE
+    minimum = spec(fs).min_size if access is AccessType.MOUNT else MIN_BLOCK_SIZE
     need = max(required, minimum, floor)
     if limit and required > limit:
         with pytest.raises(InvalidArgument):
