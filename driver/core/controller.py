@@ -397,9 +397,10 @@ def expand_request(volume_id: str, rng: CapacityRange | None, cap: Capability | 
     Nothing here reads the pool or the cluster, so controller mode (no pool) and `all` mode run
     the same code. A well-formed ID of a volume that does not exist gets an answer too; the CO
     then calls NodeExpandVolume, which looks and answers NOT_FOUND."""
+    # A missing field is INVALID_ARGUMENT whatever the ID looks like; then the ID's format.
+    validation.present(volume_id=volume_id, capacity_range=rng and (rng.required or rng.limit))
     validation.require_volume_id(volume_id)
-    if rng is None or (rng.required == 0 and rng.limit == 0):
-        raise InvalidArgument("capacity_range is required")
+    assert rng is not None
     access, fs_type = AccessType.MOUNT, str(DEFAULT_FS_TYPE)
     if cap is not None:
         validation.check_capability(cap)
