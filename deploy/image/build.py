@@ -478,6 +478,8 @@ def standins(out: Path, cache: Path) -> None:
         )
         ref = f"{STANDIN_REPO}/{prog}-standin:{tag}"
         image = mkimage.Image(
+            gzip=True,
+            gzip_cache=str(cache / "gzip"),
             ref=ref,
             layers=[base, deps, layer.tar()],
             epoch=lock.epoch,
