@@ -88,6 +88,10 @@ ENTRYPOINT = ("stowage-csi",)
 CMD = ("--help",)
 USER = f"{UID}:{GID}"
 CACHE = Path(os.environ.get("STOWAGE_IMAGE_CACHE", Path.home() / ".cache/stowage/image"))
+# Part of every cache key: a change to how layers are made is a change of input.
+RECIPE = hashlib.sha256(
+    (HERE / "build.py").read_bytes() + (HERE / "mkimage.py").read_bytes()
+).hexdigest()
 BASE_NAME = f"debian:{SUITE} (mmdebstrap, deploy/image/debian.lock)"
 
 
@@ -216,7 +220,7 @@ def mmdebstrap(out: str, includes: list[str], sources: list[str], epoch: int) ->
 def base_layer(lock: DebianLock, cache: Path) -> bytes:
     """The Debian layer, cached by the lock, the package list and this recipe."""
     key = hashlib.sha256(
-        "\n".join([lock.text(), PACKAGES.read_text(), *MMDEBSTRAP, DROP.pattern, "user 1"]).encode()
+        "\n".join([lock.text(), PACKAGES.read_text(), *MMDEBSTRAP, DROP.pattern, RECIPE]).encode()
     ).hexdigest()[:16]
     cached = cache / f"debian-{key}.tar"
     if cached.exists():
@@ -336,7 +340,7 @@ def deps_layer(cache: Path, epoch: int) -> bytes:
     """The wheels of requirements.lock installed under /usr/local/lib/python3.11, cached by
     the lock, the epoch and this recipe."""
     key = hashlib.sha256(
-        "\n".join([REQUIREMENTS_LOCK.read_text(), str(epoch), SITE, BIN, PYTHON, "deps 1"]).encode()
+        "\n".join([REQUIREMENTS_LOCK.read_text(), str(epoch), SITE, BIN, PYTHON, RECIPE]).encode()
     ).hexdigest()[:16]
     cached = cache / f"wheels-{key}.tar"
     if cached.exists():

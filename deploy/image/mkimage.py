@@ -118,7 +118,7 @@ class Layer:
         with tarfile.open(path) as tar:
             for ti in tar:
                 name = ti.name.removeprefix("./").rstrip("/")
-                if not name or drop(name):
+                if name in ("", ".") or drop(name):
                     continue
                 if ti.ischr() or ti.isblk() or ti.isfifo():
                     continue
