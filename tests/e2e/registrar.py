@@ -132,7 +132,12 @@ class Registrar:
 
 # --- the stand-in sidecar's command line (the e2e stand-in image runs this) --------------------
 
-STATUS_FILE = "/tmp/stowage-registrar-status"
+STATUS_NAME = ".registrar-standin-status"  # next to the driver's socket: writable in the pod
+
+
+def status_file(csi_address: str) -> str:
+    path = csi_address.removeprefix("unix://")
+    return os.path.join(os.path.dirname(path) or ".", STATUS_NAME)
 
 
 def plugin_name(csi_address: str, timeout: float = 5.0) -> str:
@@ -157,7 +162,9 @@ def plugin_name(csi_address: str, timeout: float = 5.0) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """node-driver-registrar's flags: register the driver with the kubelet, or (with
-    --mode=kubelet-registration-probe) exit 0 only once the kubelet said it registered it."""
+    --mode=kubelet-registration-probe) exit 0 only once the kubelet said it registered it.
+    The kubelet's answer is kept in a file beside the driver's socket (--csi-address's
+    directory, a writable hostPath in the chart's pod, whose root filesystem is read-only)."""
     import argparse
     import signal
     import sys
@@ -173,14 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--driver-name", default="", help="skip GetPluginInfo")
     ap.add_argument("--v", default="0")  # accepted like the real sidecar's klog flag
     a = ap.parse_args(argv)
+    status_path = status_file(a.csi_address)
     if a.mode == "kubelet-registration-probe":
         try:
-            with open(STATUS_FILE) as fh:
+            with open(status_path) as fh:
                 status = fh.read().strip()
         except FileNotFoundError:
             status = "not registered yet"
         print(status)
         return 0 if status == "registered" else 1
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(status_path)  # a previous run's answer is not this one's
     name = a.driver_name
     while not name:
         try:
@@ -198,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.wait(1):
         if reg.status is not None:
             ok, err = reg.status
-            with open(STATUS_FILE + ".part", "w") as fh:
+            with open(status_path + ".part", "w") as fh:
                 fh.write("registered\n" if ok else f"registration failed: {err}\n")
-            os.replace(STATUS_FILE + ".part", STATUS_FILE)
+            os.replace(status_path + ".part", status_path)
     reg.stop()
     return 0
 

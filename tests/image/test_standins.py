@@ -98,15 +98,67 @@ def test_healthz_fails_without_a_driver(tmp_path: Path) -> None:
     assert not ok and "probe failed" in msg
 
 
-def test_registrar_names_the_driver_and_probe_mode(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_registrar_names_the_driver_and_probe_mode(tmp_path: Path) -> None:
     sock = str(tmp_path / "csi.sock")
     with fake_driver(sock, [b""]):
         assert registrar.plugin_name(sock) == "stowage.csi.io"
-    status = tmp_path / "status"
-    monkeypatch.setattr(registrar, "STATUS_FILE", str(status))
-    probe = ["--kubelet-registration-path=/x/csi.sock", "--mode=kubelet-registration-probe"]
+    status = tmp_path / registrar.STATUS_NAME
+    probe = [
+        f"--csi-address={sock}",
+        "--kubelet-registration-path=/x/csi.sock",
+        "--mode=kubelet-registration-probe",
+    ]
     assert registrar.main(probe) == 1
     status.write_text("registered\n")
     assert registrar.main(probe) == 0
+
+
+def test_registrar_serves_the_kubelet_and_reports_registration(tmp_path: Path) -> None:
+    """Run the stand-in as the image does; play the kubelet's two calls on its socket."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.chart.util import REPO
+
+    csi = tmp_path / "plugin" / "csi.sock"
+    csi.parent.mkdir()
+    reg_dir = tmp_path / "registry"
+    args = [
+        f"--csi-address={csi}",
+        "--kubelet-registration-path=/var/lib/kubelet/plugins/stowage.csi.io/csi.sock",
+        f"--plugin-registration-path={reg_dir}",
+    ]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests/e2e/registrar.py"),
+            *args,
+            "--driver-name=stowage.csi.io",
+        ]
+    )
+    try:
+        sock = reg_dir / "stowage.csi.io-reg.sock"
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        probe = [sys.executable, str(REPO / "tests/e2e/registrar.py"), *args,
+                 "--mode=kubelet-registration-probe"]  # fmt: skip
+        assert subprocess.run(probe, capture_output=True).returncode == 1
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            call = lambda m, b: ch.unary_unary(  # noqa: E731
+                f"/pluginregistration.Registration/{m}",
+                request_serializer=None, response_deserializer=None,
+            )(b, timeout=5)  # fmt: skip
+            info = call("GetInfo", b"")
+            assert b"CSIPlugin" in info and b"/var/lib/kubelet/plugins/stowage.csi.io" in info
+            call("NotifyRegistrationStatus", b"\x08\x01")
+        deadline = time.monotonic() + 10
+        while subprocess.run(probe, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "probe never saw the registration"
+            time.sleep(0.3)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    assert not (reg_dir / "stowage.csi.io-reg.sock").exists()
