@@ -268,22 +268,13 @@ def pip(*args: str) -> None:
     run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args])
 
 
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "csi_proto", "driver")  # the Dockerfile's COPYs
+
+
 def tracked_source(dest: Path) -> None:
     """The files the wheel is made of, as tracked by git (with their working-tree content)."""
     out = run(
-        [
-            "git",
-            "-C",
-            str(REPO),
-            "ls-files",
-            "-z",
-            "--",
-            "pyproject.toml",
-            "README.md",
-            "csi_proto",
-            "driver",
-        ],
-        capture_output=True,
+        ["git", "-C", str(REPO), "ls-files", "-z", "--", *WHEEL_SOURCES], capture_output=True
     ).stdout
     for rel in filter(None, out.split("\0")):
         src = REPO / rel
@@ -330,10 +321,17 @@ def wheels(cache: Path) -> Path:
 
 
 def revision() -> str:
+    """HEAD, with -dirty when a file the wheel is made of differs from it."""
     proc = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
     )
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+    if proc.returncode:
+        return "unknown"
+    changed = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", *WHEEL_SOURCES],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return proc.stdout.strip() + ("-dirty" if changed.strip() else "")
 
 
 def deps_layer(cache: Path, epoch: int) -> bytes:

@@ -129,3 +129,9 @@ def test_labels_agree() -> None:
             assert value == ours[key], key
     base = dict(a.split("=", 1) for i, a in df.instructions() if i == "ARG" and "=" in a)
     assert base["BASE_IMAGE"].startswith(f"debian:{build.SUITE}"), base
+
+
+def test_the_wheel_is_made_of_the_same_files() -> None:
+    copies = [shlex.split(a) for i, a in build_stage() if i == "COPY"]
+    sources = {s.rstrip("/") for c in copies for s in c[:-1]} - {"deploy/image/requirements.lock"}
+    assert sources == set(build.WHEEL_SOURCES)
