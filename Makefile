@@ -13,13 +13,15 @@ STATE ?= $(CURDIR)/.run
 REPORTS ?= $(CURDIR)/reports
 PROTO_GEN := $(PY) -m grpc_tools.protoc -I . --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) csi_proto/csi.proto
 
-.PHONY: help deps proto check-generated lint test test-unit test-integration test-faults test-hostile test-hardening e2e-tools e2e test-chart sanity run image clean bench bench-quick bench-deps
+.PHONY: help deps proto check-generated lint test test-unit test-integration test-faults test-hostile test-hardening e2e-tools e2e test-chart sanity run image image-lock image-docker test-image e2e-images clean bench bench-quick bench-deps
 
 help:
 	@echo "make run              start the driver on an embedded XFS pool and run the demo"
 	@echo "make test             lint, check generated code, unit + integration + chart tests, csi-sanity"
 	@echo "make proto            regenerate csi_proto/ stubs from csi_proto/csi.proto"
 	@echo "make check-generated  prove the committed stubs match csi.proto"
+	@echo "make image            the Stowage OCI image without a container engine (.image/)"
+	@echo "make test-image       root, slow: two image builds give one digest; it runs"
 	@echo "make test-hostile     the hostile input corpus (root): bad IDs, names, sizes, flags, paths, secrets"
 	@echo "make bench            root: data path, snapshots, control path, scale vs targets (~20 min)"
 	@echo "make bench-quick      the same, short runs and smaller scale (< 3 min)"
@@ -40,8 +42,9 @@ check-generated: deps
 	done; echo "generated code matches csi_proto/csi.proto"
 
 lint: deps
-	$(VENV)/bin/ruff check driver tests bench
+	$(VENV)/bin/ruff check driver tests bench deploy
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy deploy/image tests/e2e/livenessprobe.py tests/e2e/registrar.py
 	$(VENV)/bin/lint-imports
 
 test-unit: deps
@@ -92,12 +95,33 @@ bench: bench-deps
 bench-quick: bench-deps
 	$(PY) -m bench --quick $(BENCH_ARGS)
 
-image:
+# The Stowage image without a container engine (deploy/image/build.py): OCI layout .image/oci
+# and archive .image/stowage-csi-<version>.oci.tar, from the lock files in deploy/image/.
+image: deps
+	@command -v mmdebstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null; }
+	$(PY) deploy/image/build.py build
+
+image-lock: deps  # re-resolve deploy/image/debian.lock and requirements.lock from the mirrors
+	@command -v mmdebstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null; }
+	$(PY) deploy/image/build.py lock
+
+image-docker:  # the same image from deploy/Dockerfile, for machines with a container engine
 	v=$$($(PY) -c 'import driver; print(driver.__version__)'); \
 	docker build -f deploy/Dockerfile --build-arg VERSION=$$v --build-arg REVISION=$$(git rev-parse HEAD) -t stowage-csi:$$v .
 
+test-image: deps  # root, slow (two cold builds): reproducible digest, skopeo/umoci/chroot checks
+	@for p in mmdebstrap skopeo umoci; do command -v $$p >/dev/null || need="$$need $$p"; done; \
+	if [ -n "$$need" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need >/dev/null; fi
+	STOWAGE_IMAGE_BUILD=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/image
+
+e2e-images: image  # sidecar, stand-in and Stowage images for the e2e node: ~/.cache/stowage/e2e/images
+	PY=$(PY) tests/e2e/tools/build-images.sh >/dev/null
+	@d=$$HOME/.cache/stowage/e2e/images; v=$$($(PY) -c 'import driver; print(driver.__version__)'); \
+	cp .image/stowage-csi-$$v.oci.tar $$d/stowage-csi.oci.tar; echo docker.io/library/stowage-csi:$$v >$$d/stowage-csi.ref; \
+	ls -l $$d
+
 clean:
-	rm -rf $(REPORTS) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(REPORTS) .image .mypy_cache .ruff_cache .pytest_cache
 
 .PHONY: e2e-node-tools e2e-node e2e-node-smoke
 e2e-node-tools: deps

@@ -128,3 +128,92 @@ class Registrar:
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
+
+
+# --- the stand-in sidecar's command line (the e2e stand-in image runs this) --------------------
+
+STATUS_NAME = ".registrar-standin-status"  # next to the driver's socket: writable in the pod
+
+
+def status_file(csi_address: str) -> str:
+    path = csi_address.removeprefix("unix://")
+    return os.path.join(os.path.dirname(path) or ".", STATUS_NAME)
+
+
+def plugin_name(csi_address: str, timeout: float = 5.0) -> str:
+    """GetPluginInfo over the driver's socket: the driver name (field 1)."""
+    target = csi_address if "://" in csi_address else f"unix://{csi_address}"
+    with grpc.insecure_channel(target) as channel:
+        reply = channel.unary_unary(
+            "/csi.v1.Identity/GetPluginInfo", request_serializer=None, response_deserializer=None
+        )(b"", timeout=timeout)
+    reply = bytes(reply)
+    i = 0
+    while i < len(reply):
+        key, i = _read_varint(reply, i)
+        if key & 7 != 2:
+            raise ValueError("unexpected GetPluginInfo field")
+        n, i = _read_varint(reply, i)
+        if key >> 3 == 1:
+            return reply[i : i + n].decode()
+        i += n
+    raise ValueError("GetPluginInfo has no name")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """node-driver-registrar's flags: register the driver with the kubelet, or (with
+    --mode=kubelet-registration-probe) exit 0 only once the kubelet said it registered it.
+    The kubelet's answer is kept in a file beside the driver's socket (--csi-address's
+    directory, a writable hostPath in the chart's pod, whose root filesystem is read-only)."""
+    import argparse
+    import signal
+    import sys
+    import time
+
+    ap = argparse.ArgumentParser(prog="csi-node-driver-registrar (stowage stand-in)")
+    ap.add_argument("--csi-address", default="/run/csi/socket")
+    ap.add_argument("--kubelet-registration-path", required=True,
+                    help="the driver's socket as the kubelet sees it")
+    ap.add_argument("--plugin-registration-path", default="/registration")
+    ap.add_argument("--mode", default="registration",
+                    choices=["registration", "kubelet-registration-probe"])
+    ap.add_argument("--driver-name", default="", help="skip GetPluginInfo")
+    ap.add_argument("--v", default="0")  # accepted like the real sidecar's klog flag
+    a = ap.parse_args(argv)
+    status_path = status_file(a.csi_address)
+    if a.mode == "kubelet-registration-probe":
+        try:
+            with open(status_path) as fh:
+                status = fh.read().strip()
+        except FileNotFoundError:
+            status = "not registered yet"
+        print(status)
+        return 0 if status == "registered" else 1
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(status_path)  # a previous run's answer is not this one's
+    name = a.driver_name
+    while not name:
+        try:
+            name = plugin_name(a.csi_address)
+        except (grpc.RpcError, ValueError) as exc:
+            print(f"waiting for the driver at {a.csi_address}: {exc}", file=sys.stderr)
+            time.sleep(1)
+    reg = Registrar("/", name, a.kubelet_registration_path)
+    reg.socket = os.path.join(a.plugin_registration_path, f"{name}-reg.sock")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    reg.start()
+    print(f"serving {reg.socket} for {name} at {a.kubelet_registration_path}", file=sys.stderr)
+    while not stop.wait(1):
+        if reg.status is not None:
+            ok, err = reg.status
+            with open(status_path + ".part", "w") as fh:
+                fh.write("registered\n" if ok else f"registration failed: {err}\n")
+            os.replace(status_path + ".part", status_path)
+    reg.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
