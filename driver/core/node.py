@@ -20,6 +20,7 @@ from driver.host import mountinfo
 from driver.host.loop import LoopDevice
 from driver.host.mounter import SAFE_DEFAULTS
 from driver.model import (
+    AccessMode,
     AccessType,
     Capability,
     CapacityRange,
@@ -88,11 +89,16 @@ class NodeCore:
         return self._carries(staging.path, loop.device)
 
     # --- stage --------------------------------------------------------------------------------
-    def stage(self, volume_id: str, staging_path: str, cap: Capability) -> None:
+    def stage(
+        self, volume_id: str, staging_path: str, cap: Capability, pool_uuid: str = ""
+    ) -> None:
+        """`pool_uuid` is the pool the volume context names ("" for volumes made before pools
+        had an identity)."""
         validation.require_volume_id(volume_id)
         staging_path = self._path("staging_target_path", staging_path)
         validation.check_capability(cap)
         self.ctx.require_healthy()
+        self.ctx.require_pool(pool_uuid)
         with self.ctx.locks.hold(volume_id):
             self._stage(self._volume(volume_id), staging_path, cap)
 
@@ -219,6 +225,7 @@ class NodeCore:
                 )
             self.ctx.fs.format(device, fs_type)
             faults.hit("stage:formatted")
+        self.ctx.backend.amend_record(vol.id, formatted=True, fs_type=fs_type)
         self.ctx.store.set_formatted(vol.id, fs_type)
 
     def _grow_ext4_offline(self, device: str) -> None:
@@ -275,6 +282,7 @@ class NodeCore:
         target: str,
         cap: Capability,
         readonly: bool,
+        pool_uuid: str = "",
     ) -> None:
         validation.require_volume_id(volume_id)
         staging_path = self._path("staging_target_path", staging_path)
@@ -283,6 +291,7 @@ class NodeCore:
             raise InvalidArgument(f"target_path {target} must not be the staging path or inside it")
         validation.check_capability(cap)
         self.ctx.require_healthy()
+        self.ctx.require_pool(pool_uuid)
         with self.ctx.locks.hold(volume_id):
             vol = self._volume(volume_id)
             self._check_access(vol, cap)
@@ -293,7 +302,11 @@ class NodeCore:
                     raise AlreadyExists(f"{target} already publishes volume {existing.volume_id}")
                 staging = self.ctx.store.staging(volume_id)
                 if staging is not None and self._published_ok(vol, staging, target):
-                    if existing.readonly != readonly or existing.access_mode != cap.access_mode:
+                    # UNKNOWN: a publication found again in the mount table (rebuilt store).
+                    adopted = existing.access_mode is AccessMode.UNKNOWN
+                    if not adopted and (
+                        existing.readonly != readonly or existing.access_mode != cap.access_mode
+                    ):
                         raise AlreadyExists(
                             f"volume {volume_id} is already published at {target} with "
                             f"readonly={existing.readonly}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from driver.errors import Unavailable
+from driver.errors import FailedPrecondition, Unavailable
 from driver.host.exec import Runner
 from driver.host.fs import Filesystems
 from driver.host.loop import LoopManager
@@ -30,6 +30,17 @@ class PoolContext:
     runner: Runner
     max_volumes_per_node: int = 0
     loop_sector_size: int = 4096
+    pool_uuid: str = ""  # the pool's identity (pool.json); "" for a pool opened without one
+
+    def require_pool(self, named: str) -> None:
+        """A volume whose context names another pool is not on this node's pool: the disk that
+        held it is not the one mounted here (or the directory is a fresh pool)."""
+        if named and self.pool_uuid and named != self.pool_uuid:
+            raise FailedPrecondition(
+                f"the volume belongs to pool {named}, but the pool on node {self.node_id} is "
+                f"{self.pool_uuid}: is the right disk mounted at the pool directory? "
+                "(see docs/operations.md)"
+            )
 
     def require_healthy(self) -> None:
         """Refuse a call before it acts when the pool's directories are gone or read-only.

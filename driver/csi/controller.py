@@ -58,7 +58,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             requisite=convert.segments(req.requisite),
             preferred=convert.segments(req.preferred),
         )
-        return csi_pb2.CreateVolumeResponse(volume=convert.volume(vol, self._node))
+        return csi_pb2.CreateVolumeResponse(
+            volume=convert.volume(vol, self._node, self.core.ctx.pool_uuid)
+        )
 
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
@@ -107,7 +109,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         self, st: VolumeStatus
     ) -> tuple[csi_pb2.Volume, list[str], csi_pb2.VolumeCondition]:
         return (
-            convert.volume(st.volume, self._node),
+            convert.volume(st.volume, self._node, self.core.ctx.pool_uuid),
             st.published_nodes,
             convert.condition(st.condition),
         )

@@ -20,6 +20,7 @@ from driver.model import (
     Volume,
     VolumeStats,
 )
+from driver.records import VOLUME_CONTEXT_POOL_UUID
 
 
 def capability(cap: csi_pb2.VolumeCapability) -> Capability:
@@ -80,11 +81,11 @@ def topology(node_id: str) -> csi_pb2.Topology:
     return csi_pb2.Topology(segments={TOPOLOGY_KEY: node_id})
 
 
-def volume(vol: Volume, node_id: str) -> csi_pb2.Volume:
+def volume(vol: Volume, node_id: str, pool_uuid: str = "") -> csi_pb2.Volume:
     out = csi_pb2.Volume(
         volume_id=vol.id,
         capacity_bytes=vol.size,
-        volume_context=volume_context(vol, node_id),
+        volume_context=volume_context(vol, node_id, pool_uuid),
         accessible_topology=[topology(node_id)],
     )
     if vol.source is not None:
@@ -95,11 +96,18 @@ def volume(vol: Volume, node_id: str) -> csi_pb2.Volume:
     return out
 
 
-def volume_context(vol: Volume, node_id: str) -> dict[str, str]:
+def volume_context(vol: Volume, node_id: str, pool_uuid: str = "") -> dict[str, str]:
     ctx = {"stowage.csi.io/node": node_id, "stowage.csi.io/access-type": vol.access_type.value}
     if vol.fs_type:
         ctx["stowage.csi.io/fs-type"] = vol.fs_type
+    if pool_uuid:
+        ctx[VOLUME_CONTEXT_POOL_UUID] = pool_uuid
     return ctx
+
+
+def pool_uuid(volume_context: Mapping[str, str]) -> str:
+    """The pool a volume context names ("" for volumes made before pools had an identity)."""
+    return volume_context.get(VOLUME_CONTEXT_POOL_UUID, "")
 
 
 def timestamp(seconds: float) -> Timestamp:

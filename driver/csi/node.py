@@ -57,7 +57,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         cap = convert.required_capability(
             request.HasField("volume_capability"), request.volume_capability
         )
-        self.core.stage(request.volume_id, request.staging_target_path, cap)
+        self.core.stage(
+            request.volume_id,
+            request.staging_target_path,
+            cap,
+            convert.pool_uuid(request.volume_context),
+        )
         return csi_pb2.NodeStageVolumeResponse()
 
     def NodeUnstageVolume(
@@ -85,6 +90,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             request.target_path,
             cap,
             request.readonly,
+            convert.pool_uuid(request.volume_context),
         )
         return csi_pb2.NodePublishVolumeResponse()
 
