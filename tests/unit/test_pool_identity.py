@@ -155,7 +155,8 @@ def test_damaged_or_foreign_store_is_refused_untouched(tmp_path: os.PathLike[str
     verify(db, uuid)
     with pytest.raises(StoreDamaged, match="belongs to pool"):
         verify(db, "another")
-    raw = open(db, "rb").read()
+    with open(db, "rb") as fh:
+        raw = fh.read()
     for damage in (raw[: len(raw) // 2] + b"\x00" * 10, b"garbage" * 1000, raw[:100]):
         with open(db, "wb") as fh:
             fh.write(damage)
@@ -215,7 +216,8 @@ def test_rebuild_moves_a_damaged_store_aside(host: FakeHost, tmp_path: os.PathLi
     report = rebuild_pool_dir(root)
     assert sorted(report.volumes + report.snapshots) == sorted(made)
     (aside,) = report.moved_aside
-    assert open(aside, "rb").read() == b"garbage" * 1000  # kept, never deleted
+    with open(aside, "rb") as fh:
+        assert fh.read() == b"garbage" * 1000  # kept, never deleted
     opened = open_pool_dir(root)
     try:
         assert len(opened.store.list_volumes()) == 3
@@ -263,7 +265,7 @@ def test_node_refuses_a_volume_of_another_pool(
     node = NodeCore(ctx)
     staging = os.path.join(kubelet, "s")
     os.mkdir(staging)
-    with pytest.raises(FailedPrecondition, match="belongs to pool other-pool.*is this-pool"):
+    with pytest.raises(FailedPrecondition, match=r"belongs to pool other-pool.*is this-pool"):
         node.stage(v.id, staging, RW, "other-pool")
     with pytest.raises(FailedPrecondition, match="other-pool"):
         node.publish(v.id, staging, os.path.join(kubelet, "t"), RW, False, "other-pool")
