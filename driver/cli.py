@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         running = server.start(cfg)
-    except StowageError as exc:
+    except (StowageError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     stop = threading.Event()

@@ -255,6 +255,9 @@ class NodeCore:
                 )
             image = self.ctx.backend.image_path(volume_id)
             loops = self.ctx.loops.find(image)
+            # Its image file deleted by hand while staged: the loop device holds the only copy.
+            rescue = [] if loops else self.ctx.deleted_image_loops(volume_id)
+            loops = loops or [lo for lo in self.ctx.loops.devices() if lo.device in rescue]
             top = mountinfo.top_mount_at(staging_path)
             if top is not None:
                 if not any(mountinfo.is_on(top, lo.device) for lo in loops):
@@ -269,6 +272,8 @@ class NodeCore:
                     raise FailedPrecondition(
                         f"{lo.device} of volume {volume_id} is still mounted elsewhere"
                     )
+                if rescue:  # unmounted now, so quiescent: write the image back before detaching
+                    self.ctx.rescue_deleted_image(volume_id)
                 self.ctx.loops.detach(lo.device)
                 faults.hit("unstage:detached")
             self.ctx.store.remove_staging(volume_id)
@@ -386,13 +391,26 @@ class NodeCore:
                 raise FailedPrecondition(
                     f"{target} publishes volume {pub.volume_id}, not {volume_id}"
                 )
+            ours = False  # an unrecorded mount that is provably this volume (rebuilt store)
             if self.ctx.mounter.is_mounted(target):
                 if pub is None:
-                    raise FailedPrecondition(
-                        f"{target} is mounted but Stowage did not publish {volume_id} there"
+                    top = mountinfo.top_mount_at(target)
+                    image = self.ctx.backend.image_path(volume_id)
+                    devices = [lo.device for lo in self.ctx.loops.find(image)]
+                    devices += self.ctx.deleted_image_loops(volume_id)
+                    ours = top is not None and any(mountinfo.is_on(top, d) for d in devices)
+                    if not ours:
+                        raise FailedPrecondition(
+                            f"{target} is mounted but Stowage did not publish {volume_id} there"
+                        )
+                    log.warning(
+                        "%s carries %s with no publication record; unmounting", target, volume_id
                     )
                 self.ctx.mounter.unmount(target)
                 faults.hit("unpublish:unmounted")
+            if ours:
+                self.ctx.mounter.remove_target(target)
+                return
             if pub is None:
                 # Nothing here is known to be ours (never published, or already undone): leave
                 # whatever is at the path; kubelet removes its own empty directories.
@@ -443,6 +461,13 @@ class NodeCore:
 
     def _condition(self, vol: Volume, staging: Staging) -> Condition:
         if self.ctx.backend.volume_size(vol.id) is None:
+            held = self.ctx.deleted_image_loops(vol.id)
+            if held:
+                return Condition(
+                    True,
+                    f"the image of {vol.id} was deleted from the pool; its data lives only in "
+                    f"{held[0]} until unstaged, and NodeUnstageVolume writes the image back",
+                )
             return Condition(True, f"the image of {vol.id} is missing from the pool")
         loop = self._loop(vol)
         if loop is None:

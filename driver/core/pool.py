@@ -10,6 +10,7 @@ from driver.host.exec import Runner
 from driver.host.fs import Filesystems
 from driver.host.loop import LoopManager
 from driver.host.mounter import Mounter
+from driver.records import ImageRecord
 from driver.storage.base import VolumeBackend
 from driver.storage.locks import KeyedLocks
 from driver.storage.store import Store
@@ -66,6 +67,25 @@ class PoolContext:
             f"the pool is full ({usage.free_bytes} bytes free): writes into the {unbacked} "
             "not yet allocated bytes of this volume fail until space is freed"
         )
+
+    def deleted_image_loops(self, volume_id: str) -> list[str]:
+        """Loop devices that still hold the deleted image of `volume_id` (the file was removed
+        by hand while the volume was attached): until detached, its only copy of the data."""
+        image = self.backend.image_path(volume_id)
+        return [lo.device for lo in self.loops.devices() if lo.deleted and lo.backing_file == image]
+
+    def rescue_deleted_image(self, volume_id: str) -> str:
+        """If the image of a recorded volume is gone but a loop device still holds it, write it
+        back from that device (which the caller has made quiescent). Returns the device, or ""
+        when there was nothing to rescue."""
+        if self.backend.volume_size(volume_id) is not None:
+            return ""
+        vol = self.store.get_volume(volume_id)
+        devices = self.deleted_image_loops(volume_id)
+        if vol is None or not devices:
+            return ""
+        self.backend.rescue_image(volume_id, devices[0], ImageRecord.of_volume(vol, self.pool_uuid))
+        return devices[0]
 
     def loop_rdev(self, device: str) -> int:
         return os.stat(device).st_rdev

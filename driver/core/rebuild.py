@@ -164,6 +164,11 @@ def open_pool_dir(
     pool_dir: str, *, reserved_bytes: int = 0, require_mountpoint: bool = False
 ) -> OpenedPool:
     ident = identity.open_identity(pool_dir, require_mountpoint=require_mountpoint)
+    if os.statvfs(pool_dir).f_flag & os.ST_RDONLY:
+        raise FailedPrecondition(
+            f"pool {os.path.realpath(pool_dir)} is on a read-only filesystem; remount it "
+            "read-write (the driver writes images and metadata there; nothing was changed)"
+        )
     lock_fd = identity.hold(pool_dir)
     try:
         backend = ImagePool(pool_dir, reserved_bytes=reserved_bytes, pool_uuid=ident.uuid)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from driver.core.pool import PoolContext
 from driver.errors import StowageError
 from driver.host import mountinfo
+from driver.host.loop import LoopDevice
 from driver.model import AccessMode, AccessType, Publication, Staging
 from driver.records import ImageRecord, RecordError
 
@@ -32,6 +33,7 @@ class Report:
     described: list[str] = field(default_factory=list)  # rows whose image got its record now
     unclaimed: list[str] = field(default_factory=list)  # images left in place, needing a person
     adopted_mounts: list[str] = field(default_factory=list)
+    rescued: list[str] = field(default_factory=list)  # deleted images written back from loops
     claimed_trash: list[str] = field(default_factory=list)
     reclaimed: int = 0
 
@@ -60,6 +62,7 @@ class Report:
             "described": len(self.described),
             "unclaimed": len(self.unclaimed),
             "adopted_mounts": len(self.adopted_mounts),
+            "rescued": len(self.rescued),
             "claimed_trash": len(self.claimed_trash),
             "reclaimed": self.reclaimed,
         }
@@ -90,6 +93,14 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
     known_vols = {v.id for v in store.list_volumes()}
     for vid in sorted(known_vols):
         if backend.volume_size(vid) is None:
+            if held := ctx.deleted_image_loops(vid):
+                log.error(
+                    "the image of volume %s was deleted from the pool; %s still holds it and "
+                    "its data is written back when the volume is unstaged",
+                    vid,
+                    held[0],
+                )
+                continue
             report.missing_images.append(vid)
             log.error("volume %s is recorded but its image is missing from the pool", vid)
     _describe_images(ctx, report)
@@ -97,9 +108,16 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
     # 3. Staging and publication records against the mount table (a reboot empties it).
     entries = mountinfo.read()
     stagings = {s.volume_id: s for s in store.stagings()}
-    loops_by_file = ctx.loops.by_backing_file()  # one sysfs pass, not one per staging
+    all_loops = ctx.loops.devices()  # one sysfs pass, not one per staging
+    loops_by_file: dict[str, list[LoopDevice]] = {}
+    for lo in all_loops:
+        if not lo.deleted:
+            loops_by_file.setdefault(lo.backing_file, []).append(lo)
+    # A loop that holds a deleted image still carries the volume: its staging stays live.
+    held_by = {lo.backing_file: [lo] for lo in all_loops if lo.deleted}
     for vid, staging in list(stagings.items()):
-        found = loops_by_file.get(backend.image_path(vid), []) if vid in known_vols else []
+        image = backend.image_path(vid)
+        found = (loops_by_file.get(image) or held_by.get(image, [])) if vid in known_vols else []
         ok = len(found) == 1 and found[0].device == staging.device
         if ok and staging.access_type is AccessType.MOUNT:
             tops = mountinfo.mounts_at(staging.path, entries)
@@ -134,6 +152,9 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
                 _thaw(ctx, loop.device, fs_mounts[0].mount_point, report)
             continue  # in use; never pull a device from under a mount
         owner = pool_images.get(loop.backing_file)
+        # An image deleted by hand while attached: this device holds the only copy.
+        if loop.deleted and owner is not None and ctx.rescue_deleted_image(owner):
+            report.rescued.append(owner)
         live = stagings.get(owner) if owner is not None and not loop.deleted else None
         if live is None or live.device != loop.device:
             ctx.loops.detach(loop.device)

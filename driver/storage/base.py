@@ -56,6 +56,10 @@ class VolumeBackend(Protocol):
         self, volume_id: str, snapshot_id: str, *, record: ImageRecord | None = None
     ) -> None: ...
 
+    def rescue_image(self, volume_id: str, device: str, record: ImageRecord | None) -> None:
+        """Write a deleted image again from the loop device that still holds it."""
+        ...
+
     def read_record(self, object_id: str) -> ImageRecord | None:
         """The image's own record, None when it has none; RecordError when unreadable."""
         ...

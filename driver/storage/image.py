@@ -342,6 +342,47 @@ class ImagePool:
         if new != old:
             self.write_record(new)
 
+    def rescue_image(self, volume_id: str, device: str, record: ImageRecord | None) -> None:
+        """Write the image of `volume_id` again from `device`, the loop device that still holds
+        its deleted inode (someone removed the file while the volume was staged). The device
+        must be quiescent (unmounted). Zero blocks stay holes; the copy is described, fsynced
+        and renamed into place like any copy."""
+        final = self.image_path(volume_id)
+        tmp = final + _TMP_SUFFIX
+        chunk = 1 << 20
+        zero = bytes(chunk)
+        try:
+            src = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                dst = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                try:
+                    size = os.lseek(src, 0, os.SEEK_END)
+                    offset = 0
+                    while offset < size:
+                        data = os.pread(src, min(chunk, size - offset), offset)
+                        if not data:
+                            break
+                        if data != zero[: len(data)]:
+                            os.pwrite(dst, data, offset)
+                        offset += len(data)
+                    os.ftruncate(dst, size)
+                    if record is not None:
+                        os.setxattr(dst, RECORD_XATTR, record.to_json())
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            self._publish(tmp, final)
+        except OSError as exc:
+            self._discard(tmp)
+            if _no_space(exc):
+                raise ResourceExhausted(
+                    f"the pool has no room to restore the image of {volume_id}: {exc.strerror}"
+                ) from exc
+            raise
+        log.warning("restored the deleted image of %s from %s", volume_id, device)
+
     def _probe_reflink(self) -> bool:
         a = os.path.join(self._trash, ".reflink-probe-a")
         b = os.path.join(self._trash, ".reflink-probe-b")
