@@ -171,10 +171,12 @@ def open_pool_dir(
         )
     lock_fd = identity.hold(pool_dir)
     try:
-        backend = ImagePool(pool_dir, reserved_bytes=reserved_bytes, pool_uuid=ident.uuid)
-        path = os.path.join(backend.root, identity.META_DB)
-        rebuilt = None
+        path = os.path.join(os.path.realpath(pool_dir), identity.META_DB)
         missing = not os.path.exists(path) or os.path.getsize(path) == 0
+        if not missing:
+            verify(path, ident.uuid)  # a damaged or foreign store: refused before anything moves
+        backend = ImagePool(pool_dir, reserved_bytes=reserved_bytes, pool_uuid=ident.uuid)
+        rebuilt = None
         if missing and _has_images(backend):
             log.warning(
                 "pool %s has images but no metadata store: rebuilding %s from the images' own "

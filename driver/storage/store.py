@@ -130,8 +130,11 @@ def verify(path: str, pool_uuid: str = "") -> None:
         "; the driver will not serve from it. Stop the driver and run "
         f"`stowagectl pool rebuild --pool-dir {os.path.dirname(path)}` (see docs/operations.md)"
     )
+    # Without a -wal file (a clean shutdown) the store is opened immutable, which creates no
+    # -wal/-shm beside it; with one, read-only, so that its committed frames are checked too.
+    flag = "mode=ro" if os.path.exists(path + "-wal") else "immutable=1"
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(f"file:{path}?{flag}", uri=True)
     except sqlite3.Error as exc:
         raise StoreDamaged(f"{what} cannot be opened: {exc}{advice}") from exc
     try:
