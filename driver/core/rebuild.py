@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from driver.errors import FailedPrecondition, StowageError
 from driver.model import Snapshot, Volume
-from driver.records import RecordError
+from driver.records import PoolRecord, RecordError
 from driver.storage import identity
 from driver.storage.image import ImagePool
 from driver.storage.store import Store, verify
@@ -199,16 +199,36 @@ def rebuild_pool_dir(pool_dir: str) -> RebuildReport:
     root = os.path.realpath(pool_dir)
     record = identity.read_identity(root)
     if record is None:
-        raise FailedPrecondition(
-            f"{root} has no pool.json: not a Stowage pool, or made before pools had an identity "
-            "(start the driver once with its meta.db in place to adopt it)"
-        )
+        record = _identity_from_records(root)
     lock_fd = identity.hold(root)
     try:
         backend = ImagePool(root, pool_uuid=record.uuid)
         return rebuild_store(backend, record.uuid)
     finally:
         os.close(lock_fd)
+
+
+def _identity_from_records(root: str) -> PoolRecord:
+    """pool.json is lost: the images' records name their pool; if they all agree, that is it."""
+    probe = ImagePool(root, inspect_only=True)
+    uuids: set[str] = set()
+    for object_id in probe.volume_ids() | probe.snapshot_ids():
+        try:
+            rec = probe.read_record(object_id)
+        except RecordError:
+            continue
+        if rec is not None and rec.pool_uuid:
+            uuids.add(rec.pool_uuid)
+    if len(uuids) != 1:
+        found = ", ".join(sorted(uuids)) or "none"
+        raise FailedPrecondition(
+            f"{root} has no pool.json and its images do not name one pool (found: {found}); "
+            "not a Stowage pool, or made before pools had an identity (start the driver once "
+            "with its meta.db in place to adopt it)"
+        )
+    (pool_uuid,) = uuids
+    log.warning("pool.json of %s was missing; wrote it again for pool %s", root, pool_uuid)
+    return identity.restore_identity(root, pool_uuid)
 
 
 def store_state(pool_dir: str, pool_uuid: str) -> str:

@@ -24,7 +24,9 @@ import errno
 import fcntl
 import logging
 import os
+import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 
 from driver.errors import FailedPrecondition, Unavailable
@@ -112,7 +114,10 @@ def open_identity(root: str, *, require_mountpoint: bool = False) -> Identity:
         log.info("made a new pool %s in %s", record.uuid, root)
         return Identity(record, "created")
     if META_DB in entries:
-        record = PoolRecord.new(time.time())
+        # A pool made before identities, or one whose pool.json was lost: a store that already
+        # names its pool keeps that UUID (its volumes carry it in their contexts).
+        known = recorded_uuid(os.path.join(root, META_DB))
+        record = PoolRecord(known, time.time()) if known else PoolRecord.new(time.time())
         _write_identity(root, record)
         _tighten(root)
         log.warning(
@@ -127,6 +132,31 @@ def open_identity(root: str, *, require_mountpoint: bool = False) -> Identity:
         f"{root} is not a Stowage pool (no pool.json) and is not empty ({shown}); refusing to "
         "make a pool there. Mount the pool's disk at it, or give --pool-dir an empty directory"
     )
+
+
+def recorded_uuid(db_path: str) -> str:
+    """The pool UUID a store recorded, "" when none or unreadable (never writes: immutable)."""
+    try:
+        db = sqlite3.connect(f"file:{db_path}?immutable=1", uri=True)
+        try:
+            rows = db.execute("SELECT value FROM meta WHERE key = 'pool_uuid'").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return ""
+    if not rows:
+        return ""
+    try:
+        return str(uuid.UUID(str(rows[0][0])))
+    except ValueError:
+        return ""
+
+
+def restore_identity(root: str, pool_uuid: str) -> PoolRecord:
+    """Write a lost pool.json again with the UUID the pool's images record."""
+    record = PoolRecord(pool_uuid, time.time())
+    _write_identity(os.path.realpath(root), record)
+    return record
 
 
 def _tighten(root: str) -> None:

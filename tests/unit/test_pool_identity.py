@@ -324,3 +324,24 @@ def test_bad_flag_is_one_line_and_exit_2_before_the_pool_opens(
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("stowage-csi: error: ")
     assert os.listdir(pool) == [] and not os.path.exists(sock)
+
+
+def test_lost_pool_json_keeps_the_pools_uuid(host: FakeHost, tmp_path: os.PathLike[str]) -> None:
+    """pool.json deleted: a store that names its pool, or the images' records, give the same
+    UUID back (volume contexts carry it), never a new one."""
+    root = os.path.join(str(tmp_path), "p")
+    os.mkdir(root)
+    ctx, _made = _pool_with_volumes(host, root)
+    uuid = ctx.pool_uuid
+    ctx.store.close()
+    os.unlink(os.path.join(root, "pool.json"))
+    assert identity.open_identity(root).uuid == uuid  # from meta.db
+    os.unlink(os.path.join(root, "pool.json"))
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(os.path.join(root, "meta.db" + suffix)):
+            os.unlink(os.path.join(root, "meta.db" + suffix))
+    with pytest.raises(FailedPrecondition, match="not a Stowage pool"):
+        identity.open_identity(root)  # images but neither file: refused
+    report = rebuild_pool_dir(root)  # the records name the pool: pool.json written again
+    assert len(report.volumes) == 3
+    assert identity.open_identity(root).uuid == uuid
