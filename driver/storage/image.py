@@ -82,6 +82,10 @@ class ImagePool:
             os.makedirs(d, mode=0o700, exist_ok=True)
             if os.stat(d).st_mode & 0o077:
                 os.chmod(d, 0o700)  # made before modes were enforced
+            for name in os.listdir(d):  # so were snapshot images (0644 then)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(os.path.join(d, name)).st_mode & 0o077:
+                        os.chmod(os.path.join(d, name), 0o600)
         self._reflink = self._probe_reflink()
         self._probe_xattr()
         self._reserve = os.path.join(self.root, META_RESERVE)
