@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from driver.errors import CommandFailed
+from driver.errors import CommandFailed, FailedPrecondition
 from driver.host import mountinfo
 from driver.host.exec import Runner, SubprocessRunner
 from driver.host.loop import LoopManager
@@ -79,12 +79,9 @@ def destroy(
     ]
     if outside:
         where = ", ".join(sorted({e.mount_point for e in outside}))
-        raise CommandFailed(
-            ["stowagectl", "pool", "destroy"],
-            1,
-            "",
+        raise FailedPrecondition(
             f"volumes of this pool are still mounted outside it ({where}); unpublish and "
-            "unstage them first",
+            "unstage them first (nothing was changed)"
         )
     steps: list[tuple[str, list[str] | None, str]] = []
     for entry in sorted(inside, key=lambda e: -len(e.mount_point)):

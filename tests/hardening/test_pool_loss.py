@@ -378,3 +378,27 @@ def test_every_pool_file_is_owner_only_after_a_full_volume_life(world: World) ->
     assert {"pool.json", "meta.db", ".meta-reserve", "meta.db.backup"} <= names
     assert any(n.startswith("s-") for n in names)
     assert not bad, "not owner-only:\n" + "\n".join(bad)
+
+
+def test_pool_destroy_touches_only_what_it_owns(world: World) -> None:
+    """`stowagectl pool destroy` refuses while a pool volume is mounted outside the pool (a
+    staging or target path), and --dry-run lists its steps without taking them."""
+    populate(world)
+    staged = world.placed[0]
+    with pytest.raises(Exception, match="still mounted outside"):
+        devpool.destroy(world.pool.image, world.pool.mount, dry_run=True)
+    dry = ctl(
+        "pool", "destroy", "--image", world.pool.image, "--mount", world.pool.mount, "--dry-run"
+    )
+    assert dry.returncode == 2 and "still mounted outside" in dry.stderr
+    assert mountinfo.top_mount_at(staged.staging) is not None  # nothing was unmounted
+    world.tidy()
+    stop(world)
+    before = [e.mount_point for e in mountinfo.mounts_under(world.pool.base)]
+    dry = ctl(
+        "pool", "destroy", "--image", world.pool.image, "--mount", world.pool.mount, "--dry-run"
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert f"would umount {world.pool.mount}" in dry.stdout
+    assert [e.mount_point for e in mountinfo.mounts_under(world.pool.base)] == before
+    start(world)
