@@ -399,6 +399,19 @@ class NodeCore:
                     devices = [lo.device for lo in self.ctx.loops.find(image)]
                     devices += self.ctx.deleted_image_loops(volume_id)
                     ours = top is not None and any(mountinfo.is_on(top, d) for d in devices)
+                    # ...but never its staging mount: recorded, or (no record) the first
+                    # filesystem mount of its device, which reconciliation takes for staging.
+                    staging = self.ctx.store.staging(volume_id)
+                    if staging is not None and staging.path == target:
+                        ours = False
+                    elif ours and top is not None and top.fs_type != "devtmpfs":
+                        first = [
+                            m
+                            for d in devices
+                            for m in mountinfo.mounts_of(d)
+                            if m.fs_type != "devtmpfs"
+                        ][:1]
+                        ours = not first or first[0].mount_point != target
                     if not ours:
                         raise FailedPrecondition(
                             f"{target} is mounted but Stowage did not publish {volume_id} there"
