@@ -7,6 +7,7 @@ with grace 0 (the driver always runs with `--trash-grace 0` here: nothing claime
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from driver.ctl.client import capability
 from driver.host import mountinfo
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
-from driver.records import VOLUME_CONTEXT_POOL_UUID
+from driver.records import RECORD_XATTR, VOLUME_CONTEXT_POOL_UUID
 from driver.storage import identity
 from tests.conftest import REPO, wait_for
 from tests.hardening.world import Placed, World, running_world
@@ -402,3 +403,21 @@ def test_pool_destroy_touches_only_what_it_owns(world: World) -> None:
     assert f"would umount {world.pool.mount}" in dry.stdout
     assert [e.mount_point for e in mountinfo.mounts_under(world.pool.base)] == before
     start(world)
+
+
+@pytest.mark.parametrize("fs_type", ["xfs", "btrfs", "ext4"])
+def test_records_on_each_pool_filesystem(fs_type: str) -> None:
+    """User xattrs carry the records on every pool filesystem the driver accepts; a reflink
+    (xfs, btrfs) or full copy (ext4) gets its own record, and the records rebuild the store."""
+    with running_world(*BASE_ARGS, fs_type=fs_type, size=8 << 30) as w:
+        vol = w.client.create_volume("v", 64 * MiB, capability(False, "ext4"))
+        snap = w.client.create_snapshot("s", vol.volume_id).snapshot_id
+        for kind, object_id in (("volumes", vol.volume_id), ("snapshots", snap)):
+            path = os.path.join(w.pool.mount, kind, object_id + ".img")
+            record = json.loads(os.getxattr(path, RECORD_XATTR))
+            assert record["id"] == object_id and record["pool_uuid"] == pool_uuid(w)
+        stop(w)
+        drop_store(w)
+        start(w)
+        assert [e.volume.volume_id for e in w.client.list_volumes()] == [vol.volume_id]
+        assert [e.snapshot.snapshot_id for e in w.client.list_snapshots()] == [snap]
