@@ -66,8 +66,9 @@ def inspect(
                 f"{kind} image {object_id} ({rec.name!r}) has no row in meta.db but describes "
                 "itself (start-up adopts it)"
             )
+    on_disk = backend.volume_ids() | backend.snapshot_ids()
     for object_id in [*volumes, *snapshots]:
-        if object_id in backend.volume_ids() | backend.snapshot_ids():
+        if object_id in on_disk:
             try:
                 rec = backend.read_record(object_id)
             except RecordError as exc:
