@@ -349,6 +349,8 @@ def test_image_deleted_by_hand_while_staged(world: World) -> None:
 
 
 def test_every_pool_file_is_owner_only_after_a_full_volume_life(world: World) -> None:
+    """0600 files and 0700 directories from the moment they are made: walked before a restart
+    (which would tighten older pools' modes and so hide a file made too open) and after."""
     fleet = populate(world)
     clone = world.client.create_volume(
         "clone", 64 * MiB, capability(False, "ext4"), volume=fleet.placed[0].volume_id
@@ -358,13 +360,18 @@ def test_every_pool_file_is_owner_only_after_a_full_volume_life(world: World) ->
         "restored", 64 * MiB, capability(False, "ext4"), snapshot=fleet.snapshot
     )
     world.client.delete_volume(restored.volume_id)
+    backup = os.path.join(world.pool.mount, "meta.db.backup")
+    wait_for(lambda: os.path.exists(backup), 30, "the store backup")
+    walk_modes(world.pool.mount)
     stop(world)
     start(world)  # start-up writes the store backup, reconciles, recreates the reserve
     world.client.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest())
-    backup = os.path.join(world.pool.mount, "meta.db.backup")
-    wait_for(lambda: os.path.exists(backup), 30, "the store backup")
+    walk_modes(world.pool.mount)
+
+
+def walk_modes(root: str) -> None:
     bad = []
-    for d, dirs, files in os.walk(world.pool.mount):
+    for d, dirs, files in os.walk(root):
         for n in dirs:
             mode = os.lstat(os.path.join(d, n)).st_mode & 0o777
             if mode != 0o700:
@@ -373,9 +380,9 @@ def test_every_pool_file_is_owner_only_after_a_full_volume_life(world: World) ->
             mode = os.lstat(os.path.join(d, n)).st_mode & 0o777
             if mode != 0o600:
                 bad.append(f"{os.path.join(d, n)} {mode:o}")
-    root_mode = os.stat(world.pool.mount).st_mode & 0o777
+    root_mode = os.stat(root).st_mode & 0o777
     assert root_mode == 0o700, f"pool directory is {root_mode:o}"
-    names = {n for _, _, files in os.walk(world.pool.mount) for n in files}
+    names = {n for _, _, files in os.walk(root) for n in files}
     assert {"pool.json", "meta.db", ".meta-reserve", "meta.db.backup"} <= names
     assert any(n.startswith("s-") for n in names)
     assert not bad, "not owner-only:\n" + "\n".join(bad)
