@@ -4,6 +4,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV := .venv
 PY := $(VENV)/bin/python
+# Every target finds the venv's tools (protoc plugins, ruff, mypy, pytest…) first and Go in its
+# standard install location, whatever the caller's PATH holds: `make` works from a plain login
+# shell on a fresh machine (`.ci/run` runs it with `env -i`).
+GO_BIN := $(firstword $(wildcard /usr/local/go/bin))
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)$(if $(GO_BIN),:$(GO_BIN))
 STATE ?= $(CURDIR)/.run
 REPORTS ?= $(CURDIR)/reports
 PROTO_GEN := $(PY) -m grpc_tools.protoc -I . --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) csi_proto/csi.proto

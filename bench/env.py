@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from csi_proto import csi_pb2
-from driver.ctl.client import Client
+from driver.ctl.client import Client, probe_ready
 from driver.host import mountinfo
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
@@ -189,7 +189,7 @@ def wait_probe(endpoint: str, proc: subprocess.Popen[bytes], deadline: float) ->
                 stub = csi_pb2_grpc.IdentityStub(ch)
                 while time.monotonic() < end:
                     try:
-                        if stub.Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value:
+                        if probe_ready(stub.Probe(csi_pb2.ProbeRequest(), timeout=5)):
                             return time.monotonic()
                     except grpc.RpcError:
                         if proc.poll() is not None:

@@ -15,12 +15,20 @@ from typing import NoReturn
 from driver import DRIVER_NAME, __version__, faults, flags, logs
 from driver.config import Config, Mode
 from driver.errors import StowageError
+from driver.quantity import parse_bytes
 
 log = logging.getLogger("driver")
 
 
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class _Parser(argparse.ArgumentParser):
-    """A bad flag is one line on stderr and exit status 2: no usage block, no traceback."""
+    """A bad flag is one line (`stowage-csi: error: ...`) and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -59,9 +67,9 @@ def parse(argv: list[str] | None = None) -> Config:
     p.add_argument("--max-volumes-per-node", type=int, default=0)
     p.add_argument(
         "--reserved-bytes",
-        type=int,
+        type=_bytes,
         default=0,
-        help="pool space kept free and never reported as capacity",
+        help="pool space kept free and never reported as capacity (a quantity: 0, 512Mi, 10Gi)",
     )
     p.add_argument(
         "--loop-sector-size",
@@ -91,8 +99,8 @@ def parse(argv: list[str] | None = None) -> Config:
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error("--workers must be at least 1")
-    if a.max_volumes_per_node < 0 or a.reserved_bytes < 0:
-        p.error("--max-volumes-per-node and --reserved-bytes must not be negative")
+    if a.max_volumes_per_node < 0:
+        p.error("--max-volumes-per-node must not be negative")
     try:
         flags.endpoint(a.endpoint)
         if a.metrics_address:

@@ -40,6 +40,14 @@ class Unavailable(StowageError):
     """The pool or its metadata store cannot be used right now."""
 
 
+class PermissionDenied(StowageError):
+    """A service the driver depends on (an object store) refused its credentials."""
+
+
+class DataLoss(StowageError):
+    """Stored data is missing or damaged beyond what the driver can repair (a backup chunk)."""
+
+
 class Unimplemented(StowageError):
     """The RPC is not served in this mode."""
 

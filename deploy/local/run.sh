@@ -5,7 +5,7 @@
 set -euo pipefail
 STATE=${STATE:-$PWD/.run}
 PY=${PY:-.venv/bin/python}
-POOL_SIZE=${POOL_SIZE:-16G}
+POOL_SIZE=${POOL_SIZE:-16Gi}
 SOCK="$STATE/csi.sock"
 mkdir -p "$STATE"
 pid=""

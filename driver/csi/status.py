@@ -15,6 +15,8 @@ _TABLE: tuple[tuple[type[errors.StowageError], grpc.StatusCode], ...] = (
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (errors.Aborted, grpc.StatusCode.ABORTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (errors.Internal, grpc.StatusCode.INTERNAL),
 )

@@ -39,6 +39,12 @@ def capability(block: bool, fs_type: str = "", readonly: bool = False) -> csi_pb
     return block_cap(mode) if block else mount_cap(fs_type, mode)
 
 
+def probe_ready(resp: csi_pb2.ProbeResponse) -> bool:
+    """Whether a Probe answer says ready. The CSI spec: an absent `ready` means ready (the
+    plugin has nothing to report); only an explicit `ready: false` means not ready."""
+    return not resp.HasField("ready") or resp.ready.value
+
+
 class Client:
     def __init__(self, endpoint: str, timeout: float = 120.0) -> None:
         target = endpoint if endpoint.startswith("unix:") else endpoint.removeprefix("tcp://")
@@ -56,7 +62,7 @@ class Client:
         last: Exception | None = None
         while time.monotonic() < end:
             try:
-                if self.identity.Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value:
+                if probe_ready(self.identity.Probe(csi_pb2.ProbeRequest(), timeout=2)):
                     return
             except grpc.RpcError as exc:
                 last = exc

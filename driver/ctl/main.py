@@ -19,6 +19,7 @@ from driver import flags
 from driver.ctl import demo, local, output, pool
 from driver.ctl.client import Client, capability
 from driver.errors import StowageError
+from driver.quantity import parse_bytes
 
 # The chart mounts the node plugin's socket directory at /csi in its pods; elsewhere the
 # driver's own default applies.
@@ -33,23 +34,23 @@ def default_endpoint(env: dict[str, str] | None = None) -> str:
     return IN_CLUSTER_ENDPOINT if env.get("KUBERNETES_SERVICE_HOST") else HOST_ENDPOINT
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 class Unreachable(Exception):
     """No driver answers at the endpoint (exit status 2)."""
 
 
-_SIZES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
 def size(text: str) -> int:
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if t and t[-1] in _SIZES:
-        return int(float(t[:-1]) * _SIZES[t[-1]])
-    return int(t)
+    """argparse type for `--size`: a Kubernetes quantity (`1Gi`, `512Mi`, `10G` = 10^9 bytes)."""
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line (`stowagectl: error: ...`) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _duration(text: str) -> float:
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     vol = sub.add_parser("volume").add_subparsers(dest="action", required=True)
     c = vol.add_parser("create")
     c.add_argument("name")
-    c.add_argument("--size", type=size, default=size("1G"))
+    c.add_argument("--size", type=size, default="1Gi")
     c.add_argument("--fs", default="")
     c.add_argument("--block", action="store_true")
     c.add_argument("--from-snapshot", default="")
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc = pl.add_parser("create")
     pc.add_argument("--image", required=True)
     pc.add_argument("--mount", required=True)
-    pc.add_argument("--size", type=size, default=size("16G"))
+    pc.add_argument("--size", type=size, default="16Gi")
     pc.add_argument("--fs", default="xfs", choices=sorted(pool.POOL_MKFS))
     pd = pl.add_parser("destroy")
     pd.add_argument("--image", required=True)

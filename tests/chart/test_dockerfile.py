@@ -127,7 +127,7 @@ def test_oci_labels_and_version() -> None:
     pyproject = tomllib.loads((util.REPO / "pyproject.toml").read_text())
     args = dict(a.split("=", 1) for i, a in runtime if i == "ARG" and "=" in a)
     assert args["VERSION"] == pyproject["project"]["version"]
-    assert f'licenses="{pyproject["project"]["license"]["text"]}"' in labels
+    assert f'licenses="{pyproject["project"]["license"]}"' in labels
 
 
 def test_chart_matches_the_image() -> None:

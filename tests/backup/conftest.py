@@ -1,0 +1,215 @@
+"""Real S3 servers on loopback for the backup suites: SeaweedFS (`weed mini`) and
+`rclone serve s3`, both installed from PyPI by `make deps`. Each server is a process the fixture
+started; it is stopped by that PID only, its temporary directory removed even on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import pytest
+
+from driver.backup import Credentials, Repository, RepositoryKey, Store, parse_target
+
+BIN = os.path.dirname(sys.executable)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ACCESS_KEY = "stowagetestak"
+SECRET_KEY = "stowage-test-secret-key-0123456789"
+KINDS = ["seaweedfs", "rclone"]
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now, whose +10000 (the gRPC convention of weed) is too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair found")
+
+
+@dataclass
+class S3Server:
+    kind: str
+    base: str
+    port: int = 0
+    extra_ports: dict[str, int] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.base, "server.log")
+
+    def argv(self) -> list[str]:
+        data = os.path.join(self.base, "data")
+        os.makedirs(data, exist_ok=True)
+        if self.kind == "rclone":
+            return [os.path.join(BIN, "rclone"), "serve", "s3", "--addr",
+                    f"127.0.0.1:{self.port}", "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
+                    "--config", os.path.join(self.base, "rclone.conf"), data]
+        ids = os.path.join(self.base, "identities.json")
+        with open(ids, "w", encoding="utf-8") as fh:
+            json.dump({"identities": [{
+                "name": "stowage",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }]}, fh)
+        p = self.extra_ports
+        return [os.path.join(BIN, "weed"), "mini", "-dir", data, "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={ids}",
+                f"-master.port={p['master']}", f"-volume.port={p['volume']}",
+                f"-filer.port={p['filer']}", f"-admin.port={p['admin']}",
+                f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
+                f"-webdav.port={p['webdav']}", "-webdav=false",
+                "-master.volumeSizeLimitMB=64", "-master.telemetry=false"]
+
+    def start(self, timeout: float = 90.0) -> None:
+        if not self.port:
+            self.port = free_port()
+            for name in ("master", "volume", "filer", "admin", "iceberg", "lance", "webdav"):
+                self.extra_ports[name] = free_port()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=self.base, start_new_session=True)
+        log.close()
+        client = self.client()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.kind} exited early:\n{self.log()}")
+            try:
+                client.list_buckets()
+                return
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+                time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"{self.kind} did not become ready:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                return fh.read()[-4000:]
+        except FileNotFoundError:
+            return ""
+
+    def client(self, secret: str = SECRET_KEY) -> object:
+        cfg = botocore.config.Config(
+            s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+            connect_timeout=2, read_timeout=10,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=secret, region_name="us-east-1", config=cfg)
+
+    def make_bucket(self) -> str:
+        name = "b" + uuid.uuid4().hex[:16]
+        self.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
+        return name
+
+
+def start_server(kind: str) -> tuple[S3Server, Callable[[], None]]:
+    base = tempfile.mkdtemp(prefix=f"stowage-s3-{kind}-")
+    server = S3Server(kind, base)
+
+    def teardown() -> None:
+        try:
+            server.stop()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    try:
+        server.start()
+    except BaseException:
+        teardown()
+        raise
+    return server, teardown
+
+
+@pytest.fixture(scope="session", params=KINDS)
+def s3(request: pytest.FixtureRequest) -> Iterator[S3Server]:
+    """A running S3 server of each kind, shared by the tests of a session."""
+    server, teardown = start_server(request.param)
+    try:
+        yield server
+    finally:
+        teardown()
+
+
+@pytest.fixture(params=KINDS)
+def own_s3(request: pytest.FixtureRequest) -> Iterator[S3Server]:
+    """A server of each kind that the test may stop and restart (same dir, same ports)."""
+    server, teardown = start_server(request.param)
+    try:
+        yield server
+    finally:
+        teardown()
+
+
+@pytest.fixture(autouse=True)
+def _credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+
+
+KEY = RepositoryKey.from_bytes(bytes(range(32)))
+OTHER_KEY = RepositoryKey.from_bytes(bytes(range(1, 33)))
+
+RepoFactory = Callable[..., Repository]
+
+
+def make_repo(server: S3Server, bucket: str, key: RepositoryKey = KEY, *,
+              secret: str | None = None, chunk_size: int = 64 << 10, workers: int = 4,
+              max_attempts: int = 2, prefix: str = "pfx/x", **kw: object) -> Repository:
+    target = parse_target(f"t1=s3://{bucket}/{prefix}?endpoint={server.endpoint}")
+    creds = Credentials(ACCESS_KEY, secret or SECRET_KEY)
+    store = Store(target, creds, max_attempts=max_attempts, connect_timeout=2, read_timeout=20)
+    return Repository(store, key, cluster_id="cluster-a", chunk_size=chunk_size,
+                      workers=workers, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def repo_factory(s3: S3Server) -> RepoFactory:
+    """Repositories in a fresh bucket of the session's server (one bucket per test)."""
+    bucket = s3.make_bucket()
+
+    def make(key: RepositoryKey = KEY, **kw: object) -> Repository:
+        return make_repo(s3, bucket, key, **kw)  # type: ignore[arg-type]
+
+    return make

@@ -1,0 +1,268 @@
+"""Format, keys, target specs and the pure extent-diff logic: no server, no root."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+
+import blake3
+import pytest
+
+from driver import errors
+from driver.backup import format as fmt
+from driver.backup import parse_target, parse_targets
+from driver.backup.extents import (
+    FIEMAP_EXTENT_DATA_INLINE,
+    FIEMAP_EXTENT_ENCODED,
+    FIEMAP_EXTENT_LAST,
+    FIEMAP_EXTENT_SHARED,
+    FIEMAP_EXTENT_UNWRITTEN,
+    Extent,
+    Range,
+    allocated_extents,
+    diff_extents,
+    merge,
+)
+from driver.backup.keys import RepositoryKey
+from driver.backup.s3 import Credentials
+
+KEY = RepositoryKey.from_bytes(bytes(range(32)))
+OTHER = RepositoryKey.from_bytes(bytes(range(1, 33)))
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def test_key_file_formats(tmp_path: object) -> None:
+    raw = bytes(range(32))
+    for text in (raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode() + "\n"):
+        assert RepositoryKey.parse(text).key_id == KEY.key_id
+    assert KEY.key_id != OTHER.key_id
+    assert len(KEY.key_id) == 32
+    # Known answers, computed independently with RFC 5869 HKDF from hmac/hashlib (see
+    # docs/backup-format.md): a third-party reader derives the same values.
+    prk = hmac.new(b"\0" * 32, raw, hashlib.sha256).digest()
+    okm = hmac.new(prk, b"stowage-backup/v1/key-id\x01", hashlib.sha256).digest()
+    assert KEY.key_id == okm[:16].hex() == "aef209304bd08c0f4ce4de44f7597f1e"
+    assert fmt.chunk_id(KEY, b"stowage") == blake3.blake3(
+        b"stowage", key=hmac.new(prk, b"stowage-backup/v1/chunk-id\x01", hashlib.sha256).digest()
+    ).hexdigest()
+    assert len({KEY.chunk_id_key, KEY.chunk_key, KEY.manifest_key}) == 3
+    assert raw.hex() not in repr(KEY)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "00" * 31, "00" * 33, "zz" * 32,
+                                  base64.b64encode(b"x" * 31).decode(), "not base64 !!"])
+def test_bad_key_files(text: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as exc:
+        RepositoryKey.parse(text, "key file K")
+    if text.strip():
+        assert text.strip() not in str(exc.value)
+
+
+def test_key_load_missing(tmp_path: object) -> None:
+    with pytest.raises(errors.InvalidArgument, match="does not exist"):
+        RepositoryKey.load(f"{tmp_path}/nope")
+
+
+def test_credentials_from_env() -> None:
+    with pytest.raises(errors.FailedPrecondition, match="AWS_ACCESS_KEY_ID"):
+        Credentials.from_env({})
+    c = Credentials.from_env({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "sekrit"})
+    assert "sekrit" not in repr(c)
+
+
+# --- chunks --------------------------------------------------------------------------------
+
+
+def test_chunk_roundtrip_and_tamper() -> None:
+    data = b"hello " * 5000
+    cid = fmt.chunk_id(KEY, data)
+    assert cid != fmt.chunk_id(OTHER, data)  # keyed: IDs depend on the key
+    blob = fmt.seal_chunk(KEY, cid, data)
+    assert data[:32] not in blob
+    assert len(blob) < len(data)  # compressed
+    assert fmt.open_chunk(KEY, cid, blob, 1 << 20) == data
+    flipped = bytearray(blob)
+    flipped[-1] ^= 1
+    with pytest.raises(errors.DataLoss, match=cid):
+        fmt.open_chunk(KEY, cid, bytes(flipped), 1 << 20)
+    other_id = fmt.chunk_id(KEY, b"other")
+    with pytest.raises(errors.DataLoss, match="authentication"):
+        fmt.open_chunk(KEY, other_id, blob, 1 << 20)  # swapped object
+    with pytest.raises(errors.DataLoss):
+        fmt.open_chunk(OTHER, cid, blob, 1 << 20)
+    # sealed under an ID that is not its content's (a buggy or malicious writer with the key)
+    liar = fmt.seal_chunk(KEY, other_id, data)
+    with pytest.raises(errors.DataLoss, match="does not match its ID"):
+        fmt.open_chunk(KEY, other_id, liar, 1 << 20)
+    with pytest.raises(errors.DataLoss, match="header"):
+        fmt.open_chunk(KEY, cid, b"XXXX" + blob[4:], 1 << 20)
+
+
+# --- manifests -----------------------------------------------------------------------------
+
+
+def _manifest() -> fmt.Manifest:
+    cid = fmt.chunk_id(KEY, b"a")
+    return fmt.Manifest(
+        snapshot_id="s-1", source_volume_id="v-1", name="pvc", size=3 << 20, filesystem="xfs",
+        sector_size=512, created="2026-12-02T00:00:00Z", cluster_id="c1", chunk_size=1 << 20,
+        chunks=[fmt.ChunkRef(0, 1 << 20, cid), fmt.ChunkRef(1 << 20, 2 << 20, None)],
+    )
+
+
+def test_manifest_roundtrip_and_authentication() -> None:
+    m = _manifest()
+    blob = fmt.seal_manifest(KEY, m)
+    assert fmt.manifest_key_id(blob) == KEY.key_id
+    back = fmt.open_manifest(KEY, "s-1", blob)
+    assert back.to_json() == m.to_json()
+    with pytest.raises(errors.FailedPrecondition, match="key ID"):
+        fmt.open_manifest(OTHER, "s-1", blob)
+    with pytest.raises(errors.DataLoss, match="authentication"):
+        fmt.open_manifest(KEY, "s-2", blob)  # renamed object
+    bad = bytearray(blob)
+    bad[-3] ^= 0x10
+    with pytest.raises(errors.DataLoss):
+        fmt.open_manifest(KEY, "s-1", bytes(bad))
+
+
+#: A version-1 manifest document exactly as Stowage 0.1 writes it. Keep this literal when the
+#: format moves on: newer readers must still read it.
+V1_DOC = {
+    "format": "stowage-backup-manifest", "version": 1,
+    "key_id": KEY.key_id, "cluster_id": "c1", "snapshot_id": "s-old",
+    "source_volume_id": "v-9", "name": "pvc-9", "size": 5 << 20, "filesystem": "ext4",
+    "sector_size": 4096, "created": "2026-12-01T10:00:00Z", "chunk_size": 1 << 20,
+    "base_snapshot_id": None,
+    "chunks": [[0, 1 << 20, "ab" * 32], [1 << 20, 3 << 20, None], [4 << 20, 1 << 20, "cd" * 32]],
+}
+
+
+def test_older_manifest_version_still_reads() -> None:
+    blob = fmt.seal_document(KEY, "s-old", json.loads(json.dumps(V1_DOC)))
+    m = fmt.open_manifest(KEY, "s-old", blob)
+    assert m.version == 1 and m.size == 5 << 20 and m.filesystem == "ext4"
+    assert m.chunk_ids() == {"ab" * 32, "cd" * 32}
+    assert m.stored_bytes() == 2 << 20
+
+
+def test_newer_manifest_version_refused_clearly() -> None:
+    doc = dict(V1_DOC, version=fmt.MANIFEST_VERSION + 1)
+    blob = fmt.seal_document(KEY, "s-old", doc)
+    with pytest.raises(errors.FailedPrecondition, match="upgrade Stowage"):
+        fmt.open_manifest(KEY, "s-old", blob)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.update(size=1),
+    lambda d: d.update(chunks=[[0, 1 << 20, "ab" * 32]]),
+    lambda d: d["chunks"].__setitem__(0, [1, 1 << 20, "ab" * 32]),
+    lambda d: d["chunks"].__setitem__(0, [0, 1 << 20, "XYZ"]),
+    lambda d: d.update(snapshot_id="s-other"),
+    lambda d: d.update(format="zip"),
+    lambda d: d.update(chunks="nope"),
+])
+def test_invalid_manifest_documents(mutate: object) -> None:
+    doc = json.loads(json.dumps(V1_DOC))
+    mutate(doc)  # type: ignore[operator]
+    with pytest.raises(errors.DataLoss):
+        fmt.manifest_from_json(doc, "s-old")
+
+
+@pytest.mark.parametrize("sid", ["", "../x", "a/b", "-x", "x" * 201, "a b", "ü"])
+def test_bad_snapshot_ids(sid: str) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        fmt.manifest_key_name(sid)
+
+
+# --- target specs --------------------------------------------------------------------------
+
+
+def test_target_spec_good() -> None:
+    t = parse_target("prod=s3://my-bucket/a/b?endpoint=https://s3.example.com:9000&region=eu-1")
+    assert (t.name, t.bucket, t.prefix, t.endpoint, t.region) == (
+        "prod", "my-bucket", "a/b", "https://s3.example.com:9000", "eu-1")
+    assert t.key("chunks/x") == "a/b/chunks/x"
+    t2 = parse_target("x=s3://bkt?endpoint=http://127.0.0.1:9000")
+    assert (t2.prefix, t2.region, t2.key("m")) == ("", "us-east-1", "m")
+    assert parse_target("x=s3://bkt/p/?endpoint=http://[::1]:9000").prefix == "p"
+
+
+@pytest.mark.parametrize("spec", [
+    "", "noequals", "=s3://bkt?endpoint=http://h", "UPPER=s3://bkt?endpoint=http://h",
+    "n=http://bkt?endpoint=http://h", "n=s3://bkt", "n=s3://bkt?", "n=s3://bk?endpoint=http://h",
+    "n=s3://Bucket?endpoint=http://h", "n=s3://bkt//p?endpoint=http://h",
+    "n=s3://bkt/../p?endpoint=http://h", "n=s3://bkt?endpoint=ftp://h",
+    "n=s3://bkt?endpoint=http://", "n=s3://bkt?endpoint=http://h/path",
+    "n=s3://bkt?endpoint=http://u:p@h", "n=s3://bkt?endpoint=http://h:99999",
+    "n=s3://bkt?endpoint=http://h&region=EU", "n=s3://bkt?endpoint=http://h&foo=1",
+    "n=s3://bkt?endpoint=http://h&endpoint=http://i", "n=s3://bkt?region=eu",
+    "n=s3://bkt?endpoint=http://h:notaport", "n=s3://b..k?endpoint=http://h",
+])
+def test_target_spec_malformed(spec: str) -> None:
+    with pytest.raises(errors.InvalidArgument, match="the form is"):
+        parse_target(spec)
+
+
+def test_target_names_unique() -> None:
+    a = "a=s3://bkt?endpoint=http://h"
+    assert list(parse_targets([a, "b=s3://bkt?endpoint=http://h"])) == ["a", "b"]
+    with pytest.raises(errors.InvalidArgument, match="twice"):
+        parse_targets([a, a])
+
+
+# --- extent diff logic (synthetic maps) -------------------------------------------------------
+
+M = 1 << 20
+
+
+def ext(lo: int, phys: int, n: int, flags: int = 0) -> Extent:
+    return Extent(lo * M, phys * M, n * M, flags)
+
+
+def test_merge() -> None:
+    assert merge([Range(5, 5), Range(0, 5), Range(20, 1), Range(3, 1), Range(30, 0)]) == [
+        Range(0, 10), Range(20, 1)]
+
+
+def test_diff_identical_shared_maps_is_empty() -> None:
+    a = [ext(0, 100, 4, FIEMAP_EXTENT_SHARED), ext(8, 200, 2, FIEMAP_EXTENT_SHARED)]
+    assert diff_extents(a, 10 * M, a, 10 * M) == []
+
+
+def test_diff_names_rewritten_ranges() -> None:
+    base = [ext(0, 100, 8)]
+    # a CoW write of [2, 3) and [5, 7): new physical blocks there, the rest still shared
+    new = [ext(0, 100, 2), ext(2, 500, 1), ext(3, 103, 2), ext(5, 600, 2), ext(7, 107, 1)]
+    assert diff_extents(base, 8 * M, new, 8 * M) == [Range(2 * M, M), Range(5 * M, 2 * M)]
+
+
+def test_diff_holes_unwritten_and_sizes() -> None:
+    base = [ext(0, 100, 2)]
+    new = [ext(0, 100, 2), ext(4, 300, 1, FIEMAP_EXTENT_UNWRITTEN), ext(6, 400, 1)]
+    # unwritten reads as zeros like a hole; the new data past the base's end is changed
+    assert diff_extents(base, 4 * M, new, 8 * M) == [Range(6 * M, M)]
+    # punched hole in the new file: changed (data -> zeros)
+    assert diff_extents(base, 2 * M, [ext(0, 100, 1)], 2 * M) == [Range(M, M)]
+    # a shrunk file: the cut tail was data, so it is changed
+    assert diff_extents(base, 2 * M, [ext(0, 100, 1)], M) == [Range(M, M)]
+
+
+def test_diff_opaque_extents_always_changed() -> None:
+    for flag in (FIEMAP_EXTENT_ENCODED, FIEMAP_EXTENT_DATA_INLINE):
+        a = [ext(0, 100, 4, flag | FIEMAP_EXTENT_SHARED | FIEMAP_EXTENT_LAST)]
+        assert diff_extents(a, 4 * M, a, 4 * M) == [Range(0, 4 * M)]
+
+
+def test_diff_same_physical_other_offset_is_changed() -> None:
+    base = [ext(0, 100, 2)]
+    new = [ext(0, 101, 2)]  # same extent start region but shifted mapping
+    assert diff_extents(base, 2 * M, new, 2 * M) == [Range(0, 2 * M)]
+
+
+def test_allocated_extents_skips_unwritten_and_clips() -> None:
+    e = [ext(0, 1, 2), ext(2, 3, 1), ext(4, 9, 1, FIEMAP_EXTENT_UNWRITTEN), ext(6, 20, 4)]
+    assert allocated_extents(e, 7 * M) == [Range(0, 3 * M), Range(6 * M, M)]
