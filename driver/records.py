@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from driver import ids
@@ -162,6 +163,21 @@ class ImageRecord:
             created_at=self.created_at,
             sector_size=self.sector_size,
         )
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """The fields a backup manifest shares with a snapshot's record, under the manifest's
+        names (`driver.backup.engine.SnapshotRecord`): one source for both."""
+        if self.kind != "snapshot":
+            raise RecordError(f"{self.id} is a volume; backups are cut from snapshots")
+        created = datetime.fromtimestamp(self.created_at, UTC).isoformat().replace("+00:00", "Z")
+        return {
+            "snapshot_id": self.id,
+            "source_volume_id": self.source_id,
+            "name": self.name,
+            "filesystem": self.fs_type,
+            "sector_size": self.sector_size,
+            "created": created,
+        }
 
     # --- bytes ------------------------------------------------------------------------------
     def to_json(self) -> bytes:

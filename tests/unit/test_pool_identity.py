@@ -345,3 +345,21 @@ def test_lost_pool_json_keeps_the_pools_uuid(host: FakeHost, tmp_path: os.PathLi
     report = rebuild_pool_dir(root)  # the records name the pool: pool.json written again
     assert len(report.volumes) == 3
     assert identity.open_identity(root).uuid == uuid
+
+
+def test_snapshot_record_feeds_the_backup_manifest(
+    controller: ControllerCore, ctx: PoolContext
+) -> None:
+    """One schema: the fields a backup manifest shares with a snapshot's own record come from
+    the record, under the manifest's names."""
+    from driver.backup.engine import SnapshotRecord
+
+    v = controller.create_volume("src", [RW], CapacityRange(MiB), {}, None)
+    s = controller.create_snapshot("snap", v.id, {})
+    rec = ctx.backend.read_record(s.id)
+    assert rec is not None
+    made = SnapshotRecord(**rec.manifest_fields())
+    assert (made.snapshot_id, made.source_volume_id, made.name) == (s.id, v.id, "snap")
+    assert made.sector_size == s.sector_size and made.created and made.created.endswith("Z")
+    with pytest.raises(RecordError):
+        ImageRecord.of_volume(v, "").manifest_fields()
