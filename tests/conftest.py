@@ -33,6 +33,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 collect_ignore = [] if os.environ.get("STOWAGE_E2E_BIN") else ["e2e"]
 if not os.environ.get("STOWAGE_E2E_NODE"):
     collect_ignore.append("e2e_node")
+# Building the image twice (reproducibility) is slow: `make test-image` sets STOWAGE_IMAGE_BUILD.
+if os.environ.get("STOWAGE_IMAGE_BUILD") != "1":
+    collect_ignore.append("image/test_build.py")
 
 
 @dataclass

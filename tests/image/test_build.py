@@ -16,12 +16,7 @@ import pytest
 
 from .util import IMAGE_DIR, REPO, ctr_import, node_bin
 
-pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("STOWAGE_IMAGE_BUILD") != "1", reason="slow: make test-image"
-    ),
-    pytest.mark.skipif(os.geteuid() != 0, reason="root: mmdebstrap, chroot"),
-]
+# Collected only by `make test-image` (tests/conftest.py), which runs as root.
 
 
 def build(out: Path, cache: Path) -> tuple[str, float]:
