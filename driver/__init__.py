@@ -3,7 +3,11 @@
 from importlib import metadata
 
 DRIVER_NAME = "stowage.csi.io"
-TOPOLOGY_KEY = "topology.stowage.csi.io/node"
+TOPOLOGY_KEY = f"topology.{DRIVER_NAME}/node"
+# volume_context keys CreateVolume returns (the PV keeps them as volumeAttributes).
+CONTEXT_NODE = f"{DRIVER_NAME}/node"
+CONTEXT_ACCESS_TYPE = f"{DRIVER_NAME}/access-type"
+CONTEXT_FS_TYPE = f"{DRIVER_NAME}/fs-type"
 
 try:
     __version__ = metadata.version("stowage-csi")

@@ -68,7 +68,7 @@ def parse(argv: list[str] | None = None) -> Config:
         "--trash-grace",
         type=float,
         default=7 * 86400.0,
-        help="seconds deleted or orphaned images stay in <pool>/trash before start-up removes them",
+        help="seconds orphaned images stay in <pool>/trash before start-up removes them",
     )
     p.add_argument("--version", action="version", version=f"stowage-csi {__version__}")
     a = p.parse_args(argv)

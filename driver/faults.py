@@ -64,15 +64,12 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "image:unlinked",
         "delete-snapshot:image-gone",
     ),
-    "expand-volume": (
-        "expand-volume:journaled",
-        "expand-volume:image-grown",
-        "expand-volume:recorded",
-    ),
     "node-expand": (
+        "node-expand:journaled",
         "node-expand:image-grown",
         "node-expand:loop-refreshed",
         "node-expand:fs-grown",
+        "node-expand:recorded",
     ),
     "stage": (
         "stage:loop-attached",
@@ -91,11 +88,6 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "unstage:unmounted",
         "unstage:detached",
     ),
-    "publish-to-node": (
-        "publish-to-node:checked",
-        "publish-to-node:recorded",
-    ),
-    "unpublish-from-node": ("unpublish-from-node:removed",),
 }
 
 POINTS: frozenset[str] = frozenset(p for pts in OPERATIONS.values() for p in pts)

@@ -48,14 +48,18 @@ class AccessMode(enum.IntEnum):
         return self is AccessMode.SINGLE_NODE_SINGLE_WRITER
 
 
-SUPPORTED_FS_TYPES = ("ext4", "xfs", "btrfs")
-DEFAULT_FS_TYPE = "ext4"
+class FsType(enum.StrEnum):
+    """A filesystem Stowage makes on a volume. Block volumes have none. What each one needs
+    (mkfs arguments, minimum size, mount options, check, growth) is one table:
+    driver.host.fs.FILESYSTEMS."""
 
-# Smallest filesystem each mkfs accepts (with our options), so CreateVolume can round up or refuse.
-MIN_FS_SIZE = {"ext4": 1 * MiB, "xfs": 300 * MiB, "btrfs": 128 * MiB}
-MIN_BLOCK_SIZE = 1 * MiB
-SIZE_ALIGNMENT = 1 * MiB
-DEFAULT_VOLUME_SIZE = 1 * GiB
+    EXT4 = "ext4"
+    XFS = "xfs"
+    BTRFS = "btrfs"
+
+
+SUPPORTED_FS_TYPES = tuple(t.value for t in FsType)
+DEFAULT_FS_TYPE = FsType.EXT4
 
 
 @dataclass(frozen=True)
@@ -108,14 +112,6 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
-class Attachment:
-    volume_id: str
-    node_id: str
-    readonly: bool
-    access_mode: AccessMode
-
-
-@dataclass(frozen=True)
 class Staging:
     volume_id: str
     path: str
@@ -161,7 +157,8 @@ class PoolUsage:
 
 @dataclass(frozen=True)
 class TrashItem:
-    """A deleted or orphaned image waiting in <pool>/trash for reclamation."""
+    """An orphaned image (no record described it) waiting in <pool>/trash for reclamation;
+    deleted images are unlinked, never trashed."""
 
     name: str
     age_seconds: float

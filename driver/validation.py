@@ -1,32 +1,27 @@
-"""Pure request checks on domain values: names, capabilities, capacities, mount flags, paths."""
+"""Pure request checks on domain values: names, capabilities, mount flags, parameters, paths.
+Sizes are decided in driver.core.sizing."""
 
 from __future__ import annotations
 
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from driver import ids
-from driver.errors import InvalidArgument, NotFound, OutOfRange
+from driver.errors import InvalidArgument, NotFound
 from driver.model import (
     DEFAULT_FS_TYPE,
-    DEFAULT_VOLUME_SIZE,
-    MIN_BLOCK_SIZE,
-    MIN_FS_SIZE,
-    SIZE_ALIGNMENT,
     SUPPORTED_FS_TYPES,
     AccessMode,
     AccessType,
     Capability,
-    CapacityRange,
 )
 
 MAX_STRING_BYTES = 128
 MAX_MAP_BYTES = 4096
 MAX_PATH_BYTES = 4096
 MAX_FLAGS_BYTES = 4096
-MAX_SIZE = 2**63 - 1  # capacity_bytes is an int64 on the wire
 MAX_GID = 2**32 - 2
 _GID = re.compile(r"[0-9]{1,10}")
 
@@ -140,18 +135,18 @@ def present(**fields: object) -> None:
 
 def require_volume_id(value: str, field: str = "volume_id") -> str:
     """A missing ID is INVALID_ARGUMENT; a malformed one cannot be ours, so NOT_FOUND."""
-    if not value:
-        raise InvalidArgument(f"{field} is required")
-    if not ids.is_volume_id(value):
-        raise NotFound(f"volume {value[:MAX_STRING_BYTES]!r} does not exist")
-    return value
+    return _require_id("volume", ids.is_volume_id, value, field)
 
 
 def require_snapshot_id(value: str, field: str = "snapshot_id") -> str:
+    return _require_id("snapshot", ids.is_snapshot_id, value, field)
+
+
+def _require_id(kind: str, valid: Callable[[str], bool], value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(f"{field} is required")
-    if not ids.is_snapshot_id(value):
-        raise NotFound(f"snapshot {value[:MAX_STRING_BYTES]!r} does not exist")
+    if not valid(value):
+        raise NotFound(f"{kind} {value[:MAX_STRING_BYTES]!r} does not exist")
     return value
 
 
@@ -291,47 +286,6 @@ def check_parameters(parameters: Mapping[str, str]) -> None:
         raise InvalidArgument(f"parameter preallocate must be 'true' or 'false', got {pre!r}")
 
 
-def _align_up(value: int, alignment: int) -> int:
-    return -(-value // alignment) * alignment
-
-
-def check_range(rng: CapacityRange) -> None:
-    """A capacity range that contradicts itself is malformed, whatever the volume."""
-    if rng.required < 0 or rng.limit < 0:
-        raise InvalidArgument("capacity_range values must not be negative")
-    if rng.limit and rng.required > rng.limit:
-        raise InvalidArgument(
-            f"required_bytes {rng.required} is larger than limit_bytes {rng.limit}"
-        )
-
-
-def resolve_size(rng: CapacityRange, access: AccessType, fs_type: str, floor: int = 0) -> int:
-    """The size to allocate for a capacity range: at least `floor` (e.g. the source's size) and
-    the filesystem's minimum, rounded up to SIZE_ALIGNMENT, never above the limit."""
-    check_range(rng)
-    minimum = MIN_FS_SIZE[fs_type] if access is AccessType.MOUNT else MIN_BLOCK_SIZE
-    lower = max(rng.required, minimum, floor)
-    want = max(rng.required or DEFAULT_VOLUME_SIZE, lower)
-    if rng.limit:
-        want = min(want, rng.limit) if not rng.required else want
-        want = max(want, lower)
-    size = _align_up(want, SIZE_ALIGNMENT)
-    if rng.limit and size > rng.limit:
-        # The MiB-aligned size overshoots the limit: take the largest MiB-aligned size under
-        # the limit if it still holds what is needed, else the smallest 4 KiB-aligned one.
-        size = rng.limit // SIZE_ALIGNMENT * SIZE_ALIGNMENT
-        if size < lower:
-            size = _align_up(lower, 4096)
-        if size > rng.limit:
-            raise OutOfRange(
-                f"cannot fit a volume in limit_bytes {rng.limit}: needs at least {lower} bytes "
-                f"(filesystem minimum {minimum}, source size {floor})"
-            )
-    if size > MAX_SIZE:
-        raise OutOfRange(f"{size} bytes is more than a volume can be ({MAX_SIZE} bytes)")
-    return size
-
-
 def unsupported_capability(
     volume_id: str, caps: Iterable[Capability], access: AccessType, fs_type: str, formatted: bool
 ) -> str:
@@ -346,12 +300,3 @@ def unsupported_capability(
         if cap.fs_type and formatted and cap.fs_type != fs_type:
             return f"volume {volume_id} holds {fs_type}, not {cap.fs_type}"
     return ""
-
-
-def publish_context(access: AccessType, fs_type: str, readonly: bool) -> dict[str, str]:
-    """What ControllerPublishVolume hands to the node."""
-    return {
-        "stowage.csi.io/access-type": access.value,
-        "stowage.csi.io/fs-type": fs_type,
-        "stowage.csi.io/readonly": "true" if readonly else "false",
-    }

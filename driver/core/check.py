@@ -113,10 +113,6 @@ def inspect(
                     bad(f"{lo.device} ({image}) is mounted more than once at {entry.mount_point}")
                 seen.add(entry.mount_point)
 
-    for att in store.attachments():
-        if att.volume_id not in volumes:
-            bad(f"attachment of unknown volume {att.volume_id} to node {att.node_id}")
-
     trash = backend.trash()
     if trash:
         oldest = max(t.age_seconds for t in trash)

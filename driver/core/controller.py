@@ -1,4 +1,5 @@
-"""Controller-side operations on the local pool: volumes, snapshots, attachments, capacity."""
+"""Controller operations: volumes, snapshots and capacity on the local pool, and the expansion
+answer that needs no pool at all (`expand_request`, served in every mode)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from driver import TOPOLOGY_KEY, faults, ids, validation
+from driver.core import sizing
 from driver.core.pool import PoolContext
 from driver.errors import (
     Aborted,
@@ -16,12 +18,11 @@ from driver.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
 )
 from driver.model import (
+    DEFAULT_FS_TYPE,
     AccessType,
-    Attachment,
     Capability,
     CapacityRange,
     Condition,
@@ -39,7 +40,6 @@ Segment = Mapping[str, str]
 @dataclass(frozen=True)
 class VolumeStatus:
     volume: Volume
-    published_nodes: list[str]
     condition: Condition
 
 
@@ -104,7 +104,7 @@ class ControllerCore:
                     fs_type = origin.fs_type
                 floor = origin.size
                 formatted = origin.formatted
-            size = validation.resolve_size(rng, access, fs_type or "ext4", floor)
+            size = sizing.resolve_size(rng, access, fs_type or "ext4", floor)
             # A filesystem made on one sector size may not mount on another: a clone or restore
             # keeps its origin's, a new volume takes the node's current setting.
             sector_size = origin.sector_size if origin is not None else self.ctx.loop_sector_size
@@ -221,14 +221,9 @@ class ControllerCore:
             vol = self.ctx.store.get_volume(volume_id)
             if vol is None:
                 return
-            local, nodes = self.ctx.store.holders(volume_id)
-            if local:
+            if self.ctx.store.in_use(volume_id):
                 raise FailedPrecondition(
                     f"volume {volume_id} is still staged or published on {self.ctx.node_id}"
-                )
-            if nodes:
-                raise FailedPrecondition(
-                    f"volume {volume_id} is still published to node(s) {', '.join(nodes)}"
                 )
             faults.hit("delete-volume:checked")
             self.ctx.store.remove_volume(volume_id)
@@ -236,44 +231,6 @@ class ControllerCore:
             self.ctx.backend.delete_volume(volume_id)
             faults.hit("delete-volume:image-gone")
             log.info("deleted volume %s (%s)", volume_id, vol.name)
-
-    def expand_volume(self, volume_id: str, rng: CapacityRange | None) -> tuple[int, bool]:
-        validation.require_volume_id(volume_id)
-        if rng is None or (rng.required == 0 and rng.limit == 0):
-            raise InvalidArgument("capacity_range is required")
-        self.ctx.require_healthy()
-        with self.ctx.locks.hold(volume_id):
-            vol = self._volume(volume_id)
-            size = self._grow(vol, rng)
-            return size, True
-
-    def _grow(self, vol: Volume, rng: CapacityRange) -> int:
-        """Grow the image (idempotent) and then record the size: rule 11 of the design."""
-        want = validation.resolve_size(
-            CapacityRange(rng.required, rng.limit), vol.access_type, vol.fs_type or "ext4"
-        )
-        if want <= vol.size:
-            if rng.limit and vol.size > rng.limit:
-                raise OutOfRange(
-                    f"volume {vol.id} is already {vol.size} bytes, above limit_bytes {rng.limit}; "
-                    "volumes never shrink"
-                )
-            return vol.size
-        usage = self.ctx.backend.usage()
-        if want - vol.size > usage.available_bytes:
-            raise ResourceExhausted(
-                f"the pool has {usage.available_bytes} bytes free; growing {vol.id} by "
-                f"{want - vol.size} bytes does not fit"
-            )
-        seq = self.ctx.store.journal_begin("expand-volume", vol.id, {"size": want})
-        faults.hit("expand-volume:journaled")
-        self.ctx.backend.expand(vol.id, want)
-        faults.hit("expand-volume:image-grown")
-        self.ctx.store.set_volume_size(vol.id, want)
-        faults.hit("expand-volume:recorded")
-        self.ctx.store.journal_end(seq)
-        log.info("expanded volume %s from %d to %d bytes", vol.id, vol.size, want)
-        return want
 
     def _volume(self, volume_id: str) -> Volume:
         vol = self.ctx.store.get_volume(volume_id)
@@ -297,8 +254,7 @@ class ControllerCore:
         return self._status(vol)
 
     def _status(self, vol: Volume) -> VolumeStatus:
-        nodes = sorted(a.node_id for a in self.ctx.store.attachments(vol.id))
-        return VolumeStatus(vol, nodes, self.condition(vol))
+        return VolumeStatus(vol, self.condition(vol))
 
     def list_volumes(self, max_entries: int, token: str) -> Page[VolumeStatus]:
         after = self._token(max_entries, token, ids.is_volume_id)
@@ -319,9 +275,9 @@ class ControllerCore:
         self, volume_id: str, caps: Sequence[Capability], parameters: Mapping[str, str]
     ) -> str:
         """Empty string when every capability is supported for the volume, else the reason."""
-        validation.require_volume_id(volume_id)
-        if not caps:
+        if not caps:  # a request without capabilities is malformed whatever the ID
             raise InvalidArgument("volume_capabilities is required")
+        validation.require_volume_id(volume_id)
         vol = self._volume(volume_id)
         return validation.unsupported_capability(
             volume_id, caps, vol.access_type, vol.fs_type, vol.formatted
@@ -339,57 +295,6 @@ class ControllerCore:
         self.ctx.require_healthy()
         available = self.ctx.backend.usage().available_bytes
         return available, available
-
-    # --- attachments --------------------------------------------------------------------------
-    def publish(
-        self, volume_id: str, node_id: str, cap: Capability, readonly: bool
-    ) -> dict[str, str]:
-        validation.require_volume_id(volume_id)
-        validation.check_string("node_id", node_id)
-        validation.check_capability(cap)
-        vol = self._volume(volume_id)
-        if node_id != self.ctx.node_id:
-            raise NotFound(f"node {node_id!r} is not served by this driver")
-        if cap.access_type is not vol.access_type:
-            raise InvalidArgument(
-                f"volume {volume_id} is a {vol.access_type.value} volume, "
-                f"requested as {cap.access_type.value}"
-            )
-        with self.ctx.locks.hold(volume_id):
-            for a in self.ctx.store.attachments(volume_id):
-                if a.node_id == node_id:
-                    if a.readonly != readonly or a.access_mode != cap.access_mode:
-                        raise AlreadyExists(
-                            f"volume {volume_id} is already published to {node_id} with "
-                            f"readonly={a.readonly} and mode {a.access_mode.name}"
-                        )
-                    return validation.publish_context(vol.access_type, vol.fs_type, readonly)
-                raise FailedPrecondition(
-                    f"volume {volume_id} is published to node {a.node_id}; a node-local "
-                    "volume can be published to one node at a time"
-                )
-            limit = self.ctx.max_volumes_per_node
-            if limit and self.ctx.store.attachment_count(node_id) >= limit:
-                raise ResourceExhausted(
-                    f"node {node_id} already has {limit} volumes published, its maximum"
-                )
-            faults.hit("publish-to-node:checked")
-            self.ctx.store.add_attachment(Attachment(volume_id, node_id, readonly, cap.access_mode))
-            faults.hit("publish-to-node:recorded")
-            return validation.publish_context(vol.access_type, vol.fs_type, readonly)
-
-    def unpublish(self, volume_id: str, node_id: str) -> None:
-        if not volume_id:
-            raise InvalidArgument("volume_id is required")
-        if node_id:
-            validation.check_string("node_id", node_id)
-        if not ids.is_volume_id(volume_id):
-            return  # never ours, so never published anywhere: the spec's "SHOULD return OK"
-        with self.ctx.locks.hold(volume_id):
-            for a in self.ctx.store.attachments(volume_id):
-                if not node_id or a.node_id == node_id:
-                    self.ctx.store.remove_attachment(volume_id, a.node_id)
-                    faults.hit("unpublish-from-node:removed")
 
     # --- snapshots ----------------------------------------------------------------------------
     def create_snapshot(
@@ -481,3 +386,23 @@ class ControllerCore:
         more = bool(max_entries) and len(rows) > max_entries
         rows = rows[:max_entries] if max_entries else rows
         return Page(rows, rows[-1].id if more else "")
+
+
+def expand_request(volume_id: str, rng: CapacityRange | None, cap: Capability | None) -> int:
+    """ControllerExpandVolume, answered from the request alone, in every mode: the size the
+    volume will have, rounded as CreateVolume rounds. The node grows the image, its loop device
+    and the filesystem in NodeExpandVolume (`NodeCore.expand`), so the answer always comes with
+    node_expansion_required.
+
+    Nothing here reads the pool or the cluster, so controller mode (no pool) and `all` mode run
+    the same code. A well-formed ID of a volume that does not exist gets an answer too; the CO
+    then calls NodeExpandVolume, which looks and answers NOT_FOUND."""
+    # A missing field is INVALID_ARGUMENT whatever the ID looks like; then the ID's format.
+    validation.present(volume_id=volume_id, capacity_range=rng and (rng.required or rng.limit))
+    validation.require_volume_id(volume_id)
+    assert rng is not None
+    access, fs_type = AccessType.MOUNT, str(DEFAULT_FS_TYPE)
+    if cap is not None:
+        validation.check_capability(cap)
+        access, fs_type = cap.access_type, cap.fs_type or DEFAULT_FS_TYPE
+    return sizing.resolve_size(rng, access, fs_type)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 
 from driver import faults, validation
+from driver.core import sizing
 from driver.core.pool import PoolContext
 from driver.errors import (
     AlreadyExists,
@@ -16,10 +16,12 @@ from driver.errors import (
     OutOfRange,
     ResourceExhausted,
 )
+from driver.host import fs as host_fs
 from driver.host import mountinfo
 from driver.host.loop import LoopDevice
 from driver.host.mounter import SAFE_DEFAULTS
 from driver.model import (
+    DEFAULT_FS_TYPE,
     AccessType,
     Capability,
     CapacityRange,
@@ -32,9 +34,6 @@ from driver.model import (
 
 log = logging.getLogger(__name__)
 
-# Options we add per filesystem: clones and restores of an xfs volume share its UUID, so xfs
-# volumes are mounted nouuid or a clone could not be staged next to its origin.
-_FS_OPTIONS = {"ext4": [], "xfs": ["nouuid"], "btrfs": []}
 # A filesystem this much smaller than its device is grown at stage (offline expansion). Metadata
 # keeps every filesystem a little smaller than its device, so "any difference" would be wrong.
 _GROW_SLACK = 64 * 1024 * 1024
@@ -74,10 +73,19 @@ class NodeCore:
         found = self.ctx.loops.find(self.ctx.backend.image_path(vol.id))
         return found[0] if len(found) == 1 else None
 
+    def _top(self, path: str) -> mountinfo.MountEntry | None:
+        return mountinfo.top_mount_at(path, self.ctx.host.mounts())
+
+    def _on(self, entry: mountinfo.MountEntry, device: str) -> bool:
+        return mountinfo.is_on(entry, device, self.ctx.host.rdev(device))
+
+    def _mounts_of(self, device: str) -> list[mountinfo.MountEntry]:
+        return mountinfo.mounts_of(device, self.ctx.host.mounts(), self.ctx.host.rdev(device))
+
     def _carries(self, path: str, device: str) -> bool:
         """True when the top mount at `path` is the filesystem on `device`."""
-        top = mountinfo.top_mount_at(path)
-        return top is not None and mountinfo.is_on(top, device)
+        top = self._top(path)
+        return top is not None and self._on(top, device)
 
     def _staged_ok(self, vol: Volume, staging: Staging) -> bool:
         loop = self._loop(vol)
@@ -129,7 +137,7 @@ class NodeCore:
             # attached, no directory it created (only when nothing got mounted on either).
             if not had_loop:
                 for lo in self.ctx.loops.find(image):
-                    if not mountinfo.mounts_of(lo.device):
+                    if not self._mounts_of(lo.device):
                         self.ctx.loops.detach(lo.device)
             if made_dir and not self.ctx.mounter.is_mounted(staging_path):
                 self.ctx.mounter.remove_target(staging_path)
@@ -162,75 +170,78 @@ class NodeCore:
             self.ctx.store.put_staging(staging)
             return staging
 
-        fs_type = vol.fs_type or cap.fs_type or "ext4"
-        top = mountinfo.top_mount_at(staging_path)
-        if top is not None and not mountinfo.is_on(top, device):
-            raise FailedPrecondition(
-                f"{staging_path} already has another filesystem ({top.source}) mounted"
-            )
-        if top is None:
-            self._ensure_formatted(vol, device, fs_type, readonly)
-            if fs_type == "ext4" and not readonly:
-                self._grow_ext4_offline(device)
-            options = [*SAFE_DEFAULTS, *_FS_OPTIONS.get(fs_type, []), *flags]
-            if readonly:
-                options.append("ro")
-            self.ctx.mounter.mount(device, staging_path, fs_type, options)
-            faults.hit("stage:mounted")
-            try:
-                self._finish_mounted(device, staging_path, fs_type, readonly)
-            except Exception:
-                self.ctx.mounter.unmount(staging_path)  # ours, from this call: take it back
-                raise
-        else:
-            self._finish_mounted(device, staging_path, fs_type, readonly)
+        fs_type = vol.fs_type or cap.fs_type or DEFAULT_FS_TYPE
+        self._format_and_mount(vol, device, staging_path, fs_type, readonly, flags)
         staging = Staging(vol.id, staging_path, device, AccessType.MOUNT, fs_type, readonly, flags)
         self.ctx.store.put_staging(staging)
         log.info("staged %s (%s on %s) at %s", vol.id, fs_type, device, staging_path)
         return staging
 
-    def _finish_mounted(self, device: str, staging_path: str, fs_type: str, readonly: bool) -> None:
-        if not readonly and fs_type != "ext4":
-            self._grow_if_needed(device, staging_path, fs_type)
-
-    def _ensure_formatted(self, vol: Volume, device: str, fs_type: str, readonly: bool) -> None:
-        """Rule 1: format only when our metadata says never formatted and blkid sees nothing."""
-        found = self.ctx.fs.probe(device)
-        if vol.formatted:
-            if found is None:
+    def _format_and_mount(
+        self,
+        vol: Volume,
+        device: str,
+        staging_path: str,
+        fs_type: str,
+        readonly: bool,
+        flags: tuple[str, ...],
+    ) -> None:
+        """The safe sequence (rules 1 and 11), in order: probe the device; check what is there
+        when it is ours, refuse any other signature, format only what our record says was never
+        formatted and blkid finds empty; grow the filesystem before mounting if it grows that
+        way (ext4, no capability needed); mount; grow it online otherwise. A staging path that
+        already carries this device (a retry) skips to the last step; a mount this call made is
+        taken back if that step fails."""
+        fs = host_fs.spec(fs_type)
+        top = self._top(staging_path)
+        if top is not None and not self._on(top, device):
+            raise FailedPrecondition(
+                f"{staging_path} already has another filesystem ({top.source}) mounted"
+            )
+        mounted_here = top is None
+        if mounted_here:
+            found = self.ctx.fs.probe(device)
+            if vol.formatted and found is None:
                 raise FailedPrecondition(
                     f"volume {vol.id} should hold {vol.fs_type} but no filesystem signature "
                     "was found; refusing to format a volume that may hold data"
                 )
-            self.ctx.fs.check(device, fs_type)
-            return
-        if found is not None:
-            if found != fs_type:
+            if not vol.formatted and found is not None and found != fs_type:
                 raise FailedPrecondition(
                     f"volume {vol.id} was never formatted by Stowage but carries a {found} "
                     "signature; refusing to format it"
                 )
-            # mkfs finished before a crash could record it: adopt the filesystem.
-            self.ctx.fs.check(device, fs_type)
-        else:
-            if readonly:
+            if found is not None:
+                # Ours, or mkfs finished before a crash could record it: check and adopt it.
+                self.ctx.fs.check(device, fs_type)
+            elif readonly:
                 raise FailedPrecondition(
                     f"volume {vol.id} has no filesystem yet and cannot be staged read-only"
                 )
-            self.ctx.fs.format(device, fs_type)
-            faults.hit("stage:formatted")
-        self.ctx.store.set_formatted(vol.id, fs_type)
-
-    def _grow_ext4_offline(self, device: str) -> None:
-        """ext4 grows before it is mounted: offline resize needs no extra capability."""
-        if self.ctx.loops.size_bytes(device) - self.ctx.fs.ext4_size(device) > _GROW_SLACK:
-            self.ctx.fs.grow_offline(device, "ext4")
-
-    def _grow_if_needed(self, device: str, mount_point: str, fs_type: str) -> None:
-        """Offline expansion finishes here: the image grew while the volume was not staged."""
-        dev_size = self.ctx.loops.size_bytes(device)
-        if dev_size and dev_size - self.ctx.fs.size_bytes(mount_point) > _GROW_SLACK:
-            self.ctx.fs.grow(device, mount_point, fs_type)
+            else:
+                self.ctx.fs.format(device, fs_type)
+                faults.hit("stage:formatted")
+            if not vol.formatted:
+                self.ctx.store.set_formatted(vol.id, fs_type)
+            if (
+                fs.grows_offline
+                and not readonly
+                and self.ctx.loops.size_bytes(device) - self.ctx.fs.ext4_size(device) > _GROW_SLACK
+            ):
+                self.ctx.fs.grow_offline(device, fs_type)
+            options = [*SAFE_DEFAULTS, *fs.mount_options, *flags, *(["ro"] if readonly else [])]
+            self.ctx.mounter.mount(device, staging_path, fs_type, options)
+            faults.hit("stage:mounted")
+        try:
+            # Offline expansion finishes here: the image grew while the volume was not staged.
+            if not readonly and not fs.grows_offline:
+                size = self.ctx.loops.size_bytes(device)
+                if size and size - self.ctx.fs.size_bytes(staging_path) > _GROW_SLACK:
+                    self.ctx.fs.grow(device, staging_path, fs_type)
+        except Exception:
+            if mounted_here:
+                self.ctx.mounter.unmount(staging_path)  # ours, from this call: take it back
+            raise
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         validation.require_volume_id(volume_id)
@@ -248,9 +259,9 @@ class NodeCore:
                 )
             image = self.ctx.backend.image_path(volume_id)
             loops = self.ctx.loops.find(image)
-            top = mountinfo.top_mount_at(staging_path)
+            top = self._top(staging_path)
             if top is not None:
-                if not any(mountinfo.is_on(top, lo.device) for lo in loops):
+                if not any(self._on(top, lo.device) for lo in loops):
                     raise FailedPrecondition(
                         f"{staging_path} carries a filesystem that is not volume {volume_id}; "
                         "not unmounting it"
@@ -258,7 +269,7 @@ class NodeCore:
                 self.ctx.mounter.unmount(staging_path)
                 faults.hit("unstage:unmounted")
             for lo in loops:
-                if mountinfo.mounts_of(lo.device):
+                if self._mounts_of(lo.device):
                     raise FailedPrecondition(
                         f"{lo.device} of volume {volume_id} is still mounted elsewhere"
                     )
@@ -331,7 +342,7 @@ class NodeCore:
                     staging.path, target, readonly=readonly, options=[*SAFE_DEFAULTS, *flags]
                 )
                 if cap.mount_group and not readonly:
-                    _apply_group(target, int(cap.mount_group))
+                    self.ctx.host.give_group(target, int(cap.mount_group))
             faults.hit("publish:bound")
             self.ctx.store.put_publication(
                 Publication(volume_id, target, readonly, cap.access_mode)
@@ -342,10 +353,10 @@ class NodeCore:
     def _clear_unrecorded(self, target: str, device: str) -> None:
         """A bind with no record is what a crash between bind and record leaves; binding again
         on top would stack a second mount, so take ours away first. Anything else is refused."""
-        top = mountinfo.top_mount_at(target)
+        top = self._top(target)
         if top is None:
             return
-        if not mountinfo.is_on(top, device):
+        if not self._on(top, device):
             raise FailedPrecondition(f"{target} already has another filesystem ({top.source})")
         log.warning("unrecorded mount of %s at %s (interrupted publish); redoing", device, target)
         self.ctx.mounter.unmount(target)
@@ -358,11 +369,8 @@ class NodeCore:
         return self._carries(target, staging.device)
 
     def _is_device_at(self, path: str, device: str) -> bool:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return False
-        return stat.S_ISBLK(st.st_mode) and st.st_rdev == self.ctx.loop_rdev(device)
+        at = self.ctx.host.rdev(path)
+        return at is not None and at == self.ctx.host.rdev(device)
 
     def unpublish(self, volume_id: str, target: str) -> None:
         validation.require_volume_id(volume_id)
@@ -420,12 +428,15 @@ class NodeCore:
         if staging.access_type is AccessType.BLOCK:
             size = self.ctx.loops.size_bytes(staging.device)
             return VolumeStats(size, 0, 0, None, None, None, condition)
-        st = os.statvfs(path)
-        total = st.f_blocks * st.f_frsize
-        avail = st.f_bavail * st.f_frsize
-        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        u = self.ctx.host.fs_usage(path)
         return VolumeStats(
-            total, used, avail, st.f_files, st.f_files - st.f_ffree, st.f_favail, condition
+            u.total_bytes,
+            u.used_bytes,
+            u.available_bytes,
+            u.total_inodes,
+            u.used_inodes,
+            u.available_inodes,
+            condition,
         )
 
     def _condition(self, vol: Volume, staging: Staging) -> Condition:
@@ -434,33 +445,32 @@ class NodeCore:
         loop = self._loop(vol)
         if loop is None:
             return Condition(True, f"no loop device backs {vol.id} although it is staged")
-        if staging.fs_type == "ext4":
-            errors_path = f"/sys/fs/ext4/{loop.name}/errors_count"
-            try:
-                with open(errors_path, encoding="ascii") as fh:
-                    count = int(fh.read().strip() or 0)
-            except (OSError, ValueError):
-                count = 0
-            if count:
-                return Condition(
-                    True, f"ext4 on {loop.device} recorded {count} error(s); run e2fsck"
-                )
+        if count := self.ctx.host.fs_errors(loop.device, staging.fs_type):
+            return Condition(
+                True, f"{staging.fs_type} on {loop.device} recorded {count} error(s); run e2fsck"
+            )
         if starved := self.ctx.starved(vol.id, vol.size):
             return Condition(True, starved)
         return Condition(False, "healthy")
 
     def expand(self, volume_id: str, path: str, rng: CapacityRange | None) -> int:
+        """NodeExpandVolume: the only place a volume grows (ControllerExpandVolume only answers
+        the size, see `core.controller.expand_request`). Rule 11: image, loop device,
+        filesystem, then the recorded size, each step idempotent; a journal entry carries the
+        new size across a crash (start-up reconciliation records it once the image has it)."""
         if not volume_id:
             raise InvalidArgument("volume_id is required")
         if not path:
             raise InvalidArgument("volume_path is required")
         validation.require_volume_id(volume_id)
         if rng is not None:
-            validation.check_range(rng)
+            sizing.check_range(rng)
         self.ctx.require_healthy()
         with self.ctx.locks.hold(volume_id):
             vol = self._volume(volume_id)
             staging = self._locate(vol, path)
+            if staging.access_type is AccessType.MOUNT and staging.readonly:
+                raise FailedPrecondition(f"volume {volume_id} is staged read-only")
             want = max(vol.size, rng.required if rng else 0)
             if rng and rng.limit and want > rng.limit:
                 raise OutOfRange(
@@ -468,10 +478,10 @@ class NodeCore:
                     "volumes never shrink"
                 )
             if want > vol.size:
-                want = validation.resolve_size(
+                want = sizing.resolve_size(
                     CapacityRange(want, rng.limit if rng else 0),
                     vol.access_type,
-                    vol.fs_type or "ext4",
+                    vol.fs_type or DEFAULT_FS_TYPE,
                 )
                 free = self.ctx.backend.usage().available_bytes
                 if want - vol.size > free:
@@ -479,40 +489,25 @@ class NodeCore:
                         f"the pool has {free} bytes free; growing {volume_id} by "
                         f"{want - vol.size} bytes does not fit"
                     )
-            # Rule 11: image, then loop, then filesystem, then the record; each step idempotent.
-            self.ctx.backend.expand(volume_id, want)
-            faults.hit("node-expand:image-grown")
-            self.ctx.loops.refresh_capacity(staging.device)
-            faults.hit("node-expand:loop-refreshed")
-            if staging.access_type is AccessType.MOUNT:
-                if staging.readonly:
-                    raise FailedPrecondition(f"volume {volume_id} is staged read-only")
-                self.ctx.fs.grow(staging.device, staging.path, staging.fs_type)
-                faults.hit("node-expand:fs-grown")
-            if want != vol.size:
-                self.ctx.store.set_volume_size(volume_id, want)
+            seq = None
+            if want > vol.size:
+                seq = self.ctx.store.journal_begin("expand-volume", volume_id, {"size": want})
+                faults.hit("node-expand:journaled")
+            try:
+                self.ctx.backend.expand(volume_id, want)
+                faults.hit("node-expand:image-grown")
+                self.ctx.loops.refresh_capacity(staging.device)
+                faults.hit("node-expand:loop-refreshed")
+                if staging.access_type is AccessType.MOUNT:
+                    self.ctx.fs.grow(staging.device, staging.path, staging.fs_type)
+                    faults.hit("node-expand:fs-grown")
+                if want != vol.size:
+                    self.ctx.store.set_volume_size(volume_id, want)
+                    faults.hit("node-expand:recorded")
+            finally:
+                # A refused step (ext4 that cannot grow online) leaves the image larger than
+                # the record, which the CO's retry completes; only a crash leaves the entry.
+                if seq is not None:
+                    self.ctx.store.journal_end(seq)
             log.info("expanded %s on the node to %d bytes", volume_id, want)
             return want
-
-
-def _apply_group(root: str, gid: int) -> None:
-    """VOLUME_MOUNT_GROUP: give the group ownership and write access, like kubelet's fsGroup with
-    fsGroupChangePolicy OnRootMismatch (nothing to do when the root already matches)."""
-    st = os.lstat(root)
-    if st.st_gid == gid and st.st_mode & stat.S_ISGID:
-        return
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            _chgrp(os.path.join(dirpath, name), gid)
-        _chgrp(dirpath, gid)
-
-
-def _chgrp(path: str, gid: int) -> None:
-    st = os.lstat(path)
-    os.lchown(path, -1, gid)
-    if stat.S_ISLNK(st.st_mode):
-        return
-    mode = stat.S_IMODE(st.st_mode) | stat.S_IRGRP | stat.S_IWGRP
-    if stat.S_ISDIR(st.st_mode):
-        mode |= stat.S_IXGRP | stat.S_ISGID
-    os.chmod(path, mode)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from driver.errors import Unavailable
-from driver.host.exec import Runner
+from driver.host.base import Host
 from driver.host.fs import Filesystems
 from driver.host.loop import LoopManager
 from driver.host.mounter import Mounter
@@ -27,7 +26,7 @@ class PoolContext:
     loops: LoopManager
     mounter: Mounter
     fs: Filesystems
-    runner: Runner
+    host: Host
     max_volumes_per_node: int = 0
     loop_sector_size: int = 4096
 
@@ -55,6 +54,3 @@ class PoolContext:
             f"the pool is full ({usage.free_bytes} bytes free): writes into the {unbacked} "
             "not yet allocated bytes of this volume fail until space is freed"
         )
-
-    def loop_rdev(self, device: str) -> int:
-        return os.stat(device).st_rdev

@@ -35,18 +35,10 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
     store, backend = ctx.store, ctx.backend
 
     # 1. Operations that were under way when the process ended.
+    # Only NodeExpandVolume journals (the new size); single-file operations need no entry, their
+    # leftovers are orphans that step 2 finds.
     for seq, op, key, payload in store.journal():
-        if (op == "create-volume" and store.get_volume(key) is None) or (
-            op == "delete-volume" and store.get_volume(key) is None
-        ):
-            if backend.trash_orphan("volume", key):
-                report.trashed.append(key)
-        elif (op == "create-snapshot" and store.get_snapshot(key) is None) or (
-            op == "delete-snapshot" and store.get_snapshot(key) is None
-        ):
-            if backend.trash_orphan("snapshot", key):
-                report.trashed.append(key)
-        elif op == "expand-volume":
+        if op == "expand-volume":
             vol = store.get_volume(key)
             size = backend.volume_size(key)
             if vol is not None and size is not None and size >= int(payload["size"]) > vol.size:
@@ -69,7 +61,7 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
             log.error("volume %s is recorded but its image is missing from the pool", vid)
 
     # 3. Staging and publication records against the mount table (a reboot empties it).
-    entries = mountinfo.read()
+    entries = ctx.host.mounts()
     stagings = {s.volume_id: s for s in store.stagings()}
     loops_by_file = ctx.loops.by_backing_file()  # one sysfs pass, not one per staging
     for vid, staging in list(stagings.items()):

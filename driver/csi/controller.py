@@ -1,28 +1,33 @@
-"""CSI Controller service: validate -> lock -> backend (in driver.core) -> convert."""
+"""CSI Controller service, one implementation for every mode: validate -> core -> convert.
+
+With a pool (modes `all` and `node`) it serves everything; without one (mode `controller`) it
+serves only ControllerExpandVolume, which is answered from the request's own fields by the same
+code in every mode, and advertises nothing else. There is no ControllerPublish/Unpublish:
+Stowage volumes are node-local and need no attach (CSIDriver `attachRequired: false`, see
+docs/design.md).
+"""
 
 from __future__ import annotations
 
 import grpc
 
 from csi_proto import csi_pb2, csi_pb2_grpc
-from driver.core.controller import ControllerCore, VolumeStatus
+from driver.core.controller import ControllerCore, VolumeStatus, expand_request
 from driver.csi import convert
 from driver.errors import Unimplemented
-from driver.validation import present
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
 
+# Served without a pool, so in every mode.
+POOLLESS_CAPABILITIES = (_RPC.EXPAND_VOLUME,)
 CAPABILITIES = (
     _RPC.CREATE_DELETE_VOLUME,
-    _RPC.PUBLISH_UNPUBLISH_VOLUME,
     _RPC.LIST_VOLUMES,
     _RPC.GET_CAPACITY,
     _RPC.CREATE_DELETE_SNAPSHOT,
     _RPC.LIST_SNAPSHOTS,
     _RPC.CLONE_VOLUME,
-    _RPC.PUBLISH_READONLY,
-    _RPC.EXPAND_VOLUME,
-    _RPC.LIST_VOLUMES_PUBLISHED_NODES,
+    *POOLLESS_CAPABILITIES,
     _RPC.VOLUME_CONDITION,
     _RPC.GET_VOLUME,
     _RPC.SINGLE_NODE_MULTI_WRITER,
@@ -31,23 +36,30 @@ CAPABILITIES = (
 
 
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, core: ControllerCore) -> None:
-        self.core = core
+    def __init__(self, core: ControllerCore | None) -> None:
+        """`core` is None in controller mode, which has no pool."""
+        self._core = core
 
-    @property
-    def _node(self) -> str:
-        return self.core.ctx.node_id
+    def _pool(self, method: str) -> ControllerCore:
+        if self._core is None:
+            raise Unimplemented(
+                f"{method} is served by the node plugin (--mode node), not by controller mode"
+            )
+        return self._core
 
     def ControllerGetCapabilities(
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
-        return convert.controller_capabilities(CAPABILITIES)
+        return convert.controller_capabilities(
+            CAPABILITIES if self._core is not None else POOLLESS_CAPABILITIES
+        )
 
     def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeResponse:
+        core = self._pool("CreateVolume")
         req = request.accessibility_requirements
-        vol = self.core.create_volume(
+        vol = core.create_volume(
             name=request.name,
             caps=convert.capabilities(request.volume_capabilities),
             rng=convert.capacity_range(request.HasField("capacity_range"), request.capacity_range),
@@ -58,40 +70,30 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             requisite=convert.segments(req.requisite),
             preferred=convert.segments(req.preferred),
         )
-        return csi_pb2.CreateVolumeResponse(volume=convert.volume(vol, self._node))
+        return csi_pb2.CreateVolumeResponse(volume=convert.volume(vol, core.ctx.node_id))
 
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeResponse:
-        self.core.delete_volume(request.volume_id)
+        self._pool("DeleteVolume").delete_volume(request.volume_id)
         return csi_pb2.DeleteVolumeResponse()
 
     def ControllerPublishVolume(
         self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerPublishVolumeResponse:
-        present(
-            volume_id=request.volume_id,
-            node_id=request.node_id,
-            volume_capability=request.HasField("volume_capability"),
-        )
-        cap = convert.required_capability(
-            request.HasField("volume_capability"), request.volume_capability
-        )
-        ctx = self.core.publish(request.volume_id, request.node_id, cap, request.readonly)
-        return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
+        raise _no_attach("ControllerPublishVolume")
 
     def ControllerUnpublishVolume(
         self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerUnpublishVolumeResponse:
-        self.core.unpublish(request.volume_id, request.node_id)
-        return csi_pb2.ControllerUnpublishVolumeResponse()
+        raise _no_attach("ControllerUnpublishVolume")
 
     def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
-        present(volume_id=request.volume_id, volume_capabilities=len(request.volume_capabilities))
+        core = self._pool("ValidateVolumeCapabilities")
         caps = convert.capabilities(request.volume_capabilities)
-        reason = self.core.validate_capabilities(request.volume_id, caps, dict(request.parameters))
+        reason = core.validate_capabilities(request.volume_id, caps, dict(request.parameters))
         if reason:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=reason)
         return csi_pb2.ValidateVolumeCapabilitiesResponse(
@@ -103,40 +105,31 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             )
         )
 
-    def _entry_status(
-        self, st: VolumeStatus
-    ) -> tuple[csi_pb2.Volume, list[str], csi_pb2.VolumeCondition]:
-        return (
-            convert.volume(st.volume, self._node),
-            st.published_nodes,
-            convert.condition(st.condition),
-        )
-
     def ListVolumes(
         self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListVolumesResponse:
-        page = self.core.list_volumes(request.max_entries, request.starting_token)
-        entries = []
-        for st in page.items:
-            vol, nodes, cond = self._entry_status(st)
-            entries.append(
-                csi_pb2.ListVolumesResponse.Entry(
-                    volume=vol,
-                    status=csi_pb2.ListVolumesResponse.VolumeStatus(
-                        published_node_ids=nodes, volume_condition=cond
-                    ),
-                )
+        core = self._pool("ListVolumes")
+        page = core.list_volumes(request.max_entries, request.starting_token)
+        entries = [
+            csi_pb2.ListVolumesResponse.Entry(
+                volume=convert.volume(st.volume, core.ctx.node_id),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                    volume_condition=convert.condition(st.condition)
+                ),
             )
+            for st in page.items
+        ]
         return csi_pb2.ListVolumesResponse(entries=entries, next_token=page.next_token)
 
     def ControllerGetVolume(
         self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerGetVolumeResponse:
-        vol, nodes, cond = self._entry_status(self.core.volume_status(request.volume_id))
+        core = self._pool("ControllerGetVolume")
+        st: VolumeStatus = core.volume_status(request.volume_id)
         return csi_pb2.ControllerGetVolumeResponse(
-            volume=vol,
+            volume=convert.volume(st.volume, core.ctx.node_id),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
-                published_node_ids=nodes, volume_condition=cond
+                volume_condition=convert.condition(st.condition)
             ),
         )
 
@@ -148,7 +141,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             if request.HasField("accessible_topology")
             else None
         )
-        available, maximum = self.core.capacity(
+        available, maximum = self._pool("GetCapacity").capacity(
             convert.capabilities(request.volume_capabilities), segment
         )
         resp = csi_pb2.GetCapacityResponse(available_capacity=available)
@@ -158,7 +151,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateSnapshotResponse:
-        snap = self.core.create_snapshot(
+        snap = self._pool("CreateSnapshot").create_snapshot(
             request.name, request.source_volume_id, dict(request.parameters)
         )
         return csi_pb2.CreateSnapshotResponse(snapshot=convert.snapshot(snap))
@@ -166,13 +159,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteSnapshotResponse:
-        self.core.delete_snapshot(request.snapshot_id)
+        self._pool("DeleteSnapshot").delete_snapshot(request.snapshot_id)
         return csi_pb2.DeleteSnapshotResponse()
 
     def ListSnapshots(
         self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListSnapshotsResponse:
-        page = self.core.list_snapshots(
+        page = self._pool("ListSnapshots").list_snapshots(
             request.max_entries,
             request.starting_token,
             request.snapshot_id,
@@ -190,24 +183,35 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetSnapshotResponse:
         return csi_pb2.GetSnapshotResponse(
-            snapshot=convert.snapshot(self.core.get_snapshot(request.snapshot_id))
+            snapshot=convert.snapshot(
+                self._pool("GetSnapshot").get_snapshot(request.snapshot_id)
+            )
         )
 
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerExpandVolumeResponse:
-        present(volume_id=request.volume_id, capacity_range=request.HasField("capacity_range"))
-        size, node_required = self.core.expand_volume(
+        size = expand_request(
             request.volume_id,
-            convert.capacity_range(request.HasField("capacity_range"), request.capacity_range)
+            convert.capacity_range(True, request.capacity_range)
             if request.HasField("capacity_range")
+            else None,
+            convert.capability(request.volume_capability)
+            if request.HasField("volume_capability")
             else None,
         )
         return csi_pb2.ControllerExpandVolumeResponse(
-            capacity_bytes=size, node_expansion_required=node_required
+            capacity_bytes=size, node_expansion_required=True
         )
 
     def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerModifyVolumeResponse:
         raise Unimplemented("ControllerModifyVolume is not supported yet")
+
+
+def _no_attach(method: str) -> Unimplemented:
+    return Unimplemented(
+        f"{method} is not served: Stowage volumes are node-local and need no attach "
+        "(CSIDriver attachRequired: false)"
+    )

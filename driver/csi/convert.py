@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_proto import csi_pb2
-from driver import TOPOLOGY_KEY
+from driver import CONTEXT_ACCESS_TYPE, CONTEXT_FS_TYPE, CONTEXT_NODE, TOPOLOGY_KEY
 from driver.errors import InvalidArgument
 from driver.model import (
     AccessMode,
@@ -41,12 +41,6 @@ def capability(cap: csi_pb2.VolumeCapability) -> Capability:
         mount_flags=tuple(cap.mount.mount_flags),
         mount_group=cap.mount.volume_mount_group,
     )
-
-
-def required_capability(req_has: bool, cap: csi_pb2.VolumeCapability) -> Capability:
-    if not req_has:
-        raise InvalidArgument("volume_capability is required")
-    return capability(cap)
 
 
 def capabilities(caps: Iterable[csi_pb2.VolumeCapability]) -> list[Capability]:
@@ -96,9 +90,9 @@ def volume(vol: Volume, node_id: str) -> csi_pb2.Volume:
 
 
 def volume_context(vol: Volume, node_id: str) -> dict[str, str]:
-    ctx = {"stowage.csi.io/node": node_id, "stowage.csi.io/access-type": vol.access_type.value}
+    ctx = {CONTEXT_NODE: node_id, CONTEXT_ACCESS_TYPE: vol.access_type.value}
     if vol.fs_type:
-        ctx["stowage.csi.io/fs-type"] = vol.fs_type
+        ctx[CONTEXT_FS_TYPE] = vol.fs_type
     return ctx
 
 
@@ -141,10 +135,6 @@ def stats(st: VolumeStats) -> csi_pb2.NodeGetVolumeStatsResponse:
             )
         )
     return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition(st.condition))
-
-
-def str_map(values: Mapping[str, str]) -> dict[str, str]:
-    return dict(values)
 
 
 def controller_capabilities(

@@ -15,8 +15,7 @@ _Exp = csi_pb2.PluginCapability.VolumeExpansion
 
 
 class IdentityServicer(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, *, controller: bool, ready: Callable[[], bool]) -> None:
-        self._controller = controller
+    def __init__(self, *, ready: Callable[[], bool]) -> None:
         self._ready = ready
 
     def GetPluginInfo(
@@ -28,12 +27,11 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
         self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
         caps = [
+            csi_pb2.PluginCapability(service=_Svc(type=_Svc.CONTROLLER_SERVICE)),
             csi_pb2.PluginCapability(service=_Svc(type=_Svc.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
             csi_pb2.PluginCapability(volume_expansion=_Exp(type=_Exp.ONLINE)),
             csi_pb2.PluginCapability(volume_expansion=_Exp(type=_Exp.OFFLINE)),
         ]
-        if self._controller:
-            caps.insert(0, csi_pb2.PluginCapability(service=_Svc(type=_Svc.CONTROLLER_SERVICE)))
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(

@@ -22,9 +22,8 @@ CAPABILITIES = (
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):
-    def __init__(self, core: NodeCore, max_volumes: int) -> None:
+    def __init__(self, core: NodeCore) -> None:
         self.core = core
-        self.max_volumes = max_volumes
 
     def NodeGetCapabilities(
         self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
@@ -42,7 +41,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         node = self.core.ctx.node_id
         return csi_pb2.NodeGetInfoResponse(
             node_id=node,
-            max_volumes_per_node=self.max_volumes,
+            max_volumes_per_node=self.core.ctx.max_volumes_per_node,
             accessible_topology=convert.topology(node),
         )
 
@@ -54,9 +53,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             staging_target_path=request.staging_target_path,
             volume_capability=request.HasField("volume_capability"),
         )
-        cap = convert.required_capability(
-            request.HasField("volume_capability"), request.volume_capability
-        )
+        cap = convert.capability(request.volume_capability)
         self.core.stage(request.volume_id, request.staging_target_path, cap)
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -76,9 +73,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             target_path=request.target_path,
             volume_capability=request.HasField("volume_capability"),
         )
-        cap = convert.required_capability(
-            request.HasField("volume_capability"), request.volume_capability
-        )
+        cap = convert.capability(request.volume_capability)
         self.core.publish(
             request.volume_id,
             request.staging_target_path,

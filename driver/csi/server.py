@@ -18,16 +18,15 @@ from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.core.reconcile import reconcile
 from driver.csi.controller import ControllerServicer
-from driver.csi.gate import GateServicer
 from driver.csi.identity import IdentityServicer
 from driver.csi.interceptors import CallInterceptor
-from driver.csi.kube import KubeCatalog
 from driver.csi.node import NodeServicer
 from driver.errors import InvalidArgument
 from driver.host.exec import SubprocessRunner
 from driver.host.fs import Filesystems
 from driver.host.loop import LoopManager
 from driver.host.mounter import Mounter
+from driver.host.system import SystemHost
 from driver.metrics import Metrics, PoolSample
 from driver.storage.image import ImagePool
 from driver.storage.locks import KeyedLocks
@@ -50,6 +49,7 @@ def parse_endpoint(endpoint: str) -> tuple[str, str]:
 
 def open_pool(cfg: Config) -> PoolContext:
     runner = SubprocessRunner()
+    host = SystemHost()
     backend = ImagePool(cfg.pool_dir, reserved_bytes=cfg.reserved_bytes)
     store = Store(os.path.join(cfg.pool_dir, "meta.db"), before_write=backend.keep_metadata_room)
     return PoolContext(
@@ -58,9 +58,9 @@ def open_pool(cfg: Config) -> PoolContext:
         backend=backend,
         locks=KeyedLocks(),
         loops=LoopManager(runner),
-        mounter=Mounter(runner),
+        mounter=Mounter(runner, host),
         fs=Filesystems(runner),
-        runner=runner,
+        host=host,
         max_volumes_per_node=cfg.max_volumes_per_node,
         loop_sector_size=cfg.loop_sector_size,
     )
@@ -112,6 +112,7 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
         interceptors=[CallInterceptor(metrics)],
     )
     pool: PoolContext | None = None
+    controller: ControllerCore | None = None
     if cfg.serves_pool:
         pool = open_pool(cfg)
         report = reconcile(pool, cfg.trash_grace)
@@ -119,24 +120,19 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
             log.error("reconcile: %s", problem)
         ctx = pool
         metrics.watch_pool(lambda: _pool_sample(ctx))
-        csi_pb2_grpc.add_ControllerServicer_to_server(
-            ControllerServicer(ControllerCore(pool)), server
-        )
-        csi_pb2_grpc.add_NodeServicer_to_server(
-            NodeServicer(NodeCore(pool), cfg.max_volumes_per_node), server
-        )
+        controller = ControllerCore(pool)
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(NodeCore(pool)), server)
 
         def is_ready() -> bool:
             return ready.is_set() and ctx.backend.healthy() and ctx.store.healthy()
     else:
-        csi_pb2_grpc.add_ControllerServicer_to_server(GateServicer(KubeCatalog()), server)
 
         def is_ready() -> bool:
             return ready.is_set()
 
-    csi_pb2_grpc.add_IdentityServicer_to_server(
-        IdentityServicer(controller=True, ready=is_ready), server
-    )
+    # Controller mode has no pool: the same servicer then serves what needs none.
+    csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(ready=is_ready), server)
     kind, where = parse_endpoint(cfg.endpoint)
     if kind == "unix":
         os.makedirs(os.path.dirname(where), exist_ok=True)
@@ -154,7 +150,7 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     ready.set()
     log.info(
         "stowage serving %s on %s (mode %s, node %s)",
-        "pool " + cfg.pool_dir if pool else "controller gate",
+        "pool " + cfg.pool_dir if pool else "no pool",
         cfg.endpoint,
         cfg.mode.value,
         cfg.node_id,

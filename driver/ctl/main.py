@@ -60,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     vol.add_parser("list")
     d = vol.add_parser("delete")
     d.add_argument("volume_id")
-    e = vol.add_parser("expand")
+    e = vol.add_parser(
+        "expand",
+        help="ControllerExpandVolume, then NodeExpandVolume at --path (growth is the node's)",
+    )
     e.add_argument("volume_id")
     e.add_argument("--size", type=size, required=True)
+    e.add_argument("--path", required=True, help="staging or publish path of the staged volume")
 
     snap = sub.add_parser("snapshot").add_subparsers(dest="action", required=True)
     sc = snap.add_parser("create")
@@ -167,7 +171,11 @@ def _run_client(client: Client, args: argparse.Namespace) -> int:
         elif args.action == "delete":
             client.delete_volume(args.volume_id)
         else:
-            print(client.expand_volume(args.volume_id, args.size))
+            print(
+                client.node_expand(
+                    args.volume_id, args.path, client.expand_volume(args.volume_id, args.size)
+                )
+            )
     elif args.cmd == "snapshot":
         if args.action == "create":
             _print(client.create_snapshot(args.name, args.volume))

@@ -8,29 +8,76 @@ import fcntl
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from driver.errors import CommandFailed, FailedPrecondition, Internal, InvalidArgument
 from driver.host.exec import Runner
+from driver.model import FsType, MiB
 
 log = logging.getLogger(__name__)
 
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 
+
+@dataclass(frozen=True)
+class FsSpec:
+    """Everything Stowage knows about one filesystem type."""
+
+    mkfs: tuple[str, ...]  # argv; the device is appended
+    min_size: int  # the smallest filesystem mkfs makes with these options
+    mount_options: tuple[str, ...]  # added to every mount of it
+    fsck: bool  # repaired (e2fsck -p) before mounting; False: its log replays at mount, and
+    # its offline repair tool is not safe to run unattended
+    grows_offline: bool  # True: grown before mounting (resize2fs needs no capability then)
+    grow: tuple[str, ...]  # online growth argv; "{device}" and "{mount}" are filled in
+
+
 # Our mkfs options: no reserved blocks, lazy init where it is safe, no discard of a sparse
-# image (the file is already sparse; discarding would only cost time).
-MKFS = {
-    "ext4": [
-        "mkfs.ext4",
-        "-F",
-        "-q",
-        "-m0",
-        "-E",
-        "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-    ],
-    "xfs": ["mkfs.xfs", "-f", "-q", "-K"],
-    "btrfs": ["mkfs.btrfs", "-f", "-q", "-K"],
+# image (the file is already sparse; discarding would only cost time). Clones and restores of
+# an xfs volume share its UUID, so xfs is mounted nouuid or a clone could not be staged next
+# to its origin.
+FILESYSTEMS: dict[FsType, FsSpec] = {
+    FsType.EXT4: FsSpec(
+        mkfs=(
+            "mkfs.ext4",
+            "-F",
+            "-q",
+            "-m0",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+        ),
+        min_size=1 * MiB,
+        mount_options=(),
+        fsck=True,
+        grows_offline=True,
+        grow=("resize2fs", "--", "{device}"),
+    ),
+    FsType.XFS: FsSpec(
+        mkfs=("mkfs.xfs", "-f", "-q", "-K"),
+        min_size=300 * MiB,
+        mount_options=("nouuid",),
+        fsck=False,
+        grows_offline=False,
+        grow=("xfs_growfs", "{mount}"),
+    ),
+    FsType.BTRFS: FsSpec(
+        mkfs=("mkfs.btrfs", "-f", "-q", "-K"),
+        min_size=128 * MiB,
+        mount_options=(),
+        fsck=False,
+        grows_offline=False,
+        grow=("btrfs", "filesystem", "resize", "max", "{mount}"),
+    ),
 }
+
+
+def spec(fs_type: str) -> FsSpec:
+    """The table entry of a filesystem type; INVALID_ARGUMENT for any other name."""
+    try:
+        return FILESYSTEMS[FsType(fs_type)]
+    except ValueError:
+        raise InvalidArgument(f"unsupported filesystem type {fs_type!r}") from None
 
 
 class Filesystems:
@@ -56,14 +103,11 @@ class Filesystems:
         return values.get("TYPE") or values.get("PTTYPE") or "unknown"
 
     def format(self, device: str, fs_type: str) -> None:
-        if fs_type not in MKFS:
-            raise InvalidArgument(f"unsupported filesystem type {fs_type!r}")
-        self._runner.run([*MKFS[fs_type], device], timeout=600)
+        self._runner.run([*spec(fs_type).mkfs, device], timeout=600)
 
     def check(self, device: str, fs_type: str) -> None:
-        """Repair what is safe to repair before mounting (ext4 only: xfs and btrfs replay their
-        logs at mount time, and their offline repair tools are not safe to run unattended)."""
-        if fs_type != "ext4":
+        """Repair what is safe to repair before mounting (`FsSpec.fsck`)."""
+        if not spec(fs_type).fsck:
             return
         res = self._runner.run(["e2fsck", "-p", "--", device], check=False, timeout=3600)
         if res.returncode in (0, 1):
@@ -83,7 +127,7 @@ class Filesystems:
 
     def grow_offline(self, device: str, fs_type: str) -> None:
         """Grow an unmounted ext4 filesystem (resize2fs wants a forced check first)."""
-        if fs_type != "ext4":
+        if not spec(fs_type).grows_offline:
             raise InvalidArgument(f"offline growth is only done for ext4, not {fs_type}")
         res = self._runner.run(["e2fsck", "-f", "-p", "--", device], check=False, timeout=3600)
         if res.returncode not in (0, 1):
@@ -94,22 +138,17 @@ class Filesystems:
 
     def grow(self, device: str, mount_point: str, fs_type: str) -> None:
         """Grow a mounted filesystem to fill its device (idempotent)."""
-        if fs_type == "ext4":
-            res = self._runner.run(["resize2fs", "--", device], check=False, timeout=3600)
-            if res.returncode != 0:
-                if "Permission denied" in res.stderr:
-                    raise FailedPrecondition(
-                        f"the kernel refused to resize ext4 on {device} while mounted (online "
-                        "ext4 growth needs CAP_SYS_RESOURCE); the image is already larger and "
-                        "the filesystem will grow when the volume is next staged"
-                    )
-                raise CommandFailed(res.argv, res.returncode, res.stdout, res.stderr)
-        elif fs_type == "xfs":
-            self._runner.run(["xfs_growfs", mount_point], timeout=3600)
-        elif fs_type == "btrfs":
-            self._runner.run(["btrfs", "filesystem", "resize", "max", mount_point], timeout=3600)
-        else:
-            raise InvalidArgument(f"cannot grow filesystem type {fs_type!r}")
+        argv = [a.format(device=device, mount=mount_point) for a in spec(fs_type).grow]
+        res = self._runner.run(argv, check=False, timeout=3600)
+        if res.returncode == 0:
+            return
+        if fs_type == FsType.EXT4 and "Permission denied" in res.stderr:
+            raise FailedPrecondition(
+                f"the kernel refused to resize ext4 on {device} while mounted (online "
+                "ext4 growth needs CAP_SYS_RESOURCE); the image is already larger and "
+                "the filesystem will grow when the volume is next staged"
+            )
+        raise CommandFailed(res.argv, res.returncode, res.stdout, res.stderr)
 
     def size_bytes(self, mount_point: str) -> int:
         st = os.statvfs(mount_point)

@@ -9,6 +9,7 @@ import stat
 
 from driver.errors import FailedPrecondition, Internal, InvalidArgument
 from driver.host import mountinfo
+from driver.host.base import Host
 from driver.host.exec import Runner
 
 log = logging.getLogger(__name__)
@@ -18,16 +19,13 @@ SAFE_DEFAULTS = ("nosuid", "nodev")
 
 
 class Mounter:
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, host: Host) -> None:
         self._runner = runner
+        self._host = host
 
     # --- queries ---------------------------------------------------------------------------
-    @staticmethod
-    def mounts_at(path: str) -> list[mountinfo.MountEntry]:
-        return mountinfo.mounts_at(path)
-
     def is_mounted(self, path: str) -> bool:
-        return bool(mountinfo.mounts_at(path))
+        return bool(mountinfo.mounts_at(path, self._host.mounts()))
 
     # --- mounting ----------------------------------------------------------------------------
     def mount(self, source: str, target: str, fs_type: str, options: list[str]) -> None:

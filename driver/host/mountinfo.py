@@ -77,8 +77,8 @@ def mounts_at(path: str, entries: list[MountEntry] | None = None) -> list[MountE
     return [e for e in (entries if entries is not None else read()) if e.mount_point == target]
 
 
-def top_mount_at(path: str) -> MountEntry | None:
-    found = mounts_at(path)
+def top_mount_at(path: str, entries: list[MountEntry] | None = None) -> MountEntry | None:
+    found = mounts_at(path, entries)
     return found[-1] if found else None
 
 
@@ -101,9 +101,11 @@ def is_on(entry: MountEntry, device: str, rdev: int | None = None) -> bool:
     return rdev is not None and entry.dev == rdev
 
 
-def mounts_of(device: str, entries: list[MountEntry] | None = None) -> list[MountEntry]:
+def mounts_of(
+    device: str, entries: list[MountEntry] | None = None, rdev: int | None = None
+) -> list[MountEntry]:
     """Every mount of the filesystem on `device` and every bind of its device node."""
-    rdev = _rdev(device)
+    rdev = _rdev(device) if rdev is None else rdev
     return [e for e in (entries if entries is not None else read()) if is_on(e, device, rdev)]
 
 

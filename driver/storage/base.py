@@ -12,7 +12,7 @@ class VolumeBackend(Protocol):
 
     Every method is idempotent where that makes sense (creating what exists with the same size,
     deleting what is gone) and atomic: a crash leaves either the old state or the new one, plus
-    at most a temporary file that `orphans()` reports.
+    at most a temporary file that `leftovers()` reports.
     """
 
     root: str  # the pool directory, resolved; kubelet paths must stay clear of it

@@ -277,7 +277,7 @@ class ImagePool:
     def snapshot_ids(self) -> set[str]:
         return self._ids(self._snapshots, ids.is_snapshot_id)
 
-    # --- removal: rename into trash (atomic), then reclaim ------------------------------------
+    # --- removal: orphans are renamed into trash (atomic) and reclaimed later; deletes unlink --
     def _to_trash(self, path: str, kind: str, object_id: str) -> list[str]:
         """Rename the image and any leftover temporary copy into trash; return the new paths."""
         stamp = time.time_ns()

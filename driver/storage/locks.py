@@ -28,7 +28,3 @@ class KeyedLocks:
         finally:
             with self._guard:
                 self._held.difference_update(wanted)
-
-    def busy(self, key: str) -> bool:
-        with self._guard:
-            return key in self._held

@@ -1,7 +1,7 @@
 """The pool's metadata store: SQLite in WAL mode with synchronous=FULL, plus an operation journal.
 
 Rows are written after the files they describe are complete, and deleted before the files are
-moved away, so a crash leaves at worst an orphan file (reconciled to trash), never a row that
+unlinked, so a crash leaves at worst an orphan file (reconciled to trash), never a row that
 points at nothing.
 
 Writes use group commit: concurrent writers share one open transaction, each in its own
@@ -24,7 +24,6 @@ from driver.errors import ResourceExhausted, Unavailable
 from driver.model import (
     AccessMode,
     AccessType,
-    Attachment,
     ContentSource,
     Publication,
     Snapshot,
@@ -46,10 +45,6 @@ CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, source_volume_id TEXT NOT NULL,
     size INTEGER NOT NULL, fs_type TEXT NOT NULL, access_type TEXT NOT NULL,
     formatted INTEGER NOT NULL, created_at REAL NOT NULL, sector_size INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS attachments (
-    volume_id TEXT NOT NULL, node_id TEXT NOT NULL, readonly INTEGER NOT NULL,
-    access_mode INTEGER NOT NULL, PRIMARY KEY (volume_id, node_id)
 );
 CREATE TABLE IF NOT EXISTS stagings (
     volume_id TEXT PRIMARY KEY, path TEXT NOT NULL, device TEXT NOT NULL,
@@ -143,7 +138,6 @@ class Store:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
@@ -329,7 +323,6 @@ class Store:
 
     def remove_volume(self, volume_id: str) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM attachments WHERE volume_id = ?", (volume_id,))
             db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
 
     # --- snapshots ----------------------------------------------------------------------------
@@ -375,48 +368,15 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
-    # --- controller attachments -----------------------------------------------------------------
-    def attachments(self, volume_id: str | None = None) -> list[Attachment]:
-        """Attachments of one volume, or every attachment when `volume_id` is None."""
-        if volume_id is None:
-            rows = self._all("SELECT * FROM attachments ORDER BY volume_id, node_id")
-        else:
-            rows = self._all("SELECT * FROM attachments WHERE volume_id = ?", (volume_id,))
-        return [
-            Attachment(
-                r["volume_id"], r["node_id"], bool(r["readonly"]), AccessMode(r["access_mode"])
-            )
-            for r in rows
-        ]
-
-    def holders(self, volume_id: str) -> tuple[bool, list[str]]:
-        """(staged or published on this node, nodes it is attached to) in one read: what a
-        delete must find empty."""
+    def in_use(self, volume_id: str) -> bool:
+        """True when the volume is staged or published on this node (one read): what a delete
+        must find false."""
         rows = self._all(
-            "SELECT NULL AS node FROM stagings WHERE volume_id = ?1"
-            " UNION ALL SELECT NULL FROM publications WHERE volume_id = ?1"
-            " UNION ALL SELECT node_id FROM attachments WHERE volume_id = ?1",
+            "SELECT 1 FROM stagings WHERE volume_id = ?1"
+            " UNION ALL SELECT 1 FROM publications WHERE volume_id = ?1 LIMIT 1",
             (volume_id,),
         )
-        nodes = sorted(r["node"] for r in rows if r["node"] is not None)
-        return any(r["node"] is None for r in rows), nodes
-
-    def attachment_count(self, node_id: str) -> int:
-        rows = self._all("SELECT COUNT(*) AS n FROM attachments WHERE node_id = ?", (node_id,))
-        return int(rows[0]["n"])
-
-    def add_attachment(self, a: Attachment) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO attachments VALUES (?,?,?,?)",
-                (a.volume_id, a.node_id, int(a.readonly), int(a.access_mode)),
-            )
-
-    def remove_attachment(self, volume_id: str, node_id: str) -> None:
-        with self._tx() as db:
-            db.execute(
-                "DELETE FROM attachments WHERE volume_id = ? AND node_id = ?", (volume_id, node_id)
-            )
+        return bool(rows)
 
     # --- node stagings and publications ---------------------------------------------------------
     def staging(self, volume_id: str) -> Staging | None:

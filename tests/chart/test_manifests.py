@@ -16,7 +16,6 @@ PINNED = {
     "node-driver-registrar": "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.17.0",
     "csi-provisioner": "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0",
     "csi-snapshotter": "registry.k8s.io/sig-storage/csi-snapshotter:v8.6.0",
-    "csi-attacher": "registry.k8s.io/sig-storage/csi-attacher:v4.12.0",
     "csi-resizer": "registry.k8s.io/sig-storage/csi-resizer:v2.2.1",
     "liveness-probe": "registry.k8s.io/sig-storage/livenessprobe:v2.19.0",
     "snapshot-controller": "registry.k8s.io/sig-storage/snapshot-controller:v8.6.0",
@@ -73,19 +72,6 @@ KNOWN_FLAGS = {
         "node-deployment-max-delay",
         "controller-publish-readonly",
         "prevent-volume-mode-conversion",
-        "feature-gates",
-    },
-    "csi-attacher": COMMON
-    | {
-        "resync",
-        "timeout",
-        "retry-interval-start",
-        "retry-interval-max",
-        "worker-threads",
-        "max-entries",
-        "default-fstype",
-        "reconcile-sync",
-        "max-grpc-log-length",
         "feature-gates",
     },
     "csi-resizer": COMMON
@@ -214,7 +200,7 @@ def test_csidriver(render) -> None:
     csidriver = util.one(render(), "CSIDriver")
     assert csidriver["metadata"]["name"] == DRIVER
     assert csidriver["spec"] == {
-        "attachRequired": True,
+        "attachRequired": False,
         "podInfoOnMount": True,
         "fsGroupPolicy": "File",
         "volumeLifecycleModes": ["Persistent"],
@@ -243,7 +229,7 @@ def test_every_socket_user_agrees_with_the_driver_endpoint(render, name: str) ->
             m = mounts(c).get("socket-dir")
             assert m is not None and m["mountPath"] == drv_mount["mountPath"], cname
             users += 1
-        assert users == len(cs) - 1 >= 3
+        assert users == len(cs) - 1 >= 2
     # the node pod's socket directory is the host directory kubelet registers
     ds = node_ds(docs)
     host_dir = volumes(ds)["socket-dir"]["hostPath"]
@@ -398,12 +384,11 @@ def test_controller_and_leader_election(render, name: str) -> None:
     replicas = values_of(name).get("controller", {}).get("replicas", 1)
     assert dep["spec"]["replicas"] == replicas
     cs = util.containers(dep)
-    assert list(cs) == ["stowage-csi", "csi-attacher", "csi-resizer", "liveness-probe"]
+    assert list(cs) == ["stowage-csi", "csi-resizer", "liveness-probe"]
     f = util.flags(cs["stowage-csi"])
     assert f["mode"] == "controller"
     assert "pool-dir" not in f and "node-id" not in f
-    for side in ("csi-attacher", "csi-resizer"):
-        assert ("leader-election" in util.flags(cs[side])) == (replicas > 1), side
+    assert ("leader-election" in util.flags(cs["csi-resizer"])) == (replicas > 1)
     if values_of(name).get("snapshotController", {}).get("enabled", True):
         sc = util.one(docs, "Deployment", "snapshot-controller")
         sf = util.flags(util.containers(sc)["snapshot-controller"])

@@ -38,7 +38,7 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
         ("cluster", "snapshot.storage.k8s.io", "volumesnapshotcontents", ("get",)),
         ("cluster", "storage.k8s.io", "csinodes", ("get", "list", "watch")),
         ("cluster", "", "nodes", ("get", "list", "watch")),
-        # PUBLISH_UNPUBLISH_VOLUME: deletion waits for VolumeAttachments to go
+        # deletion waits for VolumeAttachments to go (it watches them for every driver)
         ("cluster", "storage.k8s.io", "volumeattachments", ("get", "list", "watch")),
         # --enable-capacity: CSIStorageCapacity informer + Create/Update/Delete in $NAMESPACE
         (
@@ -71,18 +71,8 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
     "livenessprobe": [],  # talks to the CSI socket only
     # the driver, --mode node: no Kubernetes API access
     "stowage-node": [],
-    # the driver, --mode controller: volume ID -> PV lookups, node checks
-    "stowage-controller": [
-        ("cluster", "", "persistentvolumes", ("get", "list", "watch")),
-        ("cluster", "", "nodes", ("get", "list")),
-    ],
-    # external-attacher v4.12.0
-    "csi-attacher": [
-        ("cluster", "", "persistentvolumes", ("get", "list", "watch", "patch")),
-        ("cluster", "storage.k8s.io", "csinodes", ("get", "list", "watch")),
-        ("cluster", "storage.k8s.io", "volumeattachments", ("get", "list", "watch", "patch")),
-        ("cluster", "storage.k8s.io", "volumeattachments/status", ("patch",)),
-    ],
+    # the driver, --mode controller: answers from the request, no Kubernetes API access
+    "stowage-controller": [],
     # external-resizer v2.2.x (no MODIFY_VOLUME capability -> no volumeattributesclasses)
     "csi-resizer": [
         ("cluster", "", "persistentvolumes", ("get", "list", "watch", "patch")),
@@ -134,7 +124,6 @@ PROGRAMS = {
     },
     "controller": {
         "stowage-csi": "stowage-controller",
-        "csi-attacher": "csi-attacher",
         "csi-resizer": "csi-resizer",
         "liveness-probe": "livenessprobe",
     },

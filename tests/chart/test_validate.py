@@ -112,7 +112,7 @@ def test_rendered_objects_are_valid(render, name: str) -> None:
                 f"{doc['kind']}/{doc['metadata']['name']} ({name}): {exc}"
             ) from exc
         used[kind] = used.get(kind, 0) + 1
-    assert used["kubernetes"] >= 20, used
+    assert used["kubernetes"] >= 16, used
     snapshots_on = VALUE_SETS[name].get("volumeSnapshotClass", {}).get("create", True)
     assert used.get("crd", 0) == (1 if snapshots_on else 0), used
 
@@ -127,8 +127,8 @@ def test_default_render_inventory(render) -> None:
         "DaemonSet": 1,
         "Deployment": 2,
         "ServiceAccount": 3,
-        "ClusterRole": 6,
-        "ClusterRoleBinding": 6,
+        "ClusterRole": 4,
+        "ClusterRoleBinding": 4,
         "Role": 2,
         "RoleBinding": 2,
         "StorageClass": 3,

@@ -58,7 +58,6 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 ("nodeDriverRegistrar", "csi-node-driver-registrar", "v2.17.0"),
                 ("provisioner", "csi-provisioner", "v6.3.0"),
                 ("snapshotter", "csi-snapshotter", "v8.6.0"),
-                ("attacher", "csi-attacher", "v4.12.0"),
                 ("resizer", "csi-resizer", "v2.2.1"),
                 ("livenessProbe", "livenessprobe", "v2.19.0"),
             )

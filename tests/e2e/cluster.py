@@ -336,7 +336,6 @@ TOPOLOGY_KEY = "topology.stowage.csi.io/node"
 SIDECARS = {
     "csi-provisioner": ("node", "csi-provisioner"),
     "csi-snapshotter": ("node", "csi-snapshotter"),
-    "csi-attacher": ("controller", "csi-attacher"),
     "csi-resizer": ("controller", "csi-resizer"),
     "snapshot-controller": ("snapshot-controller", "snapshot-controller"),
 }
@@ -541,15 +540,12 @@ def start_node_driver(cluster: Cluster) -> None:
 
 
 def start_drivers(e: E2E) -> None:
-    """Stowage in node mode (on the pool) and controller mode (with its chart SA's token)."""
+    """Stowage in node mode (on the pool) and controller mode (no credentials: it reads
+    nothing from the API)."""
     cluster = e.cluster
     start_node_driver(cluster)
     os.makedirs(os.path.dirname(cluster.controller_socket), exist_ok=True)
-    cluster.run(
-        "driver-controller",
-        driver_argv("controller", cluster.controller_socket),
-        env={"KUBECONFIG": e.sa_kubeconfig(cluster.service_account("controller"))},
-    )
+    cluster.run("driver-controller", driver_argv("controller", cluster.controller_socket))
     probe = Client("unix://" + cluster.controller_socket)
     probe.wait_ready(60)
     probe.close()

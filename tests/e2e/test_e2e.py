@@ -141,35 +141,41 @@ def test_pvc_binds_through_node_deployed_provisioner_and_capacity_is_published(e
     wait(lambda: gone(e2e.core.read_persistent_volume, pv.metadata.name), 60, "PV deleted")
 
 
-def attach(e2e: E2E, pv: client.V1PersistentVolume) -> str:
-    """Ask for the PV on our node, as the attach/detach controller would; the object's name."""
-    name = f"va-{uuid.uuid4().hex[:6]}"
-    e2e.storage.create_volume_attachment(
-        client.V1VolumeAttachment(
-            metadata=client.V1ObjectMeta(name=name),
-            spec=client.V1VolumeAttachmentSpec(
-                attacher=DRIVER,
-                node_name=NODE,
-                source=client.V1VolumeAttachmentSource(persistent_volume_name=pv.metadata.name),
-            ),
-        )
-    )
-    return name
+def attachments_of(e2e: E2E, pv: client.V1PersistentVolume) -> list[str]:
+    return [
+        str(v.metadata.name)
+        for v in e2e.storage.list_volume_attachment().items
+        if v.spec.source.persistent_volume_name == pv.metadata.name
+    ]
 
 
-def test_volume_attachment_attaches_and_detaches(e2e: E2E, data_claim: Any) -> None:
-    _name, pv, _digest = data_claim
-    va_name = attach(e2e, pv)
-    va = wait(
-        lambda: (
-            (v := e2e.storage.read_volume_attachment(va_name)).status and v.status.attached and v
-        ),
-        60,
-        "VolumeAttachment attached by csi-attacher",
+def test_a_pod_on_the_node_needs_no_volume_attachment(e2e: E2E, data_claim: Any) -> None:
+    """attachRequired: false. A pod bound to the node with the claim gives kube-controller-
+    manager's attach/detach controller all it needs to create a VolumeAttachment (the node is
+    controller-managed); with attachRequired: true one appears within a second. None may
+    appear: pod start waits on no attacher and no controller replica."""
+    name, pv, _digest = data_claim
+    assert e2e.storage.read_csi_driver(DRIVER).spec.attach_required is False
+    pod = f"user-{uuid.uuid4().hex[:6]}"
+    e2e.core.create_namespaced_pod(
+        NS,
+        {
+            "metadata": {"name": pod},
+            "spec": {
+                "nodeName": NODE,  # as the scheduler would bind it
+                "containers": [{"name": "c", "image": "registry.local/none"}],
+                "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": name}}],
+            },
+        },
     )
-    assert va.status.attachment_metadata  # the driver's publish_context reached Kubernetes
-    e2e.storage.delete_volume_attachment(va_name)
-    wait(lambda: gone(e2e.storage.read_volume_attachment, va_name), 60, "VolumeAttachment detached")
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert attachments_of(e2e, pv) == []
+            time.sleep(0.5)
+    finally:
+        e2e.core.delete_namespaced_pod(pod, NS, grace_period_seconds=0)
+        wait(lambda: gone(e2e.core.read_namespaced_pod, pod, NS), 60, f"pod {pod} deleted")
 
 
 def test_snapshot_restore_and_clone_carry_the_bytes(e2e: E2E, data_claim: Any) -> None:
@@ -225,6 +231,8 @@ def test_resize_expands_controller_then_node(e2e: E2E) -> None:
             60,
             "PVC condition FileSystemResizePending (node expansion is the kubelet's part)",
         )
+        # controller mode answered the size; nothing grew yet (it has no pool)
+        assert os.path.getsize(image_path(e2e, pv.spec.csi.volume_handle)) == 320 << 20
         e2e.node.node_expand(pv.spec.csi.volume_handle, s.target, 640 << 20)
         after = os.statvfs(s.target)
         assert after.f_blocks * after.f_frsize > before.f_blocks * before.f_frsize + (200 << 20)
@@ -272,16 +280,17 @@ def test_every_chart_object_and_example_passes_server_side_dry_run(e2e: E2E) -> 
     assert checked >= len(e2e.cluster.rendered) + 5
 
 
-def test_a_sidecar_missing_one_rbac_rule_is_caught(e2e: E2E, data_claim: Any) -> None:
-    """The RBAC check can fail: the attacher without `patch volumeattachments/status` cannot
-    attach, and its log shows the denial the autouse check looks for."""
-    _name, pv, _digest = data_claim
+def test_a_sidecar_missing_one_rbac_rule_is_caught(e2e: E2E) -> None:
+    """The RBAC check can fail: csi-resizer without `patch persistentvolumeclaims/status`
+    cannot resize, and its log shows the denial the autouse check looks for."""
     role = next(
-        r for r in e2e.cluster.objects("ClusterRole") if r["metadata"]["name"].endswith("-attacher")
+        r for r in e2e.cluster.objects("ClusterRole") if r["metadata"]["name"].endswith("-resizer")
     )
-    crippled_rules = [r for r in role["rules"] if r["resources"] != ["volumeattachments/status"]]
+    crippled_rules = [
+        r for r in role["rules"] if r["resources"] != ["persistentvolumeclaims/status"]
+    ]
     assert len(crippled_rules) == len(role["rules"]) - 1
-    sa = "e2e-crippled-attacher"
+    sa = "e2e-crippled-resizer"
     e2e.core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": sa}})
     e2e.rbac.create_cluster_role({"metadata": {"name": sa}, "rules": crippled_rules})
     e2e.rbac.create_cluster_role_binding(
@@ -291,26 +300,29 @@ def test_a_sidecar_missing_one_rbac_rule_is_caught(e2e: E2E, data_claim: Any) ->
             "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}],
         }
     )
-    main = e2e.cluster.procs["csi-attacher"]
+    pvc(e2e, "denied", size="320Mi", sc="stowage-xfs")
+    pv = bound(e2e, "denied")
+    main = e2e.cluster.procs["csi-resizer"]
     main.stop()
-    va_name = ""
     try:
-        e2e.start_sidecar("csi-attacher", e2e.sa_kubeconfig(sa), proc_name="crippled-attacher")
-        va_name = attach(e2e, pv)
-        crippled = e2e.cluster.procs["crippled-attacher"]
+        e2e.start_sidecar("csi-resizer", e2e.sa_kubeconfig(sa), proc_name="crippled-resizer")
+        e2e.core.patch_namespaced_persistent_volume_claim(
+            "denied", NS, {"spec": {"resources": {"requests": {"storage": "640Mi"}}}}
+        )
+        crippled = e2e.cluster.procs["crippled-resizer"]
         # the same pattern the autouse check applies to every chart sidecar's log
-        wait(lambda: DENIED.search(crippled.log()), 60, "the crippled attacher to be denied")
+        wait(lambda: DENIED.search(crippled.log()), 60, "the crippled resizer to be denied")
         time.sleep(2)
-        va = e2e.storage.read_volume_attachment(va_name)
-        assert not (va.status and va.status.attached)
+        assert e2e.core.read_persistent_volume(pv.metadata.name).spec.capacity["storage"] == "320Mi"
         crippled.stop()
     finally:
-        e2e.cluster.procs.pop("crippled-attacher").stop()
+        e2e.cluster.procs.pop("crippled-resizer").stop()
         main.start()
     wait(
-        lambda: (v := e2e.storage.read_volume_attachment(va_name)).status and v.status.attached,
-        60,
-        "the chart's attacher to attach it",
+        lambda: (
+            e2e.core.read_persistent_volume(pv.metadata.name).spec.capacity["storage"] == "640Mi"
+        ),
+        90,
+        "the chart's resizer to resize it",
     )
-    e2e.storage.delete_volume_attachment(va_name)
-    wait(lambda: gone(e2e.storage.read_volume_attachment, va_name), 60, "VolumeAttachment detached")
+    delete_claim(e2e, "denied")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,7 @@ from tests.e2e.node import BUSYBOX_IMAGE
 from tests.e2e_node.conftest import NS, World
 
 STS, CLAIM = "web", "data-web-0"
+STS_CREATED: dict[str, float] = {}  # monotonic time the StatefulSet (and so its claim) was made
 STS_SIZE, STS_GROWN = "320Mi", "640Mi"  # xfs: mkfs.xfs wants 300 MiB; ext4 growth online
 # needs CAP_SYS_RESOURCE, which this machine's sandbox does not grant
 
@@ -177,6 +179,7 @@ def sts_ready(w: World, exclude: tuple[str, ...] = ()) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def sts(world: World) -> Iterator[World]:
     e = world.e
+    STS_CREATED[STS] = time.monotonic()
     e.apps.create_namespaced_stateful_set(
         NS,
         {
@@ -224,6 +227,8 @@ def test_the_kubelet_registered_stowage_from_node_get_info(world: World) -> None
 
 def test_statefulset_pod_recreated_reads_the_same_bytes(sts: World) -> None:
     e = sts.e
+    wait(lambda: phase(e, "web-0") == "Running", 180, "web-0 Running")
+    print(f"  pod start: {time.monotonic() - STS_CREATED[STS]:.1f} s from the new claim to Running")
     first = sts_ready(sts)
     assert first["state"] == "new"
     uid = e.core.read_namespaced_pod("web-0", NS).metadata.uid

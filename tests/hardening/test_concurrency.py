@@ -31,7 +31,7 @@ ROUND_FAULTS = ",".join(
         "create-volume:checked",
         "stage:loop-attached",
         "publish:bound",
-        "expand-volume:journaled",
+        "node-expand:journaled",
         "create-snapshot:checked",
         "delete-volume:checked",
     )
@@ -75,11 +75,11 @@ def test_64_conflicting_calls_exactly_one_proceeds(world: World) -> None:
     staging = os.path.join(world.pool.base, "staging")
     target = os.path.join(world.pool.base, "target")
     os.makedirs(staging)
-    cap = mount_cap("ext4")
+    cap = mount_cap("xfs")  # grows online without CAP_SYS_RESOURCE (ext4 needs it)
     made: list[str] = []
 
     def create() -> None:
-        made.append(c.create_volume("contested", 64 * MiB, cap).volume_id)
+        made.append(c.create_volume("contested", 320 * MiB, cap).volume_id)
 
     # Round 1: 64 CreateVolume with one name.
     codes = storm(create, [create] * 63)
@@ -92,7 +92,7 @@ def test_64_conflicting_calls_exactly_one_proceeds(world: World) -> None:
         kinds: list[Callable[[], object]] = [
             lambda: c.stage(vid, staging, cap),
             lambda: c.publish(vid, staging, target, cap),
-            lambda: c.expand_volume(vid, 128 * MiB),
+            lambda: c.node_expand(vid, target, 448 * MiB),
             lambda: c.create_snapshot(f"s-{random.random()}", vid),
             lambda: c.delete_volume(vid),
             lambda: c.unpublish(vid, target),
@@ -104,7 +104,7 @@ def test_64_conflicting_calls_exactly_one_proceeds(world: World) -> None:
     rounds: list[Callable[[], object]] = [
         lambda: c.stage(vid, staging, cap),
         lambda: c.publish(vid, staging, target, cap),
-        lambda: c.expand_volume(vid, 96 * MiB),
+        lambda: c.node_expand(vid, target, 384 * MiB),  # published by the round before
         lambda: c.create_snapshot("held", vid),
     ]
     for first in rounds:
@@ -186,8 +186,9 @@ def test_1000_random_operations_from_16_clients_end_consistent(world: World) -> 
                 result = client.create_volume(name, 64 * MiB, scap, snapshot=sid).volume_id
                 with lock:
                     kinds[str(result)] = snap_block
-            elif op == "expand":
-                client.expand_volume(vid, r.choice([64, 96, 128]) * MiB)
+            elif op == "expand":  # as csi-resizer, then the kubelet on a published volume
+                size = client.expand_volume(vid, r.choice([64, 96, 128]) * MiB)
+                client.node_expand(vid, paths(vid)[1], size)
             elif op == "stage":
                 client.stage(vid, paths(vid)[0], cap)
             elif op == "publish":

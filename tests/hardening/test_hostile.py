@@ -47,6 +47,7 @@ PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 ABORTED = grpc.StatusCode.ABORTED
+UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -470,24 +471,6 @@ def _id_cases() -> None:
         case(
             cat,
             key,
-            "ControllerPublishVolume",
-            lambda w, v=vid: csi_pb2.ControllerPublishVolumeRequest(
-                volume_id=v(w), node_id=NODE_ID, volume_capability=mcap()
-            ),
-            NOT_FOUND,
-        )
-        case(
-            cat,
-            key,
-            "ControllerUnpublishVolume",
-            lambda w, v=vid: csi_pb2.ControllerUnpublishVolumeRequest(
-                volume_id=v(w), node_id=NODE_ID
-            ),
-            OK,
-        )
-        case(
-            cat,
-            key,
             "ValidateVolumeCapabilities",
             lambda w, v=vid: csi_pb2.ValidateVolumeCapabilitiesRequest(
                 volume_id=v(w), volume_capabilities=[mcap()]
@@ -658,13 +641,6 @@ def _id_cases() -> None:
     case(
         "volume-id",
         "unknown-wellformed",
-        "ControllerUnpublishVolume",
-        lambda w: csi_pb2.ControllerUnpublishVolumeRequest(volume_id=unknown_v, node_id=NODE_ID),
-        OK,
-    )
-    case(
-        "volume-id",
-        "unknown-wellformed",
         "NodeStageVolume",
         lambda w: csi_pb2.NodeStageVolumeRequest(
             volume_id=unknown_v, staging_target_path=w.fresh("stage"), volume_capability=mcap()
@@ -688,7 +664,6 @@ def _id_cases() -> None:
     # Required IDs that are missing are INVALID_ARGUMENT, never NOT_FOUND or OK.
     for rpc, req in (
         ("DeleteVolume", csi_pb2.DeleteVolumeRequest()),
-        ("ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(node_id=NODE_ID)),
         ("DeleteSnapshot", csi_pb2.DeleteSnapshotRequest()),
         ("GetSnapshot", csi_pb2.GetSnapshotRequest()),
         ("ControllerGetVolume", csi_pb2.ControllerGetVolumeRequest()),
@@ -724,6 +699,48 @@ def _copy(req: Message) -> Message:
     out = type(req)()
     out.CopyFrom(req)
     return out
+
+
+# --- 1b. RPCs Stowage does not serve -----------------------------------------------------------
+
+
+def _removed_rpc_cases() -> None:
+    """No attach: ControllerPublish/Unpublish are UNIMPLEMENTED (and not advertised) whatever
+    they carry; ControllerModifyVolume is not served yet."""
+    c = "not-served"
+    ids: tuple[tuple[str, Callable[[World], str]], ...] = (
+        ("valid", lambda w: w.idle),
+        ("dotdot", lambda w: "../../etc"),
+        ("empty", lambda w: ""),
+    )
+    for key, vid in ids:
+        case(
+            c,
+            key,
+            "ControllerPublishVolume",
+            lambda w, v=vid: csi_pb2.ControllerPublishVolumeRequest(
+                volume_id=v(w), node_id=NODE_ID, volume_capability=mcap()
+            ),
+            UNIMPLEMENTED,
+        )
+        case(
+            c,
+            key,
+            "ControllerUnpublishVolume",
+            lambda w, v=vid: csi_pb2.ControllerUnpublishVolumeRequest(
+                volume_id=v(w), node_id="../../etc"
+            ),
+            UNIMPLEMENTED,
+        )
+    case(
+        c,
+        "modify",
+        "ControllerModifyVolume",
+        lambda w: csi_pb2.ControllerModifyVolumeRequest(
+            volume_id=w.idle, mutable_parameters={"iops": "1"}
+        ),
+        UNIMPLEMENTED,
+    )
 
 
 # --- 2. names -------------------------------------------------------------------------------------
@@ -802,33 +819,6 @@ def _name_cases() -> None:
             lambda w, n=name: csi_pb2.CreateSnapshotRequest(name=n, source_volume_id=w.vol),
             INVALID,
         )
-    for key, node in (
-        ("dotdot", "../../etc"),
-        ("other-node", "node-b"),
-        ("long", "n" * 129),
-        ("newline", "hostile-node\n"),
-        ("nul", "hostile-node\x00"),
-    ):
-        # Node IDs are opaque strings: one that is not ours is simply not found.
-        code = NOT_FOUND if key in ("other-node", "dotdot") else INVALID
-        case(
-            "name",
-            f"node-{key}",
-            "ControllerPublishVolume",
-            lambda w, n=node: csi_pb2.ControllerPublishVolumeRequest(
-                volume_id=w.idle, node_id=n, volume_capability=mcap()
-            ),
-            code,
-        )
-    case(
-        "name",
-        "node-missing",
-        "ControllerPublishVolume",
-        lambda w: csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=w.idle, volume_capability=mcap()
-        ),
-        INVALID,
-    )
 
 
 # --- 3. capacities --------------------------------------------------------------------------------
@@ -885,16 +875,31 @@ def _capacity_cases() -> None:
             capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit),
         )
 
+    # ControllerExpandVolume is answered from the request alone (the code controller mode
+    # serves): it refuses what is malformed in itself; a size below the volume's or above the
+    # pool's is for NodeExpandVolume (below), which knows both, to refuse.
     for key, req, lim, code in (
         ("required-negative", -1, 0, INVALID),
         ("limit-negative", 0, -1, INVALID),
         ("required-over-limit", 2 * GiB, GiB, INVALID),
         ("empty-range", 0, 0, INVALID),
-        ("limit-below-current", 0, MiB, OUT_OF_RANGE),
+        ("limit-below-current", 0, MiB, OK),
         ("required-int64-max", INT64_MAX, 0, OUT_OF_RANGE),
-        ("required-over-pool", 1 << 40, 0, EXHAUSTED),
+        ("required-over-pool", 1 << 40, 0, OK),
+        ("no-size-between", MiB + 1, MiB + 2, OUT_OF_RANGE),
     ):
         case(c, key, "ControllerExpandVolume", cexp(req, lim), code)
+    case(
+        c,
+        "multi-node-capability",
+        "ControllerExpandVolume",
+        lambda w: csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=w.idle,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=GiB),
+            volume_capability=mcap(mode=Mode.MULTI_NODE_MULTI_WRITER),
+        ),
+        INVALID,
+    )
     case(
         c,
         "missing-range",
@@ -1025,15 +1030,6 @@ def _cap_cases() -> None:
         case(
             c,
             key,
-            "ControllerPublishVolume",
-            lambda w, m=make: csi_pb2.ControllerPublishVolumeRequest(
-                volume_id=w.idle, node_id=NODE_ID, volume_capability=m()
-            ),
-            INVALID,
-        )
-        case(
-            c,
-            key,
             "NodeStageVolume",
             lambda w, m=make: csi_pb2.NodeStageVolumeRequest(
                 volume_id=w.idle, staging_target_path=w.fresh("stage"), volume_capability=m()
@@ -1084,13 +1080,6 @@ def _cap_cases() -> None:
         ),
         INVALID,
     )
-    case(
-        c,
-        "no-capability",
-        "ControllerPublishVolume",
-        lambda w: csi_pb2.ControllerPublishVolumeRequest(volume_id=w.idle, node_id=NODE_ID),
-        INVALID,
-    )
     # Access type that does not match the volume.
     case(
         c,
@@ -1101,15 +1090,6 @@ def _cap_cases() -> None:
         ),
         OK,
         verify=not_confirmed,
-    )
-    case(
-        c,
-        "block-on-mount-volume",
-        "ControllerPublishVolume",
-        lambda w: csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=w.idle, node_id=NODE_ID, volume_capability=bcap()
-        ),
-        INVALID,
     )
     case(
         c,
@@ -1628,22 +1608,6 @@ def _secret_cases() -> None:
     )
     case(
         c,
-        "controller-publish",
-        "ControllerPublishVolume",
-        lambda w: csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=w.idle, node_id="node-b", volume_capability=mcap()
-        ),
-        NOT_FOUND,
-    )
-    case(
-        c,
-        "controller-unpublish",
-        "ControllerUnpublishVolume",
-        lambda w: csi_pb2.ControllerUnpublishVolumeRequest(volume_id=w.idle, node_id=NODE_ID),
-        OK,
-    )
-    case(
-        c,
         "validate",
         "ValidateVolumeCapabilities",
         lambda w: csi_pb2.ValidateVolumeCapabilitiesRequest(
@@ -1734,6 +1698,7 @@ def _secret_cases() -> None:
 
 
 _id_cases()
+_removed_rpc_cases()
 _name_cases()
 _capacity_cases()
 _cap_cases()
@@ -1819,6 +1784,7 @@ def test_secrets_never_logged_text_format() -> None:
             csi_pb2.ControllerPublishVolumeRequest(
                 volume_id=vol, node_id=NODE_ID, volume_capability=cap
             ),
+            UNIMPLEMENTED,
         )
         run(
             "NodeStageVolume",
@@ -1873,6 +1839,7 @@ def test_secrets_never_logged_text_format() -> None:
         run(
             "ControllerUnpublishVolume",
             csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vol, node_id=NODE_ID),
+            UNIMPLEMENTED,
         )
         run("DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(snapshot_id=snap))
         run("DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=vol))

@@ -65,7 +65,7 @@ def pool_state(pool: Pool) -> tuple[list[str], dict[str, int]]:
     try:
         counts = {
             t: int(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
-            for t in ("volumes", "snapshots", "attachments", "stagings", "publications", "journal")
+            for t in ("volumes", "snapshots", "stagings", "publications", "journal")
         }
     finally:
         db.close()
@@ -94,7 +94,7 @@ def test_full_pool_refuses_with_resource_exhausted_and_leaves_nothing(world: Wor
             "clone", 256 * MiB, mount_cap("ext4"), volume=vol.volume_id
         ),
         "restore": lambda: c.create_volume("restore", 256 * MiB, mount_cap("ext4"), snapshot=snap),
-        "expand": lambda: c.expand_volume(vol.volume_id, 1024 * MiB),
+        "expand": lambda: c.node_expand(vol.volume_id, vol.target, 1024 * MiB),
     }
     for what, call in calls.items():
         with pytest.raises(grpc.RpcError) as err:

@@ -125,15 +125,32 @@ def test_expansion_online_and_offline(fs_type, pool, client):
     assert st.f_blocks * st.f_frsize > 900 * MiB
     assert sha256(os.path.join(m.target, "data")) == digest
     m.down()
-    # Offline: controller only; the filesystem grows at the next stage.
+    # Offline, as the kubelet does it: ControllerExpandVolume only answers the size (the image
+    # stays as it is); after the next NodeStageVolume the kubelet calls NodeExpandVolume on the
+    # staging path, then publishes.
     assert client.expand_volume(vol.volume_id, 1536 * MiB) == 1536 * MiB
-    with Mounted(client, pool.base, vol.volume_id, fs_type=fs_type, tag="after") as m2:
+    image = os.path.join(pool.mount, "volumes", vol.volume_id + ".img")
+    assert os.stat(image).st_size == 1024 * MiB
+    m2 = Mounted(client, pool.base, vol.volume_id, fs_type=fs_type, tag="after")
+    client.stage(vol.volume_id, m2.staging, m2.cap)
+    if fs_type == "ext4" and not _has_cap_sys_resource():
+        with pytest.raises(grpc.RpcError) as err:
+            client.node_expand(vol.volume_id, m2.staging, 1536 * MiB)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        client.unstage(vol.volume_id, m2.staging)
+        client.stage(vol.volume_id, m2.staging, m2.cap)  # grows ext4 offline
+    assert client.node_expand(vol.volume_id, m2.staging, 1536 * MiB) == 1536 * MiB
+    assert os.stat(image).st_size == 1536 * MiB
+    client.publish(vol.volume_id, m2.staging, m2.target, m2.cap, False)
+    try:
         st = os.statvfs(m2.target)
         assert st.f_blocks * st.f_frsize > 1400 * MiB
         assert sha256(os.path.join(m2.target, "data")) == digest
         stats = client.stats(vol.volume_id, m2.target)
         assert stats.usage[0].total == st.f_blocks * st.f_frsize
         assert not stats.volume_condition.abnormal
+    finally:
+        m2.down()
     client.delete_volume(vol.volume_id)
 
 

@@ -38,8 +38,9 @@ settings.load_profile("stowage-unit")
 
 @pytest.fixture(autouse=True)
 def _no_host_side_effects(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The suite may run as root: make sure nothing can freeze a real filesystem or read the
-    real mount table by accident."""
+    """The suite may run as root. Core reaches the host only through the Host, Runner and
+    loop interfaces, which the tests fake; these guards make anything that goes around them
+    fail loudly instead of freezing a real filesystem or reading the real mount table."""
 
     def refuse_ioctl(*args: object) -> None:
         raise AssertionError(f"unit tests must not issue filesystem ioctls: {args!r}")
@@ -61,10 +62,8 @@ def runner() -> FakeRunner:
 
 
 @pytest.fixture
-def host(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> FakeHost:
-    h = FakeHost(sys_block=os.path.join(str(tmp_path), "sys-block"))
-    monkeypatch.setattr(mountinfo, "read", h.read_mountinfo)
-    return h
+def host(tmp_path: os.PathLike[str]) -> FakeHost:
+    return FakeHost(sys_block=os.path.join(str(tmp_path), "sys-block"))
 
 
 @pytest.fixture
@@ -88,9 +87,9 @@ def build_ctx(host: FakeHost, store: Store, pool: ImagePool, **kw: object) -> Po
         backend=pool,
         locks=KeyedLocks(),
         loops=LoopManager(host.runner, sys_block=host.sys_block),
-        mounter=Mounter(host.runner),
+        mounter=Mounter(host.runner, host),
         fs=RecordingFilesystems(host.runner),
-        runner=host.runner,
+        host=host,
         **kw,  # type: ignore[arg-type]
     )
 

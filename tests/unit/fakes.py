@@ -13,10 +13,13 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from driver.errors import CommandFailed
+from driver.errors import Aborted, CommandFailed
+from driver.host.base import FsUsage
 from driver.host.exec import DEFAULT_TIMEOUT, Result
 from driver.host.fs import Filesystems
 from driver.host.mountinfo import MountEntry
+from driver.host.system import SystemHost
+from driver.storage.locks import KeyedLocks
 
 Handler = Callable[[list[str]], "tuple[int, str, str] | Result"]
 
@@ -92,7 +95,10 @@ class FakeHost:
 
     sys_block: str
     runner: FakeRunner = field(default_factory=FakeRunner)
-    mounts: list[MountEntry] = field(default_factory=list)
+    mount_table: list[MountEntry] = field(default_factory=list)
+    block_devices: dict[str, int] = field(default_factory=dict)  # device node -> rdev
+    fs_error_counts: dict[str, int] = field(default_factory=dict)  # device -> kernel counter
+    groups_given: list[tuple[str, int]] = field(default_factory=list)
     signatures: dict[str, str] = field(default_factory=dict)  # device -> fs type
     image_signatures: dict[str, str] = field(default_factory=dict)  # backing file -> fs type
     blkid_error: int = 0  # non-zero: blkid exits with this status
@@ -184,14 +190,27 @@ class FakeHost:
             source,
             ("rw",),
         )
-        self.mounts.append(e)
+        self.mount_table.append(e)
         return e
 
-    def read_mountinfo(self, path: str = "") -> list[MountEntry]:
-        return list(self.mounts)
+    # --- driver.host.base.Host -------------------------------------------------------------------
+    def mounts(self) -> list[MountEntry]:
+        return list(self.mount_table)
+
+    def rdev(self, path: str) -> int | None:
+        return self.block_devices.get(path)
+
+    def fs_usage(self, mount_point: str) -> FsUsage:
+        return SystemHost().fs_usage(mount_point)  # a directory under tmp_path: harmless
+
+    def fs_errors(self, device: str, fs_type: str) -> int:
+        return self.fs_error_counts.get(device, 0)
+
+    def give_group(self, root: str, gid: int) -> None:
+        self.groups_given.append((root, gid))
 
     def top(self, target: str) -> MountEntry | None:
-        at = [m for m in self.mounts if m.mount_point == os.path.normpath(target)]
+        at = [m for m in self.mount_table if m.mount_point == os.path.normpath(target)]
         return at[-1] if at else None
 
     def _mount(self, argv: list[str]) -> tuple[int, str, str]:
@@ -210,7 +229,9 @@ class FakeHost:
             top = self.top(tgt)
             if top is None:
                 return 32, "", "not mounted"
-            self.mounts[self.mounts.index(top)] = replace(top, options=tuple(head[1].split(",")))
+            self.mount_table[self.mount_table.index(top)] = replace(
+                top, options=tuple(head[1].split(","))
+            )
             return 0, "", ""
         src, tgt = rest
         fs_type = head[head.index("-t") + 1]
@@ -222,7 +243,7 @@ class FakeHost:
         top = self.top(argv[-1])
         if top is None:
             return 32, "", "not mounted"
-        self.mounts.remove(top)
+        self.mount_table.remove(top)
         return 0, "", ""
 
     # --- block devices ---------------------------------------------------------------------------
@@ -287,3 +308,12 @@ def sqlite_full() -> sqlite3.OperationalError:
     exc = sqlite3.OperationalError("database or disk is full")
     exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
     return exc
+
+
+def busy(locks: KeyedLocks, key: str) -> bool:
+    """True when `key` is held: a try-lock of it is refused."""
+    try:
+        with locks.hold(key):
+            return False
+    except Aborted:
+        return True

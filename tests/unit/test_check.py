@@ -22,7 +22,7 @@ RW = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
 
 
 def _inspect(ctx: PoolContext) -> list[str]:
-    return inspect(ctx.store, ctx.backend, ctx.loops).problems
+    return inspect(ctx.store, ctx.backend, ctx.loops, ctx.host.mounts()).problems
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def staged(controller: ControllerCore, ctx: PoolContext, kubelet: str) -> tuple[
 
 
 def test_consistent_pool_has_no_problems(ctx: PoolContext, staged: tuple[str, str, str]) -> None:
-    found = inspect(ctx.store, ctx.backend, ctx.loops)
+    found = inspect(ctx.store, ctx.backend, ctx.loops, ctx.host.mounts())
     assert found.ok, found.problems
     assert any("1 volume(s)" in n for n in found.notes)
 
@@ -70,7 +70,7 @@ def test_mount_without_record_and_record_without_mount(
     ctx: PoolContext, host: FakeHost, staged: tuple[str, str, str], kubelet: str
 ) -> None:
     _vid, _staging, target = staged
-    host.mounts = [m for m in host.mounts if m.mount_point != os.path.normpath(target)]
+    host.mount_table = [m for m in host.mount_table if m.mount_point != os.path.normpath(target)]
     stray = os.path.join(kubelet, "stray")
     host.add_mount("/dev/loop900", stray)
     problems = "\n".join(_inspect(ctx))

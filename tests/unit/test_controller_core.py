@@ -7,8 +7,9 @@ import os
 import pytest
 
 from driver import TOPOLOGY_KEY, ids
-from driver.core.controller import ControllerCore
+from driver.core.controller import ControllerCore, expand_request
 from driver.core.pool import PoolContext
+from driver.core.sizing import DEFAULT_VOLUME_SIZE
 from driver.errors import (
     Aborted,
     AlreadyExists,
@@ -20,10 +21,8 @@ from driver.errors import (
     Unavailable,
 )
 from driver.model import (
-    DEFAULT_VOLUME_SIZE,
     AccessMode,
     AccessType,
-    Attachment,
     Capability,
     CapacityRange,
     ContentSource,
@@ -35,7 +34,7 @@ from driver.model import (
 from driver.storage.image import ImagePool
 from driver.storage.store import Store
 from tests.unit.conftest import NODE, build_ctx
-from tests.unit.fakes import FakeHost
+from tests.unit.fakes import FakeHost, busy
 
 RW = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
 XFS = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER, fs_type="xfs")
@@ -65,7 +64,7 @@ def test_create_records_and_allocates(controller: ControllerCore, ctx: PoolConte
     assert ctx.store.get_volume(v.id) == v
     assert ctx.backend.volume_size(v.id) == 10 * MiB
     assert ctx.store.journal() == []
-    assert not ctx.locks.busy("name:pvc-1")
+    assert not busy(ctx.locks, "name:pvc-1")
 
 
 def test_create_is_idempotent(controller: ControllerCore, ctx: PoolContext) -> None:
@@ -217,7 +216,7 @@ def test_clone_volume_copies_bytes(controller: ControllerCore, ctx: PoolContext)
     with open(ctx.backend.image_path(v.id), "rb") as fh:
         fh.seek(MiB)
         assert fh.read(7) == b"payload"
-    assert not ctx.locks.busy(src.id)
+    assert not busy(ctx.locks, src.id)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +274,7 @@ def test_delete_empty_id_is_invalid(controller: ControllerCore) -> None:
         controller.delete_volume("")
 
 
-def test_delete_while_staged_published_or_attached_is_failed_precondition(
+def test_delete_while_staged_or_published_is_failed_precondition(
     controller: ControllerCore, ctx: PoolContext
 ) -> None:
     v = create(controller)
@@ -288,12 +287,8 @@ def test_delete_while_staged_published_or_attached_is_failed_precondition(
     ctx.store.put_publication(Publication(v.id, "/k/t", False, AccessMode.SINGLE_NODE_WRITER))
     with pytest.raises(FailedPrecondition):
         controller.delete_volume(v.id)
-    ctx.store.remove_publication("/k/t")
-    ctx.store.add_attachment(Attachment(v.id, "node-b", False, AccessMode.SINGLE_NODE_WRITER))
-    with pytest.raises(FailedPrecondition):
-        controller.delete_volume(v.id)
     assert ctx.backend.volume_size(v.id) == v.size
-    ctx.store.remove_attachment(v.id, "node-b")
+    ctx.store.remove_publication("/k/t")
     controller.delete_volume(v.id)
 
 
@@ -343,62 +338,6 @@ def test_volume_condition(controller: ControllerCore, ctx: PoolContext) -> None:
     assert controller.volume_status(v.id).condition.abnormal is True
     with pytest.raises(NotFound):
         controller.volume_status("v-" + "0" * 32)
-
-
-# --- ControllerPublish ----------------------------------------------------------------------------
-def test_publish_and_idempotency(controller: ControllerCore, ctx: PoolContext) -> None:
-    v = create(controller)
-    ctx_out = controller.publish(v.id, NODE, RW, False)
-    assert ctx_out == {
-        "stowage.csi.io/access-type": "mount",
-        "stowage.csi.io/fs-type": "ext4",
-        "stowage.csi.io/readonly": "false",
-    }
-    assert controller.publish(v.id, NODE, RW, False) == ctx_out
-    assert ctx.store.attachment_count(NODE) == 1
-    with pytest.raises(AlreadyExists):
-        controller.publish(v.id, NODE, RW, True)
-    controller.unpublish(v.id, NODE)
-    controller.unpublish(v.id, NODE)
-    assert ctx.store.attachments(v.id) == []
-
-
-def test_publish_to_another_node_is_not_found(controller: ControllerCore, ctx: PoolContext) -> None:
-    v = create(controller)
-    with pytest.raises(NotFound):
-        controller.publish(v.id, "node-b", RW, False)
-    with pytest.raises(NotFound):
-        controller.publish("v-" + "0" * 32, NODE, RW, False)
-    with pytest.raises(NotFound):
-        controller.publish("../etc", NODE, RW, False)
-    assert ctx.store.attachments(v.id) == []
-
-
-def test_publish_when_attached_to_second_node_is_failed_precondition(
-    controller: ControllerCore, ctx: PoolContext
-) -> None:
-    v = create(controller)
-    ctx.store.add_attachment(Attachment(v.id, "node-b", False, AccessMode.SINGLE_NODE_WRITER))
-    with pytest.raises(FailedPrecondition):
-        controller.publish(v.id, NODE, RW, False)
-
-
-def test_publish_wrong_access_type_is_invalid(controller: ControllerCore) -> None:
-    v = create(controller)
-    with pytest.raises(InvalidArgument):
-        controller.publish(v.id, NODE, BLOCK, False)
-
-
-def test_max_volumes_per_node(host: FakeHost, store: Store, pool_dir: str) -> None:
-    c = ControllerCore(build_ctx(host, store, ImagePool(pool_dir), max_volumes_per_node=2))
-    a, b, d = (create(c, n, MiB) for n in ("a", "b", "d"))
-    c.publish(a.id, NODE, RW, False)
-    c.publish(b.id, NODE, RW, False)
-    with pytest.raises(ResourceExhausted):
-        c.publish(d.id, NODE, RW, False)
-    c.publish(a.id, NODE, RW, False)  # a retry of an existing attachment is still fine
-    c.unpublish(a.id, NODE)
-    c.publish(d.id, NODE, RW, False)
 
 
 # --- snapshots ------------------------------------------------------------------------------------
@@ -489,18 +428,31 @@ def test_delete_and_list_snapshots(controller: ControllerCore, ctx: PoolContext)
 
 
 # --- expansion, capacity, validation --------------------------------------------------------------
-def test_expand_volume(controller: ControllerCore, ctx: PoolContext) -> None:
-    v = create(controller, size=10 * MiB)
-    assert controller.expand_volume(v.id, CapacityRange(20 * MiB)) == (20 * MiB, True)
-    assert ctx.backend.volume_size(v.id) == 20 * MiB
-    assert ctx.store.get_volume(v.id).size == 20 * MiB  # type: ignore[union-attr]
-    assert controller.expand_volume(v.id, CapacityRange(5 * MiB)) == (20 * MiB, True)
-    with pytest.raises(OutOfRange):  # a limit below the current size would shrink it
-        controller.expand_volume(v.id, CapacityRange(0, 15 * MiB))
+def test_expand_request_is_answered_from_the_request_alone() -> None:
+    """ControllerExpandVolume reads no pool: the rounded size, whatever the volume."""
+    unknown = "v-" + "0" * 32
+    assert expand_request(unknown, CapacityRange(20 * MiB), None) == 20 * MiB
+    assert expand_request(unknown, CapacityRange(20 * MiB + 1), RW) == 21 * MiB
+    assert expand_request(unknown, CapacityRange(MiB), XFS) == 300 * MiB  # the xfs minimum
+    assert expand_request(unknown, CapacityRange(5 * MiB), BLOCK) == 5 * MiB
     with pytest.raises(InvalidArgument):
-        controller.expand_volume(v.id, None)
+        expand_request(unknown, None, None)
+    with pytest.raises(InvalidArgument):
+        expand_request(unknown, CapacityRange(), None)
+    with pytest.raises(InvalidArgument):  # required above limit
+        expand_request(unknown, CapacityRange(20 * MiB, 10 * MiB), None)
+    with pytest.raises(OutOfRange):  # no MiB or 4 KiB size fits between required and limit
+        expand_request(unknown, CapacityRange(MiB + 1, MiB + 2), None)
+    with pytest.raises(InvalidArgument):
+        expand_request(
+            unknown,
+            CapacityRange(MiB),
+            Capability(AccessType.MOUNT, AccessMode.MULTI_NODE_MULTI_WRITER),
+        )
+    with pytest.raises(InvalidArgument):
+        expand_request("", CapacityRange(MiB), None)
     with pytest.raises(NotFound):
-        controller.expand_volume("v-" + "0" * 32, CapacityRange(MiB))
+        expand_request("../etc", CapacityRange(MiB), None)
 
 
 def test_capacity(controller: ControllerCore, ctx: PoolContext) -> None:
@@ -567,15 +519,3 @@ def test_thin_volume_on_a_full_pool_is_abnormal(
     )
     cond = controller.condition(v)
     assert cond.abnormal and "pool is full" in cond.message
-
-
-def test_controller_unpublish_of_a_malformed_id_is_ok(controller: ControllerCore) -> None:
-    """CSI: a volume the plugin cannot find and can regard as unpublished SHOULD answer OK; a
-    malformed ID was never ours, so it was never published (was NOT_FOUND)."""
-    for bad in ("../../etc", "/etc/passwd", "v-" + "0" * 31 + "/", "x" * 5000):
-        controller.unpublish(bad, NODE)
-        controller.unpublish(bad, "")
-    with pytest.raises(InvalidArgument):
-        controller.unpublish("", NODE)
-    with pytest.raises(InvalidArgument):
-        controller.unpublish("../x", "node\n")

@@ -305,7 +305,7 @@ def test_detach_and_refresh(sysb: str, image: str, runner: FakeRunner) -> None:
 
 # --- Mounter --------------------------------------------------------------------------------------
 def test_mount_and_bind_argv(host: FakeHost, tmp_path: os.PathLike[str]) -> None:
-    m = Mounter(host.runner)
+    m = Mounter(host.runner, host)
     m.mount(DEV, "/k/s", "xfs", ["nosuid", "nodev", "nouuid"])
     m.mount(DEV, "/k/t0", "ext4", [])
     m.bind("/k/s", "/k/t", readonly=False, options=["nosuid", "nodev"])
@@ -319,7 +319,7 @@ def test_mount_and_bind_argv(host: FakeHost, tmp_path: os.PathLike[str]) -> None
 
 
 def test_bind_undone_when_remount_fails(host: FakeHost) -> None:
-    m = Mounter(host.runner)
+    m = Mounter(host.runner, host)
     host.add_mount(DEV, "/k/s")
     host.runner.on("mount", "-o", rc=32, stderr="remount failed")
     with pytest.raises(CommandFailed):
@@ -329,7 +329,7 @@ def test_bind_undone_when_remount_fails(host: FakeHost) -> None:
 
 
 def test_unmount_all_layers_and_give_up(host: FakeHost) -> None:
-    m = Mounter(host.runner)
+    m = Mounter(host.runner, host)
     for _ in range(3):
         host.add_mount(DEV, "/k/t")
     m.unmount("/k/t")
@@ -346,7 +346,7 @@ def test_busy_unmount_is_an_error_not_forced(host: FakeHost) -> None:
     host.add_mount(DEV, "/k/t")
     host.runner.on("umount", rc=32, stderr="target is busy")
     with pytest.raises(CommandFailed):
-        Mounter(host.runner).unmount("/k/t")
+        Mounter(host.runner, host).unmount("/k/t")
     assert all("-l" not in c and "-f" not in c for c in host.runner.calls)
 
 
@@ -372,7 +372,7 @@ def test_ensure_dir_and_file_refuse_symlinks(tmp_path: os.PathLike[str]) -> None
 
 
 def test_remove_target_rmdir_only(host: FakeHost, tmp_path: os.PathLike[str]) -> None:
-    m = Mounter(host.runner)
+    m = Mounter(host.runner, host)
     base = str(tmp_path)
     empty, full, afile = (os.path.join(base, n) for n in ("empty", "full", "afile"))
     os.mkdir(empty)
@@ -427,11 +427,11 @@ def test_stacked_mounts_oldest_first() -> None:
     assert mountinfo.mounts_at("/nowhere", entries) == []
 
 
-def test_top_mount_at_is_the_newest(host: FakeHost) -> None:
-    host.mounts.extend(mountinfo.parse(SAMPLE))
-    top = mountinfo.top_mount_at("/var/lib/kubelet/pods/p/mount")
+def test_top_mount_at_is_the_newest() -> None:
+    entries = mountinfo.parse(SAMPLE)
+    top = mountinfo.top_mount_at("/var/lib/kubelet/pods/p/mount", entries)
     assert top is not None and top.mount_id == 39
-    assert mountinfo.top_mount_at("/var/lib/kubelet") is None
+    assert mountinfo.top_mount_at("/var/lib/kubelet", entries) is None
 
 
 def test_is_on_and_mounts_of() -> None:

@@ -5,6 +5,7 @@ rules 1 (format only when safe), 2 (one loop per image), 3 (no recursive delete)
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -351,7 +352,7 @@ def test_unstage_unmounts_detaches_and_forgets(
     node.unstage(v.id, staging)
     assert ["umount", "--", staging] in host.runner.calls
     assert ["losetup", "--detach", DEV] in host.runner.calls
-    assert host.mounts == [] and host.loop_devices() == []
+    assert host.mount_table == [] and host.loop_devices() == []
     assert ctx.store.staging(v.id) is None
     assert os.path.isdir(staging)  # kubelet owns the staging directory
     node.unstage(v.id, staging)  # idempotent
@@ -435,7 +436,7 @@ def test_publish_after_reboot_restages_instead_of_binding_empty_dir(
     v = make(controller)
     node.stage(v.id, staging, RW)
     # reboot: the record survives, the loop device and the mount do not
-    host.mounts.clear()
+    host.mount_table.clear()
     host.runner.run(["losetup", "--detach", DEV])
     host.runner.calls.clear()
     node.publish(v.id, staging, target, RW, False)
@@ -536,7 +537,6 @@ def test_node_expand_order(
 ) -> None:
     v = make(controller)
     node.stage(v.id, staging, RW)
-    controller.expand_volume(v.id, CapacityRange(32 * MiB))
     events: list[str] = []
     real_expand = ctx.backend.expand
 
@@ -555,6 +555,36 @@ def test_node_expand_order(
     assert node.expand(v.id, staging, CapacityRange(32 * MiB)) == 32 * MiB
     assert events == [f"image {32 * MiB}", f"losetup --set-capacity {DEV}", f"resize2fs -- {DEV}"]
     assert ctx.loops.size_bytes(DEV) == 32 * MiB
+    assert ctx.store.get_volume(v.id).size == 32 * MiB  # type: ignore[union-attr]
+    assert ctx.store.journal() == []
+
+
+def test_node_expand_refused_growth_leaves_no_journal_and_the_retry_completes(
+    node: NodeCore,
+    controller: ControllerCore,
+    ctx: PoolContext,
+    staging: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ext4 without CAP_SYS_RESOURCE: the image grew, the filesystem could not. The record keeps
+    the old size, no journal entry stays open (stowagectl check would flag it), and the CO's
+    retry grows the rest."""
+    v = make(controller)
+    node.stage(v.id, staging, RW)
+    real_grow = ctx.fs.grow
+
+    def refuse(*args: object) -> None:
+        raise FailedPrecondition("the kernel refused to resize ext4")
+
+    monkeypatch.setattr(ctx.fs, "grow", refuse)
+    with pytest.raises(FailedPrecondition):
+        node.expand(v.id, staging, CapacityRange(32 * MiB))
+    assert ctx.backend.volume_size(v.id) == 32 * MiB
+    assert ctx.store.get_volume(v.id).size == v.size  # type: ignore[union-attr]
+    assert ctx.store.journal() == []
+    monkeypatch.setattr(ctx.fs, "grow", real_grow)
+    assert node.expand(v.id, staging, CapacityRange(32 * MiB)) == 32 * MiB
+    assert ctx.store.get_volume(v.id).size == 32 * MiB  # type: ignore[union-attr]
 
 
 def test_node_expand_unknown_path_is_not_found(
@@ -582,7 +612,7 @@ def test_publish_over_an_unrecorded_bind_of_this_volume_rebinds_once(
     os.mkdir(target)
     host.add_mount(DEV, target)  # the bind the crashed call made; no publication record
     node.publish(v.id, staging, target, RW, False)
-    assert len([m for m in host.mounts if m.mount_point == os.path.normpath(target)]) == 1
+    assert len([m for m in host.mount_table if m.mount_point == os.path.normpath(target)]) == 1
     assert ctx.store.publication(target) is not None
 
 
@@ -601,7 +631,7 @@ def test_publish_over_a_foreign_mount_is_refused(
     with pytest.raises(FailedPrecondition):
         node.publish(v.id, staging, target, RW, False)
     assert ctx.store.publication(target) is None
-    assert [m.source for m in host.mounts if m.mount_point == os.path.normpath(target)] == [
+    assert [m.source for m in host.mount_table if m.mount_point == os.path.normpath(target)] == [
         "/dev/sdz1"
     ]
 
@@ -628,9 +658,9 @@ def test_failed_growth_after_mount_unmounts_what_this_call_mounted(
     v = make(controller, "xfs")
 
     def boom(*_a: object) -> None:
-        raise Internal("xfs_growfs failed")
+        raise Internal("could not read the filesystem's size")
 
-    monkeypatch.setattr(node, "_grow_if_needed", boom)
+    monkeypatch.setattr(ctx.fs, "size_bytes", boom)  # the growth check after mounting
     with pytest.raises(Internal):
         node.stage(
             v.id, staging, Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER, "xfs")
@@ -705,7 +735,7 @@ def test_kubelet_paths_are_contained(
     with pytest.raises(InvalidArgument):
         node.publish(v.id, staging, path, RW, False)
     assert sorted(os.listdir(outside)) == ["data"]
-    assert [m.mount_point for m in host.mounts] == [staging]
+    assert [m.mount_point for m in host.mount_table] == [staging]
 
 
 def test_publish_target_must_not_be_staging_or_foreign_mount(
@@ -720,7 +750,7 @@ def test_publish_target_must_not_be_staging_or_foreign_mount(
     host.add_mount("tmpfs", target, "tmpfs")
     with pytest.raises(FailedPrecondition, match="another filesystem"):
         node.publish(v.id, staging, target, RW, False)
-    assert not host.runner.ran("umount") and len(host.mounts) == 2
+    assert not host.runner.ran("umount") and len(host.mount_table) == 2
 
 
 def test_unpublish_without_record_removes_nothing(
@@ -753,3 +783,25 @@ def test_node_expand_checks_range_and_pool_before_growing(
         node.expand(v.id, target, CapacityRange(1 << 60))
     assert ctx.backend.volume_size(v.id) == before
     assert ctx.store.get_volume(v.id).size == v.size  # type: ignore[union-attr]
+
+
+def test_mount_group_error_counter_and_device_identity_go_through_the_host(
+    node: NodeCore, controller: ControllerCore, host: FakeHost, staging: str, target: str
+) -> None:
+    """VOLUME_MOUNT_GROUP ownership, the kernel's error counter and block-device identity are
+    the Host interface's: the fake sees every one of them."""
+    v = make(controller)
+    node.publish(v.id, staging, target, replace(RW, mount_group="2000"), False)
+    assert host.groups_given == [(os.path.normpath(target), 2000)]
+    assert not node.stats(v.id, target).condition.abnormal
+    host.fs_error_counts[DEV] = 3
+    cond = node.stats(v.id, target).condition
+    assert cond.abnormal and "3 error(s)" in cond.message
+    b = make(controller, "", AccessType.BLOCK, name="blk")
+    block_target = os.path.join(os.path.dirname(target), "blk")
+    node.publish(b.id, staging + "-b", block_target, BLOCK, False)
+    device = node.ctx.store.staging(b.id).device  # type: ignore[union-attr]
+    with pytest.raises(NotFound):  # the bind is there, but the host says it is not that device
+        node.stats(b.id, block_target)
+    host.block_devices[device] = host.block_devices[block_target] = 7 << 8 | 1
+    assert node.stats(b.id, block_target).total_bytes > 0

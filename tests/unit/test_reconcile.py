@@ -17,6 +17,7 @@ BLOCK = Capability(AccessType.BLOCK, AccessMode.SINGLE_NODE_WRITER)
 
 def test_half_done_create_is_rolled_back_to_trash(ctx: PoolContext, host: FakeHost) -> None:
     vid = "v-" + "1" * 32
+    # An entry of an operation that no longer journals (an older driver's) is simply dropped.
     ctx.store.journal_begin("create-volume", vid, {"name": "n"})
     ctx.backend.create(vid, MiB)  # the file was written, the row never was
     report = reconcile(ctx)
@@ -73,7 +74,7 @@ def _stage_then_lose_mounts(
     ctx.store.put_publication(
         Publication(v.id, os.path.join(kubelet, "t"), False, AccessMode.SINGLE_NODE_WRITER)
     )
-    host.mounts.clear()  # the mounts vanished (crash, manual umount); the loop is still there
+    host.mount_table.clear()  # the mounts vanished (crash, manual umount); the loop is still there
     return v.id
 
 

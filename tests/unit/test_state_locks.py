@@ -8,11 +8,10 @@ import time
 
 import pytest
 
-from driver.errors import Aborted, StowageError, Unavailable
+from driver.errors import Aborted, StowageError
 from driver.model import (
     AccessMode,
     AccessType,
-    Attachment,
     ContentSource,
     Publication,
     Snapshot,
@@ -21,6 +20,7 @@ from driver.model import (
 )
 from driver.storage.locks import KeyedLocks
 from driver.storage.store import Store
+from tests.unit.fakes import busy
 
 
 def vol(n: int, name: str | None = None, **kw: object) -> Volume:
@@ -140,30 +140,6 @@ def test_journal_begin_end(store: Store) -> None:
     assert store.journal() == []
 
 
-def test_attachments_and_counts(store: Store) -> None:
-    v1, v2 = vol(1), vol(2)
-    store.add_volume(v1)
-    store.add_volume(v2)
-    store.add_attachment(Attachment(v1.id, "n1", False, AccessMode.SINGLE_NODE_WRITER))
-    store.add_attachment(Attachment(v2.id, "n1", True, AccessMode.SINGLE_NODE_READER_ONLY))
-    store.add_attachment(Attachment(v2.id, "n2", False, AccessMode.SINGLE_NODE_WRITER))
-    assert store.attachment_count("n1") == 2
-    assert store.attachment_count("n2") == 1
-    assert store.attachment_count("n3") == 0
-    assert sorted(store.attachments(v2.id), key=lambda a: a.node_id) == [
-        Attachment(v2.id, "n1", True, AccessMode.SINGLE_NODE_READER_ONLY),
-        Attachment(v2.id, "n2", False, AccessMode.SINGLE_NODE_WRITER),
-    ]
-    # re-adding replaces, it does not duplicate
-    store.add_attachment(Attachment(v1.id, "n1", True, AccessMode.SINGLE_NODE_WRITER))
-    assert store.attachment_count("n1") == 2
-    store.remove_attachment(v2.id, "n1")
-    assert store.attachment_count("n1") == 1
-    store.remove_volume(v1.id)  # removes its attachments too
-    assert store.attachment_count("n1") == 0
-    assert store.attachments(v1.id) == []
-
-
 def test_stagings_and_publications(store: Store) -> None:
     s = Staging(
         "v-" + "1" * 32,
@@ -191,52 +167,35 @@ def test_stagings_and_publications(store: Store) -> None:
     assert store.staging(s.volume_id) is None and store.stagings() == []
 
 
-def test_holders_is_what_a_delete_must_find_empty(store: Store) -> None:
+def test_in_use_is_what_a_delete_must_find_false(store: Store) -> None:
     vid, other = "v-" + "7" * 32, "v-" + "8" * 32
-    assert store.holders(vid) == (False, [])
-    store.add_attachment(Attachment(vid, "n2", False, AccessMode.SINGLE_NODE_WRITER))
-    store.add_attachment(Attachment(vid, "n1", True, AccessMode.SINGLE_NODE_READER_ONLY))
-    store.add_attachment(Attachment(other, "n3", False, AccessMode.SINGLE_NODE_WRITER))
-    assert store.holders(vid) == (False, ["n1", "n2"])
+    assert not store.in_use(vid)
     store.put_publication(Publication(vid, "/k/t", False, AccessMode.SINGLE_NODE_WRITER))
-    assert store.holders(vid) == (True, ["n1", "n2"])
+    assert store.in_use(vid) and not store.in_use(other)
     store.remove_publication("/k/t")
-    store.put_staging(
-        Staging(vid, "/k/s", "/dev/loop1", AccessType.BLOCK, "", False, ())
-    )
-    assert store.holders(vid) == (True, ["n1", "n2"])
+    store.put_staging(Staging(vid, "/k/s", "/dev/loop1", AccessType.BLOCK, "", False, ()))
+    assert store.in_use(vid) and not store.in_use(other)
     store.remove_staging(vid)
-    store.remove_attachment(vid, "n1")
-    store.remove_attachment(vid, "n2")
-    assert store.holders(vid) == (False, [])
-    assert store.holders(other) == (False, ["n3"])
-
-
-def test_unusable_store_is_unavailable(tmp_path: os.PathLike[str]) -> None:
-    with pytest.raises(Unavailable):
-        Store(os.path.join(str(tmp_path), "missing-dir", "meta.db"))
-    s = Store(os.path.join(str(tmp_path), "m.db"))
-    s.close()
-    assert not s.healthy()
+    assert not store.in_use(vid)
 
 
 # --- KeyedLocks -----------------------------------------------------------------------------------
 def test_second_holder_is_aborted() -> None:
     locks = KeyedLocks()
     with locks.hold("v-1"):
-        assert locks.busy("v-1")
+        assert busy(locks, "v-1")
         with pytest.raises(Aborted), locks.hold("v-1"):
             pass
         with locks.hold("v-2"):  # other keys are independent
-            assert locks.busy("v-2")
-    assert not locks.busy("v-1") and not locks.busy("v-2")
+            assert busy(locks, "v-2")
+    assert not busy(locks, "v-1") and not busy(locks, "v-2")
 
 
 def test_keys_released_after_exception() -> None:
     locks = KeyedLocks()
     with pytest.raises(RuntimeError), locks.hold("a", "b"):
         raise RuntimeError("boom")
-    assert not locks.busy("a") and not locks.busy("b")
+    assert not busy(locks, "a") and not busy(locks, "b")
     with locks.hold("a", "b"):
         pass
 
@@ -246,10 +205,10 @@ def test_multi_key_is_all_or_nothing() -> None:
     with locks.hold("b"):
         with pytest.raises(Aborted), locks.hold("a", "b", "c"):
             pass
-        assert not locks.busy("a") and not locks.busy("c")
+        assert not busy(locks, "a") and not busy(locks, "c")
     with locks.hold("a", "a", ""):  # duplicates and empty keys are harmless
-        assert locks.busy("a") and not locks.busy("")
-    assert not locks.busy("a")
+        assert busy(locks, "a") and not busy(locks, "")
+    assert not busy(locks, "a")
 
 
 def test_concurrent_holders_exactly_one_wins() -> None:

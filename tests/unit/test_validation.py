@@ -1,4 +1,4 @@
-"""driver.validation: names, capabilities, capacities, mount flags, parameters, IDs."""
+"""driver.validation (names, capabilities, mount flags, parameters, IDs) and driver.core.sizing."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from driver import validation
+from driver.core import sizing
+from driver.core.sizing import DEFAULT_VOLUME_SIZE, MIN_BLOCK_SIZE, SIZE_ALIGNMENT
 from driver.errors import InvalidArgument, NotFound, OutOfRange
+from driver.host.fs import spec
 from driver.model import (
-    DEFAULT_VOLUME_SIZE,
-    MIN_BLOCK_SIZE,
-    MIN_FS_SIZE,
-    SIZE_ALIGNMENT,
     AccessMode,
     AccessType,
     Capability,
@@ -48,19 +47,19 @@ def test_resolve_size_properties(
 ) -> None:
     access, fs = kind
     rng = CapacityRange(required, limit)
-    minimum = MIN_FS_SIZE[fs] if access is AccessType.MOUNT else MIN_BLOCK_SIZE
+    minimum = spec(fs).min_size if access is AccessType.MOUNT else MIN_BLOCK_SIZE
     need = max(required, minimum, floor)
     if limit and required > limit:
         with pytest.raises(InvalidArgument):
-            validation.resolve_size(rng, access, fs or "ext4", floor)
+            sizing.resolve_size(rng, access, fs or "ext4", floor)
         return
     # Possible exactly when some 4 KiB-aligned size lies in [need, limit].
     possible = not limit or _align(need, 4096) <= limit
     if not possible:
         with pytest.raises(OutOfRange):
-            validation.resolve_size(rng, access, fs or "ext4", floor)
+            sizing.resolve_size(rng, access, fs or "ext4", floor)
         return
-    size = validation.resolve_size(rng, access, fs or "ext4", floor)
+    size = sizing.resolve_size(rng, access, fs or "ext4", floor)
     assert size % 4096 == 0
     assert size >= required and size >= minimum and size >= floor
     if limit:
@@ -74,16 +73,16 @@ def test_resolve_size_properties(
 def test_resolve_size_limit_only_below_default_and_not_page_aligned() -> None:
     """limit_bytes=500M (decimal) with no required_bytes: any 4 KiB multiple between 1 MiB and
     500,000,000 would do, yet the target is taken from the unaligned limit itself."""
-    size = validation.resolve_size(CapacityRange(0, 500_000_000), AccessType.MOUNT, "ext4")
+    size = sizing.resolve_size(CapacityRange(0, 500_000_000), AccessType.MOUNT, "ext4")
     assert MiB <= size <= 500_000_000 and size % 4096 == 0
 
 
 @given(required=st.integers(max_value=-1), limit=st.integers(min_value=-5, max_value=5))
 def test_resolve_size_negative_is_invalid(required: int, limit: int) -> None:
     with pytest.raises(InvalidArgument):
-        validation.resolve_size(CapacityRange(required, limit), AccessType.MOUNT, "ext4")
+        sizing.resolve_size(CapacityRange(required, limit), AccessType.MOUNT, "ext4")
     with pytest.raises(InvalidArgument):
-        validation.resolve_size(CapacityRange(0, -1), AccessType.BLOCK, "")
+        sizing.resolve_size(CapacityRange(0, -1), AccessType.BLOCK, "")
 
 
 @pytest.mark.parametrize(
@@ -104,7 +103,7 @@ def test_resolve_size_negative_is_invalid(required: int, limit: int) -> None:
 def test_resolve_size_examples(
     rng: CapacityRange, access: AccessType, fs: str, floor: int, expected: int
 ) -> None:
-    assert validation.resolve_size(rng, access, fs, floor) == expected
+    assert sizing.resolve_size(rng, access, fs, floor) == expected
 
 
 @pytest.mark.parametrize(
@@ -117,12 +116,12 @@ def test_resolve_size_examples(
 )
 def test_resolve_size_out_of_range(rng: CapacityRange, fs: str, floor: int) -> None:
     with pytest.raises(OutOfRange):
-        validation.resolve_size(rng, AccessType.MOUNT, fs, floor)
+        sizing.resolve_size(rng, AccessType.MOUNT, fs, floor)
 
 
 def test_resolve_size_required_above_limit_is_invalid() -> None:
     with pytest.raises(InvalidArgument):
-        validation.resolve_size(CapacityRange(2 * MiB, MiB), AccessType.MOUNT, "ext4")
+        sizing.resolve_size(CapacityRange(2 * MiB, MiB), AccessType.MOUNT, "ext4")
 
 
 # --- strings -----------------------------------------------------------------------------------
@@ -432,16 +431,16 @@ def test_require_outside_the_pool() -> None:
 
 def test_sizes_beyond_int64_are_out_of_range() -> None:
     with pytest.raises(OutOfRange):
-        validation.resolve_size(CapacityRange(2**63 - 1), AccessType.MOUNT, "ext4")
+        sizing.resolve_size(CapacityRange(2**63 - 1), AccessType.MOUNT, "ext4")
     with pytest.raises(OutOfRange):
-        validation.resolve_size(CapacityRange(2**63 - 1, 2**63 - 1), AccessType.BLOCK, "")
+        sizing.resolve_size(CapacityRange(2**63 - 1, 2**63 - 1), AccessType.BLOCK, "")
     top = (2**63 - 1) // SIZE_ALIGNMENT * SIZE_ALIGNMENT
-    assert validation.resolve_size(CapacityRange(top), AccessType.BLOCK, "") == top
+    assert sizing.resolve_size(CapacityRange(top), AccessType.BLOCK, "") == top
 
 
 def test_check_range() -> None:
-    validation.check_range(CapacityRange(0, 0))
-    validation.check_range(CapacityRange(5, 5))
+    sizing.check_range(CapacityRange(0, 0))
+    sizing.check_range(CapacityRange(5, 5))
     for bad in (CapacityRange(-1), CapacityRange(0, -1), CapacityRange(2, 1)):
         with pytest.raises(InvalidArgument):
-            validation.check_range(bad)
+            sizing.check_range(bad)

@@ -11,7 +11,6 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-v1.34.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 PROVISIONER_VERSION=${PROVISIONER_VERSION:-v6.3.0}
-ATTACHER_VERSION=${ATTACHER_VERSION:-v4.12.0}
 RESIZER_VERSION=${RESIZER_VERSION:-v2.2.0}
 SNAPSHOTTER_VERSION=${SNAPSHOTTER_VERSION:-v8.6.0}
 
@@ -25,7 +24,7 @@ export CGO_ENABLED=0
 
 log() { echo "e2e-tools: $*" >&2; }
 
-PROGRAMS="etcd kube-apiserver kube-controller-manager kube-scheduler csi-provisioner csi-attacher csi-resizer csi-snapshotter snapshot-controller"
+PROGRAMS="etcd kube-apiserver kube-controller-manager kube-scheduler csi-provisioner csi-resizer csi-snapshotter snapshot-controller"
 if [ "${1:-}" = "--check" ]; then  # exit 0 when every program is cached
   for p in $PROGRAMS; do [ -x "${bin}/${p}" ] || exit 1; done
   exit 0
@@ -109,7 +108,6 @@ for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
   build kubernetes "$cmd" k8s.io/kubernetes "$K8S_VERSION" "k8s.io/kubernetes/cmd/${cmd}" "$k8s_stamp" "$staging"
 done
 build provisioner csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 "$PROVISIONER_VERSION" github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner
-build attacher csi-attacher github.com/kubernetes-csi/external-attacher/v4 "$ATTACHER_VERSION" github.com/kubernetes-csi/external-attacher/v4/cmd/csi-attacher
 build resizer csi-resizer github.com/kubernetes-csi/external-resizer/v2 "$RESIZER_VERSION" github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer
 build snapshotter csi-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 "$SNAPSHOTTER_VERSION" github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter
 build snapshotter snapshot-controller github.com/kubernetes-csi/external-snapshotter/v8 "$SNAPSHOTTER_VERSION" github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller
@@ -117,7 +115,6 @@ cat >"${cache}/versions" <<V
 kubernetes ${K8S_VERSION}
 etcd ${ETCD_VERSION}
 csi-provisioner ${PROVISIONER_VERSION}
-csi-attacher ${ATTACHER_VERSION}
 csi-resizer ${RESIZER_VERSION}
 csi-snapshotter ${SNAPSHOTTER_VERSION}
 snapshot-controller ${SNAPSHOTTER_VERSION}
