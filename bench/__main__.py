@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench import control, datapath, peer, scale, snapshots
+from bench import control, datapath, peer, rebuild, scale, snapshots
 from bench.env import REPO, Driver, Env
 from bench.report import Row, plot, print_table, rows_for
 
@@ -73,7 +73,7 @@ def _sigterm(signum: int, frame: object) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="short runs, smaller scale (< 3 min)")
-    ap.add_argument("--only", default="datapath,snapshots,control,scale",
+    ap.add_argument("--only", default="datapath,snapshots,control,scale,rebuild",
                     help="comma-separated sections")
     ap.add_argument("--preallocate", action="store_true",
                     help="data-path volumes with preallocate=true (default: sparse, as the "
@@ -114,6 +114,9 @@ def main() -> int:
                           "loop_sector_size": 4096, "backing": "sparse file on " + env.base}
         drv = Driver(env, pool, "driver", *args.driver_arg)
         client, _ = drv.start()
+        if sections == ["rebuild"]:  # the rebuild makes its own pool
+            client.close()
+            drv.stop()
         if "datapath" in sections:
             log("data path (fio)")
             result["datapath"] = datapath.run(env, client, pool, mode.dp, log)
@@ -156,6 +159,9 @@ def main() -> int:
                                             mode.scale_repeats, log)
             sc.close()
             sd.stop()
+        if "rebuild" in sections:
+            log(f"store rebuild ({mode.scale_volumes} volumes)")
+            result["rebuild"] = rebuild.run(env, mode.scale_volumes, log)
     except BaseException as exc:  # noqa: BLE001 - recorded, cleaned up, then re-raised
         failed = exc
         log(f"bench interrupted: {exc!r}")

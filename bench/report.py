@@ -89,6 +89,11 @@ def rows_for(r: dict[str, Any]) -> list[Row]:
                          sc["list_volumes_s"] * 1000, "ms", "<=", 200.0))
         rows.append(_row("scale", "restart to ready (reconciled)", sc["restart_s"], "s", "<=",
                          2.0))
+    rb = r.get("rebuild")
+    if rb:
+        rows.append(_row("rebuild", f"pool rebuild, {rb['volumes']} volumes (stowagectl, wall)",
+                         rb["wall_s"], "s", "<=", 10.0))
+        rows.append(_row("rebuild", "  of which the rebuild itself", rb["rebuild_s"], "s"))
     return rows
 
 

@@ -8,6 +8,7 @@ TOPOLOGY_KEY = f"topology.{DRIVER_NAME}/node"
 CONTEXT_NODE = f"{DRIVER_NAME}/node"
 CONTEXT_ACCESS_TYPE = f"{DRIVER_NAME}/access-type"
 CONTEXT_FS_TYPE = f"{DRIVER_NAME}/fs-type"
+CONTEXT_POOL_UUID = f"{DRIVER_NAME}/pool-uuid"  # the pool that holds the volume (pool.json)
 
 try:
     __version__ = metadata.version("stowage-csi")

@@ -9,9 +9,10 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import NoReturn
 
-from driver import DRIVER_NAME, __version__, faults, logs
+from driver import DRIVER_NAME, __version__, faults, flags, logs
 from driver.config import Config, Mode
 from driver.errors import StowageError
 from driver.quantity import parse_bytes
@@ -19,18 +20,22 @@ from driver.quantity import parse_bytes
 log = logging.getLogger("driver")
 
 
-def _bytes(text: str) -> int:
-    try:
-        return parse_bytes(text, allow_zero=True)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 class _Parser(argparse.ArgumentParser):
-    """A bad flag is one line (`stowage-csi: error: ...`) and exit status 2."""
+    """A bad flag is one line on stderr and exit status 2: no usage block, no traceback."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _checked(parse: Callable[[str], object], name: str) -> Callable[[str], object]:
+    def check(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    check.__name__ = name
+    return check
 
 
 def parse(argv: list[str] | None = None) -> Config:
@@ -43,13 +48,19 @@ def parse(argv: list[str] | None = None) -> Config:
     p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.ALL.value)
     p.add_argument("--node-id", default=os.environ.get("NODE_NAME") or socket.gethostname())
     p.add_argument("--pool-dir", default="/var/lib/stowage")
+    p.add_argument(
+        "--pool-require-mountpoint",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="refuse a --pool-dir that is not a mount point (a data disk that failed to mount)",
+    )
     p.add_argument("--metrics-address", default="", help="host:port for /metrics; empty = off")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
     p.add_argument("--max-volumes-per-node", type=int, default=0)
     p.add_argument(
         "--reserved-bytes",
-        type=_bytes,
+        type=_checked(lambda text: parse_bytes(text, allow_zero=True), "size"),
         default=0,
         help="pool space kept free and never reported as capacity (a quantity: 0, 512Mi, 10Gi)",
     )
@@ -63,12 +74,19 @@ def parse(argv: list[str] | None = None) -> Config:
     p.add_argument(
         "--workers", type=int, default=16, help="gRPC worker threads (concurrent calls served)"
     )
-    p.add_argument("--shutdown-grace", type=float, default=30.0)
+    p.add_argument("--shutdown-grace", type=_checked(flags.duration, "duration"), default=30.0)
     p.add_argument(
         "--trash-grace",
-        type=float,
+        type=_checked(flags.duration, "duration"),
         default=7 * 86400.0,
-        help="seconds orphaned images stay in <pool>/trash before start-up removes them",
+        help="how long orphaned images stay in <pool>/trash before start-up removes them "
+        "(seconds, or 90s, 15m, 12h, 7d)",
+    )
+    p.add_argument(
+        "--store-backup-interval",
+        type=_checked(flags.duration, "duration"),
+        default=3600.0,
+        help="how often meta.db is copied to <pool>/meta.db.backup (SQLite online backup); 0 = off",
     )
     p.add_argument("--version", action="version", version=f"stowage-csi {__version__}")
     a = p.parse_args(argv)
@@ -76,6 +94,14 @@ def parse(argv: list[str] | None = None) -> Config:
         p.error("--workers must be at least 1")
     if a.max_volumes_per_node < 0:
         p.error("--max-volumes-per-node must not be negative")
+    try:
+        flags.endpoint(a.endpoint)
+        if a.metrics_address:
+            flags.address(a.metrics_address, what="--metrics-address")
+    except ValueError as exc:
+        p.error(str(exc))
+    if not a.node_id.strip():
+        p.error("--node-id must not be empty")
     return Config(
         endpoint=a.endpoint,
         mode=Mode(a.mode),
@@ -90,6 +116,8 @@ def parse(argv: list[str] | None = None) -> Config:
         shutdown_grace=a.shutdown_grace,
         workers=a.workers,
         trash_grace=a.trash_grace,
+        pool_require_mountpoint=a.pool_require_mountpoint,
+        store_backup_interval=a.store_backup_interval,
     )
 
 
@@ -107,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         running = server.start(cfg)
-    except StowageError as exc:
+    except (StowageError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     stop = threading.Event()

@@ -27,6 +27,8 @@ class Config:
     shutdown_grace: float = 30.0
     trash_grace: float = 7 * 86400.0
     workers: int = 16
+    pool_require_mountpoint: bool = False
+    store_backup_interval: float = 3600.0  # seconds between online copies of meta.db; 0 = off
 
     @property
     def serves_pool(self) -> bool:

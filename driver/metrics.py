@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from driver import DRIVER_NAME, __version__
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -20,6 +22,13 @@ class PoolSample:
     snapshots: int
     loops_dio_on: int
     loops_dio_off: int
+    provisioned_bytes: int = 0
+    allocated_bytes: int = 0
+    reflink: bool = False
+    trash_items: int = 0
+    trash_bytes: int = 0
+    reconcile_findings: dict[str, int] = field(default_factory=dict)
+    pool_uuid: str = ""
 
 
 class _PoolCollector(Collector):
@@ -50,6 +59,41 @@ class _PoolCollector(Collector):
         loops.add_metric(["on"], s.loops_dio_on)
         loops.add_metric(["off"], s.loops_dio_off)
         yield loops
+        yield GaugeMetricFamily(
+            "stowage_pool_provisioned_bytes",
+            "Sum of the sizes of all volumes (thin: may exceed the pool).",
+            value=s.provisioned_bytes,
+        )
+        yield GaugeMetricFamily(
+            "stowage_pool_allocated_bytes",
+            "Bytes the volume and snapshot images occupy (shared reflink extents count per image).",
+            value=s.allocated_bytes,
+        )
+        yield GaugeMetricFamily(
+            "stowage_pool_shares_extents",
+            "1 when snapshots and clones are reflink copies (XFS reflink=1, btrfs), else 0.",
+            value=1 if s.reflink else 0,
+        )
+        yield GaugeMetricFamily(
+            "stowage_trash_items", "Files waiting in <pool>/trash.", value=s.trash_items
+        )
+        yield GaugeMetricFamily(
+            "stowage_trash_bytes", "Bytes held by <pool>/trash.", value=s.trash_bytes
+        )
+        found = GaugeMetricFamily(
+            "stowage_reconcile_findings",
+            "What the last start-up reconciliation found or did, by kind.",
+            labels=["kind"],
+        )
+        for kind, n in sorted(s.reconcile_findings.items()):
+            found.add_metric([kind], n)
+        yield found
+        if s.pool_uuid:
+            ident = GaugeMetricFamily(
+                "stowage_pool_info", "The pool's identity (pool.json).", labels=["pool_uuid"]
+            )
+            ident.add_metric([s.pool_uuid], 1)
+            yield ident
 
 
 class Metrics:
@@ -68,6 +112,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+        self.build = Info("stowage_build", "Driver version.", registry=self.registry)
+        self.build.info({"version": __version__, "driver": DRIVER_NAME})
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.operations.labels(method, code).inc()

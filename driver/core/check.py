@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from driver.host import mountinfo
 from driver.host.loop import LoopDevice, LoopManager
 from driver.model import AccessType
+from driver.records import RecordError
 from driver.storage.base import VolumeBackend
 from driver.storage.store import Store
 
@@ -50,12 +51,40 @@ def inspect(
     for sid, snap in snapshots.items():
         if not backend.snapshot_exists(sid):
             bad(f"snapshot {sid} ({snap.name!r}) is recorded but its image is missing")
-    for vid in sorted(backend.volume_ids() - set(volumes)):
-        bad(f"volume image {vid} has no metadata record (orphan)")
-    for sid in sorted(backend.snapshot_ids() - set(snapshots)):
-        bad(f"snapshot image {sid} has no metadata record (orphan)")
+    unrowed = [("volume", v) for v in sorted(backend.volume_ids() - set(volumes))]
+    unrowed += [("snapshot", s) for s in sorted(backend.snapshot_ids() - set(snapshots))]
+    for kind, object_id in unrowed:
+        try:
+            rec = backend.read_record(object_id)
+        except RecordError as exc:
+            bad(f"{kind} image {object_id} has no row and an unreadable record ({exc})")
+            continue
+        if rec is None:
+            bad(f"{kind} image {object_id} has no row and no record (start-up moves it to trash)")
+        else:
+            bad(
+                f"{kind} image {object_id} ({rec.name!r}) has no row in meta.db but describes "
+                "itself (start-up adopts it)"
+            )
+    on_disk = backend.volume_ids() | backend.snapshot_ids()
+    for object_id in [*volumes, *snapshots]:
+        if object_id in on_disk:
+            try:
+                rec = backend.read_record(object_id)
+            except RecordError as exc:
+                bad(f"the record on the image of {object_id} is unreadable ({exc})")
+                continue
+            if rec is None:
+                bad(f"the image of {object_id} carries no record (start-up writes it)")
+            elif (
+                rec.kind == "volume" and object_id in volumes and rec.size < volumes[object_id].size
+            ):
+                recorded = volumes[object_id].size
+                bad(f"the record of {object_id} says {rec.size} bytes, meta.db {recorded}")
     for path in backend.leftovers():
         bad(f"temporary file {path} was left by an interrupted copy")
+    for name in backend.claimed_in_trash({*volumes, *snapshots}):
+        bad(f"trash item {name} is claimed by a row or its own record (never reclaimed)")
 
     # Loop devices over pool images.
     by_image: dict[str, list[LoopDevice]] = {}

@@ -31,6 +31,7 @@ from driver.model import (
     Snapshot,
     Volume,
 )
+from driver.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +132,17 @@ class ControllerCore:
                 source.kind if source else None
             ]
             faults.hit(op + ":checked")
+            # The image carries its own record, durable before the row is committed.
+            record = ImageRecord.of_volume(vol, self.ctx.pool_uuid)
             if source is None:
                 self.ctx.backend.create(
-                    vol.id, size, preallocate=parameters.get("preallocate") == "true"
+                    vol.id, size, preallocate=parameters.get("preallocate") == "true", record=record
                 )
             elif source.kind == "snapshot":
-                self.ctx.backend.restore_snapshot(source.id, vol.id, size)
+                self.ctx.backend.restore_snapshot(source.id, vol.id, size, record=record)
             else:
                 with self._quiesced(source.id, op):
-                    self.ctx.backend.clone_volume(source.id, vol.id, size)
+                    self.ctx.backend.clone_volume(source.id, vol.id, size, record=record)
             faults.hit(op + ":image-ready")
             self.ctx.store.add_volume(vol)
             faults.hit(op + ":recorded")
@@ -334,7 +337,9 @@ class ControllerCore:
                 )
                 faults.hit("create-snapshot:checked")
                 with self._quiesced(vol.id, "create-snapshot"):
-                    self.ctx.backend.snapshot(vol.id, snap.id)
+                    self.ctx.backend.snapshot(
+                        vol.id, snap.id, record=ImageRecord.of_snapshot(snap, self.ctx.pool_uuid)
+                    )
                 faults.hit("create-snapshot:image-ready")
                 self.ctx.store.add_snapshot(snap)
                 faults.hit("create-snapshot:recorded")

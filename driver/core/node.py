@@ -22,6 +22,7 @@ from driver.host.loop import LoopDevice
 from driver.host.mounter import SAFE_DEFAULTS
 from driver.model import (
     DEFAULT_FS_TYPE,
+    AccessMode,
     AccessType,
     Capability,
     CapacityRange,
@@ -96,11 +97,16 @@ class NodeCore:
         return self._carries(staging.path, loop.device)
 
     # --- stage --------------------------------------------------------------------------------
-    def stage(self, volume_id: str, staging_path: str, cap: Capability) -> None:
+    def stage(
+        self, volume_id: str, staging_path: str, cap: Capability, pool_uuid: str = ""
+    ) -> None:
+        """`pool_uuid` is the pool the volume context names ("" for volumes made before pools
+        had an identity)."""
         validation.require_volume_id(volume_id)
         staging_path = self._path("staging_target_path", staging_path)
         validation.check_capability(cap)
         self.ctx.require_healthy()
+        self.ctx.require_pool(pool_uuid)
         with self.ctx.locks.hold(volume_id):
             self._stage(self._volume(volume_id), staging_path, cap)
 
@@ -222,6 +228,7 @@ class NodeCore:
                 self.ctx.fs.format(device, fs_type)
                 faults.hit("stage:formatted")
             if not vol.formatted:
+                self.ctx.backend.amend_record(vol.id, formatted=True, fs_type=fs_type)
                 self.ctx.store.set_formatted(vol.id, fs_type)
             if (
                 fs.grows_offline
@@ -259,6 +266,9 @@ class NodeCore:
                 )
             image = self.ctx.backend.image_path(volume_id)
             loops = self.ctx.loops.find(image)
+            # Its image file deleted by hand while staged: the loop device holds the only copy.
+            rescue = [] if loops else self.ctx.deleted_image_loops(volume_id)
+            loops = loops or [lo for lo in self.ctx.loops.devices() if lo.device in rescue]
             top = self._top(staging_path)
             if top is not None:
                 if not any(self._on(top, lo.device) for lo in loops):
@@ -273,6 +283,8 @@ class NodeCore:
                     raise FailedPrecondition(
                         f"{lo.device} of volume {volume_id} is still mounted elsewhere"
                     )
+                if rescue:  # unmounted now, so quiescent: write the image back before detaching
+                    self.ctx.rescue_deleted_image(volume_id)
                 self.ctx.loops.detach(lo.device)
                 faults.hit("unstage:detached")
             self.ctx.store.remove_staging(volume_id)
@@ -286,6 +298,7 @@ class NodeCore:
         target: str,
         cap: Capability,
         readonly: bool,
+        pool_uuid: str = "",
     ) -> None:
         validation.require_volume_id(volume_id)
         staging_path = self._path("staging_target_path", staging_path)
@@ -294,6 +307,7 @@ class NodeCore:
             raise InvalidArgument(f"target_path {target} must not be the staging path or inside it")
         validation.check_capability(cap)
         self.ctx.require_healthy()
+        self.ctx.require_pool(pool_uuid)
         with self.ctx.locks.hold(volume_id):
             vol = self._volume(volume_id)
             self._check_access(vol, cap)
@@ -304,7 +318,11 @@ class NodeCore:
                     raise AlreadyExists(f"{target} already publishes volume {existing.volume_id}")
                 staging = self.ctx.store.staging(volume_id)
                 if staging is not None and self._published_ok(vol, staging, target):
-                    if existing.readonly != readonly or existing.access_mode != cap.access_mode:
+                    # UNKNOWN: a publication found again in the mount table (rebuilt store).
+                    adopted = existing.access_mode is AccessMode.UNKNOWN
+                    if not adopted and (
+                        existing.readonly != readonly or existing.access_mode != cap.access_mode
+                    ):
                         raise AlreadyExists(
                             f"volume {volume_id} is already published at {target} with "
                             f"readonly={existing.readonly}"
@@ -381,13 +399,39 @@ class NodeCore:
                 raise FailedPrecondition(
                     f"{target} publishes volume {pub.volume_id}, not {volume_id}"
                 )
+            ours = False  # an unrecorded mount that is provably this volume (rebuilt store)
             if self.ctx.mounter.is_mounted(target):
                 if pub is None:
-                    raise FailedPrecondition(
-                        f"{target} is mounted but Stowage did not publish {volume_id} there"
+                    top = self._top(target)
+                    image = self.ctx.backend.image_path(volume_id)
+                    devices = [lo.device for lo in self.ctx.loops.find(image)]
+                    devices += self.ctx.deleted_image_loops(volume_id)
+                    ours = top is not None and any(self._on(top, d) for d in devices)
+                    # ...but never its staging mount: recorded, or (no record) the first
+                    # filesystem mount of its device, which reconciliation takes for staging.
+                    staging = self.ctx.store.staging(volume_id)
+                    if staging is not None and staging.path == target:
+                        ours = False
+                    elif ours and top is not None and top.fs_type != "devtmpfs":
+                        first = [
+                            m
+                            for d in devices
+                            for m in self._mounts_of(d)
+                            if m.fs_type != "devtmpfs"
+                        ][:1]
+                        ours = not first or first[0].mount_point != target
+                    if not ours:
+                        raise FailedPrecondition(
+                            f"{target} is mounted but Stowage did not publish {volume_id} there"
+                        )
+                    log.warning(
+                        "%s carries %s with no publication record; unmounting", target, volume_id
                     )
                 self.ctx.mounter.unmount(target)
                 faults.hit("unpublish:unmounted")
+            if ours:
+                self.ctx.mounter.remove_target(target)
+                return
             if pub is None:
                 # Nothing here is known to be ours (never published, or already undone): leave
                 # whatever is at the path; kubelet removes its own empty directories.
@@ -441,6 +485,13 @@ class NodeCore:
 
     def _condition(self, vol: Volume, staging: Staging) -> Condition:
         if self.ctx.backend.volume_size(vol.id) is None:
+            held = self.ctx.deleted_image_loops(vol.id)
+            if held:
+                return Condition(
+                    True,
+                    f"the image of {vol.id} was deleted from the pool; its data lives only in "
+                    f"{held[0]} until unstaged, and NodeUnstageVolume writes the image back",
+                )
             return Condition(True, f"the image of {vol.id} is missing from the pool")
         loop = self._loop(vol)
         if loop is None:

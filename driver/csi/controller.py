@@ -70,7 +70,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             requisite=convert.segments(req.requisite),
             preferred=convert.segments(req.preferred),
         )
-        return csi_pb2.CreateVolumeResponse(volume=convert.volume(vol, core.ctx.node_id))
+        return csi_pb2.CreateVolumeResponse(
+            volume=convert.volume(vol, core.ctx.node_id, core.ctx.pool_uuid)
+        )
 
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
@@ -112,7 +114,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         page = core.list_volumes(request.max_entries, request.starting_token)
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
-                volume=convert.volume(st.volume, core.ctx.node_id),
+                volume=convert.volume(st.volume, core.ctx.node_id, core.ctx.pool_uuid),
                 status=csi_pb2.ListVolumesResponse.VolumeStatus(
                     volume_condition=convert.condition(st.condition)
                 ),
@@ -127,7 +129,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         core = self._pool("ControllerGetVolume")
         st: VolumeStatus = core.volume_status(request.volume_id)
         return csi_pb2.ControllerGetVolumeResponse(
-            volume=convert.volume(st.volume, core.ctx.node_id),
+            volume=convert.volume(st.volume, core.ctx.node_id, core.ctx.pool_uuid),
             status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
                 volume_condition=convert.condition(st.condition)
             ),

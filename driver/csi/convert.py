@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_proto import csi_pb2
-from driver import CONTEXT_ACCESS_TYPE, CONTEXT_FS_TYPE, CONTEXT_NODE, TOPOLOGY_KEY
+from driver import (
+    CONTEXT_ACCESS_TYPE,
+    CONTEXT_FS_TYPE,
+    CONTEXT_NODE,
+    CONTEXT_POOL_UUID,
+    TOPOLOGY_KEY,
+)
 from driver.errors import InvalidArgument
 from driver.model import (
     AccessMode,
@@ -74,11 +80,11 @@ def topology(node_id: str) -> csi_pb2.Topology:
     return csi_pb2.Topology(segments={TOPOLOGY_KEY: node_id})
 
 
-def volume(vol: Volume, node_id: str) -> csi_pb2.Volume:
+def volume(vol: Volume, node_id: str, pool_uuid: str = "") -> csi_pb2.Volume:
     out = csi_pb2.Volume(
         volume_id=vol.id,
         capacity_bytes=vol.size,
-        volume_context=volume_context(vol, node_id),
+        volume_context=volume_context(vol, node_id, pool_uuid),
         accessible_topology=[topology(node_id)],
     )
     if vol.source is not None:
@@ -89,11 +95,18 @@ def volume(vol: Volume, node_id: str) -> csi_pb2.Volume:
     return out
 
 
-def volume_context(vol: Volume, node_id: str) -> dict[str, str]:
+def volume_context(vol: Volume, node_id: str, pool_uuid: str = "") -> dict[str, str]:
     ctx = {CONTEXT_NODE: node_id, CONTEXT_ACCESS_TYPE: vol.access_type.value}
     if vol.fs_type:
         ctx[CONTEXT_FS_TYPE] = vol.fs_type
+    if pool_uuid:
+        ctx[CONTEXT_POOL_UUID] = pool_uuid
     return ctx
+
+
+def pool_uuid(volume_context: Mapping[str, str]) -> str:
+    """The pool a volume context names ("" for volumes made before pools had an identity)."""
+    return volume_context.get(CONTEXT_POOL_UUID, "")
 
 
 def timestamp(seconds: float) -> Timestamp:

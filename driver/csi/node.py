@@ -54,7 +54,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             volume_capability=request.HasField("volume_capability"),
         )
         cap = convert.capability(request.volume_capability)
-        self.core.stage(request.volume_id, request.staging_target_path, cap)
+        self.core.stage(
+            request.volume_id,
+            request.staging_target_path,
+            cap,
+            convert.pool_uuid(request.volume_context),
+        )
         return csi_pb2.NodeStageVolumeResponse()
 
     def NodeUnstageVolume(
@@ -80,6 +85,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             request.target_path,
             cap,
             request.readonly,
+            convert.pool_uuid(request.volume_context),
         )
         return csi_pb2.NodePublishVolumeResponse()
 

@@ -7,15 +7,17 @@ import os
 import stat
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from csi_proto import csi_pb2_grpc
+from driver import flags
 from driver.config import Config, Mode
 from driver.core.controller import ControllerCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
+from driver.core.rebuild import OpenedPool, open_pool_dir
 from driver.core.reconcile import reconcile
 from driver.csi.controller import ControllerServicer
 from driver.csi.identity import IdentityServicer
@@ -28,34 +30,32 @@ from driver.host.loop import LoopManager
 from driver.host.mounter import Mounter
 from driver.host.system import SystemHost
 from driver.metrics import Metrics, PoolSample
-from driver.storage.image import ImagePool
 from driver.storage.locks import KeyedLocks
-from driver.storage.store import Store
 
 log = logging.getLogger(__name__)
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str]:
     """('unix', path) or ('tcp', host:port)."""
-    if endpoint.startswith("unix://"):
-        path = endpoint[len("unix://") :]
-        if not path.startswith("/"):
-            raise InvalidArgument(f"unix endpoint needs an absolute path: {endpoint}")
-        return "unix", path
-    if endpoint.startswith("tcp://"):
-        return "tcp", endpoint[len("tcp://") :]
-    raise InvalidArgument(f"endpoint must start with unix:// or tcp://, got {endpoint!r}")
+    try:
+        return flags.endpoint(endpoint)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from exc
 
 
-def open_pool(cfg: Config) -> PoolContext:
+def open_pool(cfg: Config) -> tuple[PoolContext, OpenedPool]:
     runner = SubprocessRunner()
     host = SystemHost()
-    backend = ImagePool(cfg.pool_dir, reserved_bytes=cfg.reserved_bytes)
-    store = Store(os.path.join(cfg.pool_dir, "meta.db"), before_write=backend.keep_metadata_room)
-    return PoolContext(
+    opened = open_pool_dir(
+        cfg.pool_dir,
+        reserved_bytes=cfg.reserved_bytes,
+        require_mountpoint=cfg.pool_require_mountpoint,
+    )
+    ctx = PoolContext(
         node_id=cfg.node_id,
-        store=store,
-        backend=backend,
+        store=opened.store,
+        backend=opened.backend,
+        pool_uuid=opened.identity.uuid,
         locks=KeyedLocks(),
         loops=LoopManager(runner),
         mounter=Mounter(runner, host),
@@ -64,19 +64,38 @@ def open_pool(cfg: Config) -> PoolContext:
         max_volumes_per_node=cfg.max_volumes_per_node,
         loop_sector_size=cfg.loop_sector_size,
     )
+    return ctx, opened
 
 
-def _pool_sample(ctx: PoolContext) -> PoolSample | None:
+def _pool_sample(ctx: PoolContext, findings: dict[str, int]) -> PoolSample | None:
     try:
         usage = ctx.backend.usage()
         volumes, snapshots = ctx.store.counts()
+        provisioned = ctx.store.provisioned_bytes()
+        allocated = sum(
+            ctx.backend.allocated_bytes(i)
+            for i in ctx.backend.volume_ids() | ctx.backend.snapshot_ids()
+        )
+        trash = ctx.backend.trash()
         loops = [lo for lo in ctx.loops.devices() if ctx.backend.owns(lo.backing_file)]
     except Exception:
         log.exception("could not sample the pool for metrics")
         return None
     on = sum(1 for lo in loops if lo.direct_io)
     return PoolSample(
-        usage.total_bytes, usage.available_bytes, volumes, snapshots, on, len(loops) - on
+        usage.total_bytes,
+        usage.available_bytes,
+        volumes,
+        snapshots,
+        on,
+        len(loops) - on,
+        provisioned_bytes=provisioned,
+        allocated_bytes=allocated,
+        reflink=usage.reflink,
+        trash_items=len(trash),
+        trash_bytes=sum(t.allocated_bytes for t in trash),
+        reconcile_findings=findings,
+        pool_uuid=ctx.pool_uuid,
     )
 
 
@@ -86,14 +105,17 @@ class Running:
     endpoint: tuple[str, str]
     pool: PoolContext | None
     ready: threading.Event
+    opened: OpenedPool | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float) -> None:
+        self.stopping.set()
         self.server.stop(grace).wait()
         kind, where = self.endpoint
         if kind == "unix":
             _remove_socket(where)
-        if self.pool is not None:
-            self.pool.store.close()
+        if self.opened is not None:
+            self.opened.close()
 
 
 def _remove_socket(path: str) -> None:
@@ -113,13 +135,20 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     )
     pool: PoolContext | None = None
     controller: ControllerCore | None = None
+    opened: OpenedPool | None = None
+    kind, where = parse_endpoint(cfg.endpoint)
     if cfg.serves_pool:
-        pool = open_pool(cfg)
-        report = reconcile(pool, cfg.trash_grace)
+        pool, opened = open_pool(cfg)
+        try:
+            report = reconcile(pool, cfg.trash_grace)
+        except BaseException:
+            opened.close()
+            raise
         for problem in report.problems():
             log.error("reconcile: %s", problem)
         ctx = pool
-        metrics.watch_pool(lambda: _pool_sample(ctx))
+        findings = report.counts()
+        metrics.watch_pool(lambda: _pool_sample(ctx, findings))
         controller = ControllerCore(pool)
         csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(NodeCore(pool)), server)
 
@@ -133,7 +162,13 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     # Controller mode has no pool: the same servicer then serves what needs none.
     csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(ready=is_ready), server)
-    kind, where = parse_endpoint(cfg.endpoint)
+    if cfg.metrics_address:
+        try:
+            metrics.serve(cfg.metrics_address)  # before the socket: a busy port leaves none
+        except OSError:
+            if opened is not None:
+                opened.close()
+            raise
     if kind == "unix":
         os.makedirs(os.path.dirname(where), exist_ok=True)
         _remove_socket(where)
@@ -145,8 +180,6 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     else:
         server.add_insecure_port(where)
     server.start()
-    if cfg.metrics_address:
-        metrics.serve(cfg.metrics_address)
     ready.set()
     log.info(
         "stowage serving %s on %s (mode %s, node %s)",
@@ -155,7 +188,27 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
         cfg.mode.value,
         cfg.node_id,
     )
-    return Running(server, (kind, where), pool, ready)
+    running = Running(server, (kind, where), pool, ready, opened)
+    if pool is not None and cfg.store_backup_interval > 0:
+        _start_store_backups(pool, cfg.store_backup_interval, running.stopping)
+    return running
+
+
+def _start_store_backups(ctx: PoolContext, interval: float, stopping: threading.Event) -> None:
+    """Copy meta.db to <pool>/meta.db.backup now and every `interval` seconds (SQLite online
+    backup: consistent, does not block writers for long). A copy that fails is logged."""
+    dest = os.path.join(ctx.backend.root, "meta.db.backup")
+
+    def loop() -> None:
+        while True:
+            try:
+                ctx.store.backup_to(dest)
+            except Exception as exc:  # noqa: BLE001 - a missed backup must not stop the driver
+                log.warning("could not back up the metadata store to %s: %s", dest, exc)
+            if stopping.wait(interval):
+                return
+
+    threading.Thread(target=loop, name="store-backup", daemon=True).start()
 
 
 __all__ = ["Mode", "Running", "parse_endpoint", "start"]

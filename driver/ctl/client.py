@@ -143,10 +143,19 @@ class Client:
             if not token:
                 return out
 
-    def stage(self, volume_id: str, staging: str, cap: csi_pb2.VolumeCapability) -> None:
+    def stage(
+        self,
+        volume_id: str,
+        staging: str,
+        cap: csi_pb2.VolumeCapability,
+        context: dict[str, str] | None = None,
+    ) -> None:
         self.node.NodeStageVolume(
             csi_pb2.NodeStageVolumeRequest(
-                volume_id=volume_id, staging_target_path=staging, volume_capability=cap
+                volume_id=volume_id,
+                staging_target_path=staging,
+                volume_capability=cap,
+                volume_context=context or {},
             ),
             timeout=self.timeout,
         )
@@ -164,6 +173,7 @@ class Client:
         target: str,
         cap: csi_pb2.VolumeCapability,
         readonly: bool = False,
+        context: dict[str, str] | None = None,
     ) -> None:
         self.node.NodePublishVolume(
             csi_pb2.NodePublishVolumeRequest(
@@ -172,6 +182,7 @@ class Client:
                 target_path=target,
                 volume_capability=cap,
                 readonly=readonly,
+                volume_context=context or {},
             ),
             timeout=self.timeout,
         )

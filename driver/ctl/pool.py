@@ -2,8 +2,8 @@
 
 Used by `stowagectl pool create|destroy` (the embedded default pool of `make run`) and by the
 test fixtures. destroy() is safe to call on a half-made pool: it unmounts whatever is mounted
-under the pool directory (deepest first), detaches loop devices backed by files under the state
-directory, and never removes anything outside it.
+under the pool directory (deepest first), detaches loop devices backed by files in the pool,
+refuses while a pool volume is mounted outside the pool, and never removes anything else.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from driver.errors import CommandFailed
+from driver.errors import CommandFailed, FailedPrecondition
 from driver.host import mountinfo
 from driver.host.exec import Runner, SubprocessRunner
 from driver.host.loop import LoopManager
@@ -54,30 +54,55 @@ def create(
 
 
 def destroy(
-    image: str, mount: str, runner: Runner | None = None, *, remove_image: bool = False
+    image: str,
+    mount: str,
+    runner: Runner | None = None,
+    *,
+    remove_image: bool = False,
+    dry_run: bool = False,
 ) -> list[str]:
-    """Unmount everything under `mount` (and pool volumes mounted elsewhere in the directory
-    that holds it), detach loops of files in the pool and of `image`."""
+    """Take down a pool made by `create`, touching only what it owns: mounts under `mount`
+    (deepest first), loop devices backed by files in the pool, the pool mount, the loop device
+    of `image`. A pool volume still mounted outside `mount` (staged or published somewhere) is
+    refused, not unmounted. With `dry_run`, return the steps without taking any."""
     runner = runner or SubprocessRunner()
     image, mount = os.path.abspath(image), os.path.abspath(mount)
-    done: list[str] = []
     loops = LoopManager(runner)
     pool_loops = [lo for lo in loops.devices() if lo.backing_file.startswith(mount + os.sep)]
-    for entry in sorted(mountinfo.mounts_under(mount), key=lambda e: -len(e.mount_point)):
-        if entry.mount_point != mount:
-            runner.run(["umount", "--", entry.mount_point], check=False)
-            done.append("umount " + entry.mount_point)
-    # Staging and target mounts of pool volumes elsewhere in the state directory.
-    scope = os.path.dirname(mount) + os.sep
-    for entry in reversed(mountinfo.read()):
-        if entry.mount_point.startswith(scope) and any(
-            mountinfo.is_on(entry, lo.device) for lo in pool_loops
-        ):
-            runner.run(["umount", "--", entry.mount_point], check=False)
-            done.append("umount " + entry.mount_point)
+    entries = mountinfo.read()
+    inside = [e for e in mountinfo.mounts_under(mount, entries) if e.mount_point != mount]
+    outside = [
+        e
+        for e in entries
+        if not (e.mount_point == mount or e.mount_point.startswith(mount + os.sep))
+        and any(mountinfo.is_on(e, lo.device) for lo in pool_loops)
+    ]
+    if outside:
+        where = ", ".join(sorted({e.mount_point for e in outside}))
+        raise FailedPrecondition(
+            f"volumes of this pool are still mounted outside it ({where}); unpublish and "
+            "unstage them first (nothing was changed)"
+        )
+    steps: list[tuple[str, list[str] | None, str]] = []
+    for entry in sorted(inside, key=lambda e: -len(e.mount_point)):
+        steps.append(("umount " + entry.mount_point, ["umount", "--", entry.mount_point], ""))
     for lo in pool_loops:
-        loops.detach(lo.device)
-        done.append("detach " + lo.device)
+        steps.append(("detach " + lo.device, None, lo.device))
+    if dry_run:
+        out = [text for text, _, _ in steps]
+        if mountinfo.mounts_at(mount, entries):
+            out.append("umount " + mount)
+        out += ["detach " + lo.device for lo in loops.find(image)]
+        if remove_image and os.path.exists(image):
+            out.append("remove " + image)
+        return out
+    done: list[str] = []
+    for text, argv, device in steps:
+        if argv is not None:
+            runner.run(argv, check=False)
+        else:
+            loops.detach(device)
+        done.append(text)
     while mountinfo.mounts_at(mount):
         runner.run(["umount", "--", mount])
         done.append("umount " + mount)

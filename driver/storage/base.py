@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
 from driver.model import PoolUsage, TrashItem
+from driver.records import ImageRecord
 
 
 class VolumeBackend(Protocol):
@@ -16,6 +18,7 @@ class VolumeBackend(Protocol):
     """
 
     root: str  # the pool directory, resolved; kubelet paths must stay clear of it
+    pool_uuid: str  # the pool's identity ("" for a pool opened without one)
 
     @property
     def reflink(self) -> bool:
@@ -30,13 +33,47 @@ class VolumeBackend(Protocol):
 
     def snapshot_path(self, snapshot_id: str) -> str: ...
 
-    def create(self, volume_id: str, size: int, *, preallocate: bool = False) -> None: ...
+    # Every method that makes an image takes its `record`, which is durable with the image
+    # before the method returns (so before the caller commits the row).
+    def create(
+        self,
+        volume_id: str,
+        size: int,
+        *,
+        preallocate: bool = False,
+        record: ImageRecord | None = None,
+    ) -> None: ...
 
-    def clone_volume(self, source_id: str, volume_id: str, size: int) -> None: ...
+    def clone_volume(
+        self, source_id: str, volume_id: str, size: int, *, record: ImageRecord | None = None
+    ) -> None: ...
 
-    def restore_snapshot(self, snapshot_id: str, volume_id: str, size: int) -> None: ...
+    def restore_snapshot(
+        self, snapshot_id: str, volume_id: str, size: int, *, record: ImageRecord | None = None
+    ) -> None: ...
 
-    def snapshot(self, volume_id: str, snapshot_id: str) -> None: ...
+    def snapshot(
+        self, volume_id: str, snapshot_id: str, *, record: ImageRecord | None = None
+    ) -> None: ...
+
+    def rescue_image(self, volume_id: str, device: str, record: ImageRecord | None) -> None:
+        """Write a deleted image again from the loop device that still holds it."""
+        ...
+
+    def read_record(self, object_id: str) -> ImageRecord | None:
+        """The image's own record, None when it has none; RecordError when unreadable."""
+        ...
+
+    def write_record(self, record: ImageRecord) -> None: ...
+
+    def amend_record(
+        self,
+        object_id: str,
+        *,
+        size: int | None = None,
+        formatted: bool | None = None,
+        fs_type: str | None = None,
+    ) -> None: ...
 
     def expand(self, volume_id: str, size: int) -> None: ...
 
@@ -54,7 +91,13 @@ class VolumeBackend(Protocol):
 
     def trash_orphan(self, kind: str, object_id: str) -> str: ...
 
-    def empty_trash(self, older_than: float) -> int: ...
+    def trash_leftover(self, path: str) -> str: ...
+
+    def empty_trash(self, older_than: float, claimed: Collection[str] = ()) -> int:
+        """Reclaim old trash, never an item a row (`claimed`) or its own record claims."""
+        ...
+
+    def claimed_in_trash(self, claimed: Collection[str] = ()) -> list[str]: ...
 
     def trash(self) -> list[TrashItem]: ...
 

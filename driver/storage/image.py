@@ -6,17 +6,27 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from driver import faults, ids
-from driver.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from driver.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from driver.model import PoolUsage, TrashItem
+from driver.records import RECORD_XATTR, ImageRecord, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +48,28 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP}
+_MISSING_XATTR = errno.ENODATA  # Linux: getxattr of an attribute the file does not have
+
+
 def _no_space(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class ImagePool:
-    def __init__(self, root: str, *, reserved_bytes: int = 0, inspect_only: bool = False) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        reserved_bytes: int = 0,
+        inspect_only: bool = False,
+        pool_uuid: str = "",
+    ) -> None:
         """`inspect_only` opens the pool for reading (stowagectl check): nothing is created
-        and reflink is not probed."""
+        and reflink is not probed. `pool_uuid` goes into the records written from here on."""
         self.root = os.path.realpath(root)
         self.reserved_bytes = reserved_bytes
+        self.pool_uuid = pool_uuid
         self._volumes = os.path.join(self.root, "volumes")
         self._snapshots = os.path.join(self.root, "snapshots")
         self._trash = os.path.join(self.root, "trash")
@@ -58,7 +80,14 @@ class ImagePool:
             return
         for d in (self._volumes, self._snapshots, self._trash):
             os.makedirs(d, mode=0o700, exist_ok=True)
+            if os.stat(d).st_mode & 0o077:
+                os.chmod(d, 0o700)  # made before modes were enforced
+            for name in os.listdir(d):  # so were snapshot images (0644 then)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(os.path.join(d, name)).st_mode & 0o077:
+                        os.chmod(os.path.join(d, name), 0o600)
         self._reflink = self._probe_reflink()
+        self._probe_xattr()
         self._reserve = os.path.join(self.root, META_RESERVE)
         self.ensure_reserve()
 
@@ -143,7 +172,14 @@ class ImagePool:
         os.rename(tmp, final)
         _fsync_dir(os.path.dirname(final))
 
-    def create(self, volume_id: str, size: int, *, preallocate: bool = False) -> None:
+    def create(
+        self,
+        volume_id: str,
+        size: int,
+        *,
+        preallocate: bool = False,
+        record: ImageRecord | None = None,
+    ) -> None:
         """A new empty image, made under its final name: until the caller records the volume,
         a file here is an orphan that the start-up sweep moves to trash, so no temporary name
         and rename are needed (a copy, which can be half done, still uses one)."""
@@ -162,6 +198,8 @@ class ImagePool:
                     os.posix_fallocate(fd, 0, size)
                 else:
                     os.ftruncate(fd, size)
+                if record is not None:
+                    os.setxattr(fd, RECORD_XATTR, record.to_json())
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -175,14 +213,22 @@ class ImagePool:
                 ) from exc
             raise
 
-    def _copy_into(self, src: str, final: str, size: int) -> None:
+    def _copy_into(
+        self, src: str, final: str, size: int, record: ImageRecord | None = None
+    ) -> None:
+        """Copy (reflink when possible) into `final` by way of a temporary name. The copy gets
+        its own record (a reflink copies extents, not extended attributes) before it is fsynced
+        and renamed, so a complete image under its final name always describes itself."""
         tmp = final + _TMP_SUFFIX
         try:
-            with open(src, "rb") as s, open(tmp, "wb") as d:
+            fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            with open(src, "rb") as s, open(fd, "wb") as d:
                 if not self._clone_fd(s.fileno(), d.fileno()):
                     _sparse_copy(s.fileno(), d.fileno())
                 if size > os.fstat(d.fileno()).st_size:
                     os.ftruncate(d.fileno(), size)
+                if record is not None:
+                    os.setxattr(d.fileno(), RECORD_XATTR, record.to_json())
                 os.fsync(d.fileno())
             faults.hit("image:tmp-written")
             self._publish(tmp, final)
@@ -197,14 +243,20 @@ class ImagePool:
                 raise ResourceExhausted(f"the pool is full: {exc.strerror}") from exc
             raise
 
-    def clone_volume(self, source_id: str, volume_id: str, size: int) -> None:
-        self._copy_into(self.image_path(source_id), self.image_path(volume_id), size)
+    def clone_volume(
+        self, source_id: str, volume_id: str, size: int, *, record: ImageRecord | None = None
+    ) -> None:
+        self._copy_into(self.image_path(source_id), self.image_path(volume_id), size, record)
 
-    def restore_snapshot(self, snapshot_id: str, volume_id: str, size: int) -> None:
-        self._copy_into(self.snapshot_path(snapshot_id), self.image_path(volume_id), size)
+    def restore_snapshot(
+        self, snapshot_id: str, volume_id: str, size: int, *, record: ImageRecord | None = None
+    ) -> None:
+        self._copy_into(self.snapshot_path(snapshot_id), self.image_path(volume_id), size, record)
 
-    def snapshot(self, volume_id: str, snapshot_id: str) -> None:
-        self._copy_into(self.image_path(volume_id), self.snapshot_path(snapshot_id), 0)
+    def snapshot(
+        self, volume_id: str, snapshot_id: str, *, record: ImageRecord | None = None
+    ) -> None:
+        self._copy_into(self.image_path(volume_id), self.snapshot_path(snapshot_id), 0, record)
 
     def _clone_fd(self, src: int, dst: int) -> bool:
         if not self._reflink:
@@ -217,14 +269,132 @@ class ImagePool:
             raise
         return True
 
+    def _probe_xattr(self) -> None:
+        """Image records live in a user extended attribute: refuse a pool filesystem without
+        them (XFS, btrfs, ext4 and tmpfs since Linux 6.6 have them) rather than write images
+        that cannot describe themselves."""
+        probe = os.path.join(self._trash, ".xattr-probe")
+        try:
+            fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            try:
+                os.setxattr(fd, RECORD_XATTR, b"{}")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno in _NO_XATTR:
+                raise FailedPrecondition(
+                    f"the filesystem of pool {self.root} does not support user extended "
+                    "attributes, where each image keeps its own record; use XFS, btrfs or ext4 "
+                    "(user_xattr)"
+                ) from exc
+            raise
+        finally:
+            self._discard(probe)
+
+    # --- self-descriptions --------------------------------------------------------------------
+    def _path_of(self, object_id: str) -> str:
+        if ids.is_snapshot_id(object_id):
+            return self.snapshot_path(object_id)
+        return self.image_path(object_id)
+
+    def read_record(self, object_id: str) -> ImageRecord | None:
+        """The image's own record; None when it has none (or no image); RecordError when the
+        record is there but unreadable or describes another image."""
+        return read_record_at(self._path_of(object_id), object_id)
+
+    def write_record(self, record: ImageRecord) -> None:
+        """(Re)write an existing image's record, durably."""
+        path = self._path_of(record.id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise NotFound(f"image of {record.id} is missing from the pool") from exc
+        try:
+            os.setxattr(fd, RECORD_XATTR, record.to_json())
+            os.fsync(fd)
+        except OSError as exc:
+            if _no_space(exc):
+                raise ResourceExhausted(
+                    f"the pool has no room for the record of {record.id}: {exc.strerror}"
+                ) from exc
+            raise
+        finally:
+            os.close(fd)
+
+    def amend_record(
+        self,
+        object_id: str,
+        *,
+        size: int | None = None,
+        formatted: bool | None = None,
+        fs_type: str | None = None,
+    ) -> None:
+        """Change fields of an image's record (expansion, first format). An image without a
+        record (made before records existed) is left alone: start-up writes its record."""
+        try:
+            old = self.read_record(object_id)
+        except RecordError:
+            old = None
+        if old is None:
+            return
+        new = dataclasses.replace(
+            old,
+            size=old.size if size is None else size,
+            formatted=old.formatted if formatted is None else formatted,
+            fs_type=old.fs_type if fs_type is None else fs_type,
+        )
+        if new != old:
+            self.write_record(new)
+
+    def rescue_image(self, volume_id: str, device: str, record: ImageRecord | None) -> None:
+        """Write the image of `volume_id` again from `device`, the loop device that still holds
+        its deleted inode (someone removed the file while the volume was staged). The device
+        must be quiescent (unmounted). Zero blocks stay holes; the copy is described, fsynced
+        and renamed into place like any copy."""
+        final = self.image_path(volume_id)
+        tmp = final + _TMP_SUFFIX
+        chunk = 1 << 20
+        zero = bytes(chunk)
+        try:
+            src = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                dst = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                try:
+                    size = os.lseek(src, 0, os.SEEK_END)
+                    offset = 0
+                    while offset < size:
+                        data = os.pread(src, min(chunk, size - offset), offset)
+                        if not data:
+                            break
+                        if data != zero[: len(data)]:
+                            os.pwrite(dst, data, offset)
+                        offset += len(data)
+                    os.ftruncate(dst, size)
+                    if record is not None:
+                        os.setxattr(dst, RECORD_XATTR, record.to_json())
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            self._publish(tmp, final)
+        except OSError as exc:
+            self._discard(tmp)
+            if _no_space(exc):
+                raise ResourceExhausted(
+                    f"the pool has no room to restore the image of {volume_id}: {exc.strerror}"
+                ) from exc
+            raise
+        log.warning("restored the deleted image of %s from %s", volume_id, device)
+
     def _probe_reflink(self) -> bool:
         a = os.path.join(self._trash, ".reflink-probe-a")
         b = os.path.join(self._trash, ".reflink-probe-b")
         try:
-            with open(a, "wb") as fa:
+            with open(os.open(a, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600), "wb") as fa:
                 fa.write(b"\0" * 4096)
                 fa.flush()
-                with open(b, "wb") as fb:
+                with open(os.open(b, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600), "wb") as fb:
                     fcntl.ioctl(fb.fileno(), FICLONE, fa.fileno())
             return True
         except OSError:
@@ -244,6 +414,7 @@ class ImagePool:
             if os.fstat(fd).st_size < size:
                 os.ftruncate(fd, size)
                 os.fsync(fd)
+            self.amend_record(volume_id, size=size)
         except OSError as exc:
             if _no_space(exc):
                 raise ResourceExhausted(
@@ -265,13 +436,15 @@ class ImagePool:
     def _ids(self, directory: str, check: Callable[[str], bool]) -> set[str]:
         out = set()
         for name in os.listdir(directory):
-            stem = name.removesuffix(_TMP_SUFFIX).removesuffix(".img")
+            if not name.endswith(".img"):
+                continue  # temporary copies are leftovers(), not images
+            stem = name.removesuffix(".img")
             if check(stem):
                 out.add(stem)
         return out
 
     def volume_ids(self) -> set[str]:
-        """IDs with an image or a leftover temporary image in the pool."""
+        """IDs with an image (under its final name) in the pool."""
         return self._ids(self._volumes, ids.is_volume_id)
 
     def snapshot_ids(self) -> set[str]:
@@ -293,6 +466,21 @@ class ImagePool:
             _fsync_dir(os.path.dirname(path))
         return moved
 
+    def trash_leftover(self, path: str) -> str:
+        """Move a temporary copy (a `.tmp` leftover of an interrupted copy) into trash."""
+        directory, name = os.path.split(path)
+        stem = name.removesuffix(_TMP_SUFFIX).removesuffix(".img")
+        if directory not in (self._volumes, self._snapshots) or not name.endswith(_TMP_SUFFIX):
+            raise Internal(f"{path} is not a temporary copy in the pool")
+        kind = "volume" if directory == self._volumes else "snapshot"
+        dest = os.path.join(self._trash, f"{kind}-{stem}-{time.time_ns()}.img{_TMP_SUFFIX}")
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            return ""
+        _fsync_dir(directory)
+        return dest
+
     def trash_orphan(self, kind: str, object_id: str) -> str:
         path = self.image_path(object_id) if kind == "volume" else self.snapshot_path(object_id)
         return ", ".join(self._to_trash(path, kind, object_id))
@@ -312,19 +500,37 @@ class ImagePool:
         self._discard(path + _TMP_SUFFIX)
         self.ensure_reserve()
 
-    def empty_trash(self, older_than: float) -> int:
+    def empty_trash(self, older_than: float, claimed: Collection[str] = ()) -> int:
+        """Remove trash older than `older_than` seconds, except what someone still claims: an
+        item whose ID has a row (`claimed`) or that carries a readable record of its own. Those
+        are never reclaimed here (`claimed_in_trash` lists them for a person)."""
         removed = 0
         for item in self.trash():
-            if item.age_seconds >= older_than:
+            if item.age_seconds >= older_than and not self._claimed(item.name, claimed):
                 self._discard(os.path.join(self._trash, item.name))
                 removed += 1
         return removed
+
+    def claimed_in_trash(self, claimed: Collection[str] = ()) -> list[str]:
+        """Names of trash items a row or their own record claims (never reclaimed)."""
+        return [t.name for t in self.trash() if self._claimed(t.name, claimed)]
+
+    def _claimed(self, name: str, claimed: Collection[str]) -> bool:
+        object_id = trashed_id(name)
+        if object_id and object_id in claimed:
+            return True
+        if name.endswith(_TMP_SUFFIX):
+            return False  # a temporary copy: provably not a complete image
+        try:
+            return read_record_at(os.path.join(self._trash, name), "") is not None
+        except RecordError:
+            return True  # a record is there, if damaged: a person decides
 
     def trash(self) -> list[TrashItem]:
         items = []
         now = time.time()
         for name in sorted(os.listdir(self._trash)):
-            if name.startswith(".reflink-probe"):
+            if name.startswith((".reflink-probe", ".xattr-probe")):
                 continue
             try:
                 st = os.lstat(os.path.join(self._trash, name))
@@ -366,6 +572,32 @@ class ImagePool:
         total = st.f_blocks * st.f_frsize
         free = st.f_bavail * st.f_frsize
         return PoolUsage(total, max(0, free - self.reserved_bytes), self._reflink, free)
+
+
+_TRASHED = re.compile(r"^(?:volume|snapshot)-([vs]-[0-9a-f]{32})-\d+\.img(?:\.tmp)?$")
+
+
+def trashed_id(name: str) -> str:
+    """The volume or snapshot ID in a trash file name, "" for names not made by `_to_trash`."""
+    m = _TRASHED.match(name)
+    return m.group(1) if m else ""
+
+
+def read_record_at(path: str, object_id: str) -> ImageRecord | None:
+    """The record on the image at `path` (None: no record, or no file). With `object_id`, a
+    record describing another ID is a RecordError (an image renamed by hand)."""
+    try:
+        raw = os.getxattr(path, RECORD_XATTR)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == _MISSING_XATTR or exc.errno in _NO_XATTR:
+            return None
+        raise
+    record = ImageRecord.from_json(raw)
+    if object_id and record.id != object_id:
+        raise RecordError(f"the image of {object_id} carries the record of {record.id}")
+    return record
 
 
 def _trashed_at(name: str, mtime: float) -> float:

@@ -103,6 +103,55 @@ class _Batch:
         self.error: sqlite3.Error | None = None
 
 
+class StoreDamaged(Unavailable):
+    """meta.db fails SQLite's integrity check, is not a database, or belongs to another pool.
+    The driver refuses to serve from it and changes nothing; `stowagectl pool rebuild` makes a
+    new one from the images' own records and moves this one aside."""
+
+
+def _owner_only(path: str) -> None:
+    """meta.db and its -wal/-shm are 0600 (SQLite gives -wal/-shm the main file's mode)."""
+    for suffix in ("", "-wal", "-shm"):
+        with suppress(OSError):
+            if os.stat(path + suffix).st_mode & 0o077:
+                os.chmod(path + suffix, 0o600)
+
+
+def verify(path: str, pool_uuid: str = "") -> None:
+    """Raise StoreDamaged unless `path` is a sound Stowage store (of pool `pool_uuid`, when
+    given and recorded). Read-only: the file is opened with mode=ro and nothing is written."""
+    what = f"metadata store {path}"
+    advice = (
+        "; the driver will not serve from it. Stop the driver and run "
+        f"`stowagectl pool rebuild --pool-dir {os.path.dirname(path)}` (see docs/operations.md)"
+    )
+    # Without a -wal file (a clean shutdown) the store is opened immutable, which creates no
+    # -wal/-shm beside it; with one, read-only, so that its committed frames are checked too.
+    flag = "mode=ro" if os.path.exists(path + "-wal") else "immutable=1"
+    try:
+        db = sqlite3.connect(f"file:{path}?{flag}", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreDamaged(f"{what} cannot be opened: {exc}{advice}") from exc
+    try:
+        rows = db.execute("PRAGMA quick_check").fetchall()
+        if [tuple(r) for r in rows] != [("ok",)]:
+            found = "; ".join(str(r[0]) for r in rows[:3])
+            raise StoreDamaged(f"{what} fails SQLite's integrity check ({found}){advice}")
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.Error as exc:
+        raise StoreDamaged(f"{what} is damaged or not a Stowage store: {exc}{advice}") from exc
+    finally:
+        db.close()
+    if "schema" not in meta:
+        raise StoreDamaged(f"{what} is not a Stowage store (no schema version){advice}")
+    recorded = meta.get("pool_uuid", "")
+    if pool_uuid and recorded and recorded != pool_uuid:
+        raise StoreDamaged(
+            f"{what} belongs to pool {recorded}, not to this pool {pool_uuid} (copied from "
+            f"another node?){advice}"
+        )
+
+
 class Store:
     """Thread-safe. Writes go through one connection and are group-committed (see `_tx`):
     every write method returns only once its rows are durable. Reads use a small pool of other
@@ -114,6 +163,7 @@ class Store:
         *,
         readonly: bool = False,
         before_write: Callable[[], None] | None = None,
+        pool_uuid: str = "",
     ) -> None:
         """`readonly` opens an existing store for inspection (stowagectl check) and never
         creates or migrates anything. `before_write` runs before every write (the pool uses it
@@ -133,6 +183,22 @@ class Store:
                 raise Unavailable(f"metadata store {path} does not exist")
             self._db = self._connect_reader()  # writes fail on it; reads use the pool
             return
+        # An existing store is checked before anything writes to it (a damaged one is left
+        # exactly as found); a new one is made owner-only before SQLite opens it.
+        try:
+            if os.path.getsize(path) > 0:
+                verify(path, pool_uuid)
+        except FileNotFoundError:
+            try:
+                with suppress(FileExistsError):
+                    os.close(
+                        os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                    )
+            except OSError as exc:
+                raise Unavailable(f"metadata store {path} is unusable: {exc}") from exc
+        except OSError as exc:
+            raise Unavailable(f"metadata store {path} is unusable: {exc}") from exc
+        _owner_only(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
@@ -143,15 +209,19 @@ class Store:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
             )
+            if pool_uuid:  # a store made before pools had an identity takes this one
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('pool_uuid', ?)",
+                    (pool_uuid,),
+                )
+            _owner_only(path)
         except sqlite3.Error as exc:
             raise Unavailable(f"metadata store {path} is unusable: {exc}") from exc
 
     def _connect_reader(self) -> sqlite3.Connection:
         try:
             if self._readonly:
-                db = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
-                )
+                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
             else:
                 db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.row_factory = sqlite3.Row
@@ -473,8 +543,89 @@ class Store:
             for r in self._all("SELECT * FROM journal ORDER BY seq")
         ]
 
+    def provisioned_bytes(self) -> int:
+        """The sum of every volume's size: what the pool promised (thin: more than it holds)."""
+        rows = self._all("SELECT COALESCE(SUM(size), 0) AS n FROM volumes")
+        return int(rows[0]["n"])
+
     def counts(self) -> tuple[int, int]:
         rows = self._all(
             "SELECT (SELECT COUNT(*) FROM volumes) AS v, (SELECT COUNT(*) FROM snapshots) AS s"
         )
         return int(rows[0]["v"]), int(rows[0]["s"])
+
+    # --- rebuild and backup -------------------------------------------------------------------
+    def import_rows(self, volumes: list[Volume], snapshots: list[Snapshot]) -> None:
+        """Insert many volume and snapshot rows in one transaction (the rebuild)."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        v.id,
+                        v.name,
+                        v.size,
+                        v.access_type.value,
+                        v.fs_type,
+                        int(v.formatted),
+                        v.source.kind if v.source else None,
+                        v.source.id if v.source else None,
+                        json.dumps(v.parameters, sort_keys=True),
+                        v.created_at,
+                        v.sector_size,
+                    )
+                    for v in volumes
+                ],
+            )
+            db.executemany(
+                "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        s.id,
+                        s.name,
+                        s.source_volume_id,
+                        s.size,
+                        s.fs_type,
+                        s.access_type.value,
+                        int(s.formatted),
+                        s.created_at,
+                        s.sector_size,
+                    )
+                    for s in snapshots
+                ],
+            )
+
+    def backup_to(self, dest: str) -> None:
+        """A consistent copy of the store at `dest` (SQLite online backup, 0600), written
+        beside and renamed over the previous copy."""
+        tmp = dest + ".tmp"
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        try:
+            out = sqlite3.connect(tmp)
+            try:
+                with self._readers_lock:
+                    if self._closed:
+                        raise Unavailable(f"metadata store {self.path} is closed")
+                    src = self._readers.pop() if self._readers else None
+                if src is None:
+                    src = self._connect_reader()
+                try:
+                    src.backup(out)
+                finally:
+                    with self._readers_lock:
+                        self._readers.append(src)
+                out.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                out.close()
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, dest)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise

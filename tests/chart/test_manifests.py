@@ -151,6 +151,10 @@ KNOWN_FLAGS = {
         "mode",
         "node-id",
         "pool-dir",
+        "pool-require-mountpoint",
+        "no-pool-require-mountpoint",
+        "trash-grace",
+        "store-backup-interval",
         "metrics-address",
         "log-level",
         "log-format",
@@ -290,7 +294,14 @@ def test_node_driver_flags_and_host_paths(render, name: str) -> None:
         == ms["kubelet-dir"]["mountPath"]
         == kubelet_dir(name)
     )
-    assert vols["pool-dir"]["hostPath"] == {"path": pool_dir(name), "type": "DirectoryOrCreate"}
+    # never DirectoryOrCreate: a disk that failed to mount must not become an empty pool on /
+    assert vols["pool-dir"]["hostPath"] == {"path": pool_dir(name), "type": "Directory"}
+    require = node_values.get("poolRequireMountpoint", True)
+    assert ("pool-require-mountpoint" in f) is require
+    assert ("no-pool-require-mountpoint" in f) is (not require)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert drv[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}, probe
+    assert drv["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert ms["pool-dir"]["mountPath"] == pool_dir(name)
     assert vols["dev-dir"]["hostPath"]["path"] == ms["dev-dir"]["mountPath"] == "/dev"
 

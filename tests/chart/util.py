@@ -32,6 +32,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "custom-pool": {
         "node": {
             "poolDir": "/mnt/nvme0/stowage-pool",
+            "poolRequireMountpoint": False,
             "maxVolumesPerNode": 64,
             "reservedBytes": 10737418240,
         },

@@ -321,7 +321,8 @@ def driver_argv(mode: str, socket_path: str, pool_dir: str = "") -> list[str]:
         "--log-format=json",
     ]
     if pool_dir:
-        argv += [f"--node-id={NODE}", f"--pool-dir={pool_dir}"]
+        # The run's pool is a real XFS mount (make_pool), so the chart's default applies.
+        argv += [f"--node-id={NODE}", f"--pool-dir={pool_dir}", "--pool-require-mountpoint"]
     return argv
 
 

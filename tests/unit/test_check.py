@@ -13,9 +13,11 @@ from driver.core.controller import ControllerCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.ctl import local
+from driver.host import mountinfo
 from driver.model import AccessMode, AccessType, Capability, CapacityRange, MiB, Publication
 from driver.storage.image import ImagePool
 from driver.storage.store import Store
+from tests.unit.conftest import build_ctx
 from tests.unit.fakes import FakeHost
 
 RW = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
@@ -53,7 +55,7 @@ def test_missing_image_and_orphans_and_leftovers(
     ctx.store.journal_begin("create-volume", "v-" + "6" * 32, {"name": "x"})
     problems = "\n".join(_inspect(ctx))
     assert f"volume {v.id}" in problems and "image is missing" in problems
-    assert f"volume image {orphan} has no metadata record" in problems
+    assert f"volume image {orphan} has no row and no record" in problems
     assert ".tmp was left" in problems
     assert "was interrupted" in problems
 
@@ -98,8 +100,9 @@ def test_check_opens_read_only_and_changes_nothing(
 ) -> None:
     pool = os.path.join(str(tmp_path), "p")
     os.mkdir(pool)
-    with pytest.raises(Exception, match="does not exist"):
+    with pytest.raises(local.CannotCheck, match="not a Stowage pool"):
         local.check(pool)  # no meta.db: reported, not created
+    assert local.check_main(pool) == 2  # could not check
     assert os.listdir(pool) == []
     Store(os.path.join(pool, "meta.db")).close()
     ImagePool(pool)
@@ -120,6 +123,7 @@ def test_gc_respects_age_from_the_trash_stamp_not_mtime(tmp_path: os.PathLike[st
     pool = os.path.join(str(tmp_path), "p")
     os.mkdir(pool)
     backend = ImagePool(pool)
+    Store(os.path.join(pool, "meta.db")).close()
     vid = "v-" + "8" * 32
     backend.create(vid, MiB)
     year_ago = time.time() - 365 * 86400
@@ -143,3 +147,28 @@ def test_duration(text: str, seconds: float) -> None:
 def test_bad_duration() -> None:
     with pytest.raises(ValueError):
         local.duration("soon")
+
+
+def test_check_exit_codes_and_gc_spares_claimed_trash(
+    host: FakeHost, pool_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check: 0 consistent, 1 problems, 2 could not check; gc never reclaims an image a row or
+    its own record claims, whatever its age."""
+    monkeypatch.setattr(mountinfo, "read", lambda path=mountinfo.MOUNTINFO: host.mounts())
+    store = Store(os.path.join(pool_dir, "meta.db"))  # check reads <pool>/meta.db
+    ctx = build_ctx(host, store, ImagePool(pool_dir))
+    controller = ControllerCore(ctx)
+    assert local.check_main(pool_dir) == 0
+    v = controller.create_volume("kept", [RW], CapacityRange(MiB), {}, None)
+    assert local.check_main(pool_dir) == 0
+    moved = ctx.backend.trash_orphan("volume", v.id)  # by hand: a described image in trash
+    assert local.check_main(pool_dir) == 1
+    assert local.gc_main(pool_dir, 0, dry_run=False) == 0
+    assert os.path.exists(moved), "gc reclaimed an image its row and record claim"
+    assert ctx.backend.empty_trash(0, claimed=()) == 0  # the record alone protects it
+    store.close()  # the driver stops; its WAL is checkpointed into meta.db
+    with open(os.path.join(pool_dir, "meta.db"), "r+b") as fh:
+        fh.write(b"garbage" * 100)
+    assert local.check_main(pool_dir) == 2
+    assert local.gc_main(pool_dir, 0, dry_run=False) == 2
+    assert os.path.exists(moved)

@@ -380,9 +380,9 @@ def test_snapshot_of_staged_volume_is_frozen_around_copy(
     events = ctx.fs.events  # type: ignore[attr-defined]
     real = ctx.backend.snapshot
 
-    def spy(vid: str, sid: str) -> None:
+    def spy(vid: str, sid: str, **kw: object) -> None:
         events.append(("copy", vid))
-        real(vid, sid)
+        real(vid, sid, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ctx.backend, "snapshot", spy)
     controller.create_snapshot("snap", v.id, {})

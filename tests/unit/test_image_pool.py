@@ -226,14 +226,15 @@ def test_delete_also_reclaims_leftover_tmp(pool: ImagePool) -> None:
     assert os.listdir(os.path.join(pool.root, "trash")) == []
 
 
-def test_volume_ids_include_leftover_tmp(pool: ImagePool) -> None:
+def test_volume_ids_are_images_leftovers_are_tmp(pool: ImagePool) -> None:
     pool.create(V1, MiB)
     open(pool.image_path(V2) + ".tmp", "wb").close()
     open(os.path.join(pool.root, "volumes", "junk.img"), "wb").close()
     open(os.path.join(pool.root, "volumes", S1 + ".img"), "wb").close()
-    assert pool.volume_ids() == {V1, V2}
+    assert pool.volume_ids() == {V1}
+    assert pool.leftovers() == [pool.image_path(V2) + ".tmp"]
     open(pool.snapshot_path(S1) + ".tmp", "wb").close()
-    assert pool.snapshot_ids() == {S1}
+    assert pool.snapshot_ids() == set()
 
 
 def test_trash_orphan_moves_tmp_only_image(pool: ImagePool) -> None:

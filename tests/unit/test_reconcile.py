@@ -33,11 +33,13 @@ def test_orphan_files_go_to_trash_known_ones_stay(
 ) -> None:
     keep = controller.create_volume("keep", [RW], CapacityRange(MiB), {}, None)
     orphan = "v-" + "2" * 32
-    ctx.backend.create(orphan, MiB)
-    open(ctx.backend.image_path("v-" + "3" * 32) + ".tmp", "wb").close()
+    ctx.backend.create(orphan, MiB)  # no record: made but never described, so never recorded
+    leftover = ctx.backend.image_path("v-" + "3" * 32) + ".tmp"
+    open(leftover, "wb").close()
     report = reconcile(ctx)
-    assert sorted(report.trashed) == [orphan, "v-" + "3" * 32]
+    assert sorted(report.trashed) == sorted([orphan, leftover])
     assert ctx.backend.volume_ids() == {keep.id}
+    assert ctx.backend.leftovers() == []
     assert report.problems() == []
 
 

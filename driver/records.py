@@ -1,0 +1,216 @@
+"""Self-descriptions: what a pool and each of its images say about themselves.
+
+Two records, both JSON with a format number, both written by the driver and readable without it:
+
+- `PoolRecord` is `<pool>/pool.json`: the pool's UUID and when it was made. A directory without
+  it is not a pool (a data disk that failed to mount), so the driver never starts a new pool
+  there by accident.
+- `ImageRecord` travels with each image (the `user.stowage.record` extended attribute): enough
+  to rebuild the image's row in `meta.db` — volume or snapshot ID, name, size, filesystem,
+  sector size, block or mount, content source, creation time, the pool's UUID. `meta.db` is an
+  index of these records, not the only copy of them.
+
+This module is a leaf (no I/O): the image pool stores the bytes, the store and the rebuild turn
+records into rows, and backup manifests reuse `ImageRecord` for the fields they share.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from driver import ids
+from driver.model import AccessType, ContentSource, Snapshot, Volume
+
+POOL_FORMAT = 1
+RECORD_FORMAT = 1
+RECORD_XATTR = "user.stowage.record"
+
+
+class RecordError(ValueError):
+    """A record that cannot be read: not JSON, an unknown format, a missing or wrong field."""
+
+
+def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = data.get(key)
+    wants_bool = kind is bool
+    if isinstance(value, bool) != wants_bool or not isinstance(value, kind):
+        raise RecordError(f"field {key!r} is missing or has the wrong type")
+    return value
+
+
+def _load(raw: bytes | str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{what} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecordError(f"{what} is not a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    uuid: str
+    created_at: float
+    format: int = POOL_FORMAT
+
+    @staticmethod
+    def new(now: float) -> PoolRecord:
+        return PoolRecord(str(uuid.uuid4()), now)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), sort_keys=True, indent=2) + "\n").encode()
+
+    @staticmethod
+    def from_json(raw: bytes | str) -> PoolRecord:
+        data = _load(raw, "pool.json")
+        fmt = _require(data, "format", int)
+        if fmt != POOL_FORMAT:
+            raise RecordError(f"pool.json has format {fmt}; this driver reads {POOL_FORMAT}")
+        text = _require(data, "uuid", str)
+        try:
+            parsed = str(uuid.UUID(text))
+        except ValueError as exc:
+            raise RecordError(f"pool.json uuid {text!r} is not a UUID") from exc
+        return PoolRecord(parsed, float(_require(data, "created_at", (int, float))), fmt)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image's description. `kind` is "volume" or "snapshot"; for a snapshot `source_id`
+    is the volume it was cut from and `parameters` is empty."""
+
+    kind: str
+    id: str
+    name: str
+    size: int
+    access_type: str
+    fs_type: str
+    formatted: bool
+    sector_size: int
+    created_at: float
+    pool_uuid: str
+    source_kind: str = ""  # "", "snapshot" or "volume"
+    source_id: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)
+    format: int = RECORD_FORMAT
+
+    # --- from and to the domain model ------------------------------------------------------
+    @staticmethod
+    def of_volume(v: Volume, pool_uuid: str) -> ImageRecord:
+        return ImageRecord(
+            kind="volume",
+            id=v.id,
+            name=v.name,
+            size=v.size,
+            access_type=v.access_type.value,
+            fs_type=v.fs_type,
+            formatted=v.formatted,
+            sector_size=v.sector_size,
+            created_at=v.created_at,
+            pool_uuid=pool_uuid,
+            source_kind=v.source.kind if v.source else "",
+            source_id=v.source.id if v.source else "",
+            parameters=dict(v.parameters),
+        )
+
+    @staticmethod
+    def of_snapshot(s: Snapshot, pool_uuid: str) -> ImageRecord:
+        return ImageRecord(
+            kind="snapshot",
+            id=s.id,
+            name=s.name,
+            size=s.size,
+            access_type=s.access_type.value,
+            fs_type=s.fs_type,
+            formatted=s.formatted,
+            sector_size=s.sector_size,
+            created_at=s.created_at,
+            pool_uuid=pool_uuid,
+            source_kind="volume",
+            source_id=s.source_volume_id,
+        )
+
+    def volume(self) -> Volume:
+        source = ContentSource(self.source_kind, self.source_id) if self.source_kind else None
+        return Volume(
+            id=self.id,
+            name=self.name,
+            size=self.size,
+            access_type=AccessType(self.access_type),
+            fs_type=self.fs_type,
+            formatted=self.formatted,
+            source=source,
+            parameters=dict(self.parameters),
+            created_at=self.created_at,
+            sector_size=self.sector_size,
+        )
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            id=self.id,
+            name=self.name,
+            source_volume_id=self.source_id,
+            size=self.size,
+            fs_type=self.fs_type,
+            access_type=AccessType(self.access_type),
+            formatted=self.formatted,
+            created_at=self.created_at,
+            sector_size=self.sector_size,
+        )
+
+    # --- bytes ------------------------------------------------------------------------------
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @staticmethod
+    def from_json(raw: bytes | str) -> ImageRecord:
+        """Parse and check a record; RecordError says what is wrong with it."""
+        data = _load(raw, "image record")
+        fmt = _require(data, "format", int)
+        if fmt != RECORD_FORMAT:
+            raise RecordError(f"image record has format {fmt}; this driver reads {RECORD_FORMAT}")
+        kind = _require(data, "kind", str)
+        object_id = _require(data, "id", str)
+        if kind == "volume":
+            if not ids.is_volume_id(object_id):
+                raise RecordError(f"{object_id!r} is not a volume ID")
+        elif kind == "snapshot":
+            if not ids.is_snapshot_id(object_id):
+                raise RecordError(f"{object_id!r} is not a snapshot ID")
+        else:
+            raise RecordError(f"unknown image kind {kind!r}")
+        access = _require(data, "access_type", str)
+        if access not in {a.value for a in AccessType}:
+            raise RecordError(f"unknown access type {access!r}")
+        size = _require(data, "size", int)
+        sector = _require(data, "sector_size", int)
+        if size < 0 or sector not in (512, 1024, 2048, 4096):
+            raise RecordError("size or sector_size out of range")
+        source_kind = data.get("source_kind", "") or ""
+        if source_kind not in ("", "snapshot", "volume"):
+            raise RecordError(f"unknown source kind {source_kind!r}")
+        params = data.get("parameters", {}) or {}
+        if not isinstance(params, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in params.items()
+        ):
+            raise RecordError("parameters must map strings to strings")
+        return ImageRecord(
+            kind=kind,
+            id=object_id,
+            name=_require(data, "name", str),
+            size=size,
+            access_type=access,
+            fs_type=_require(data, "fs_type", str),
+            formatted=_require(data, "formatted", bool),
+            sector_size=sector,
+            created_at=float(_require(data, "created_at", (int, float))),
+            pool_uuid=_require(data, "pool_uuid", str),
+            source_kind=source_kind,
+            source_id=str(data.get("source_id", "") or ""),
+            parameters=dict(params),
+            format=fmt,
+        )
