@@ -377,15 +377,18 @@ class Backups:
 
     # --- start-up and shutdown ----------------------------------------------------------------
     def resume(self) -> int:
-        """Queue every upload the store says is not finished (the driver restarted); a backup
-        snapshot adopted without its upload state gets one. Returns how many were queued."""
+        """Queue every upload the store says is not finished, failed ones included (the driver
+        restarted); a backup snapshot adopted without its upload state gets one. Returns how
+        many were queued."""
         store = self.ctx.store
         for snap in store.list_snapshots():
             target = ids.backup_target(snap.id)
             if target and store.backup(snap.id) is None:
                 store.ensure_backup(snap.id, target, snap.size)
         queued = 0
-        for st in store.backups(BackupPhase.PENDING, BackupPhase.UPLOADING):
+        # Failed ones too: the configuration may have been fixed, and an error from before the
+        # restart is not worth answering to the CO's next call.
+        for st in store.backups(BackupPhase.PENDING, BackupPhase.UPLOADING, BackupPhase.FAILED):
             if st.target not in self.repos:
                 store.set_backup(
                     st.snapshot_id, BackupPhase.FAILED, error_code="FailedPrecondition",

@@ -211,11 +211,9 @@ class ControllerCore:
         def finish() -> None:
             if self.ctx.store.get_volume(vol.id) is not None:
                 return
-            faults.hit("restore-backup:downloaded")
             self.ctx.backend.adopt_restored(
                 vol.id, vol.size, record=ImageRecord.of_volume(vol, self.ctx.pool_uuid)
             )
-            faults.hit("restore-backup:image-ready")
             self.ctx.store.add_volume(vol, finishes_restore=True)
             log.info("restored volume %s (%d bytes) from backup %s as %s", vol.id, vol.size,
                      snapshot_id, vol.name)
