@@ -140,12 +140,16 @@ def parse(argv: list[str] | None = None) -> Config:
     if not _CLUSTER_ID.fullmatch(a.backup_cluster_id):
         p.error("--backup-cluster-id must be 1-63 letters, digits, '.' or '-'")
     if a.backup_target:
-        from driver.core.backups import load_config  # imports boto3: only when configured
+        from driver.backup import parse_targets  # imports boto3: only when configured
 
         try:
-            load_config(a.backup_target, a.backup_key_file)
+            names = ", ".join(sorted(parse_targets(a.backup_target)))
         except StowageError as exc:
             p.error(str(exc))
+        if not a.backup_key_file:
+            p.error(
+                f"backup target(s) {names} need --backup-key-file: backups are always encrypted"
+            )
     return Config(
         endpoint=a.endpoint,
         mode=Mode(a.mode),
@@ -181,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if armed:
         log.warning("fault injection armed (%s): %s", faults.ENV, ", ".join(armed))
+    if cfg.backup_targets:
+        from driver.core.backups import load_config
+
+        try:  # the key file and the credentials, before anything else starts
+            load_config(cfg.backup_targets, cfg.backup_key_file)
+        except StowageError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
     from driver.csi import server  # imported late: flag errors should not pay for gRPC start-up
 
     try:

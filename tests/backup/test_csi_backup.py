@@ -209,7 +209,7 @@ def test_unreachable_store_is_reported_then_resumed_after_restart(weed, pools, d
     pool_a = pools()
     d = node(pool_a, drivers, spec_for(weed, bucket, dead))
     a = d.start()
-    vol, digest = make_data_volume(a, pool_a, "src", 4)
+    vol, _ = make_data_volume(a, pool_a, "src", 4)
     assert not a.create_snapshot("snap", vol, PARAMS).ready_to_use
     end = time.monotonic() + 60
     code = None
