@@ -212,13 +212,14 @@ class Backups:
             if job is None:
                 return
             job.cancelled = True
+        job.future.cancel()  # still queued: it never starts
         try:
             job.future.result(timeout=wait)
         except FutureTimeout:
             raise errors.Aborted(
                 f"the upload of {snapshot_id} is still stopping; retry the delete"
             ) from None
-        except Exception:  # noqa: BLE001, S110 - the job recorded its own outcome
+        except BaseException:  # noqa: BLE001, S110 - cancelled, or the job recorded its outcome
             pass
         with self._lock:
             self._uploads.pop(snapshot_id, None)
@@ -228,7 +229,7 @@ class Backups:
         try:
             self._upload_once(snapshot_id, job)
         except Exception as exc:  # every failure is recorded, and reported on the next call
-            if job.cancelled or store.backup(snapshot_id) is None:
+            if job.cancelled or self._closing or store.backup(snapshot_id) is None:
                 log.info("upload of %s stopped: %s", snapshot_id, exc)
                 return
             if not isinstance(exc, errors.StowageError):

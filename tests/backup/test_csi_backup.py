@@ -282,3 +282,46 @@ def test_restore_errors_wrong_key_and_damaged_chunk(weed, pools, drivers):
     assert victim.rsplit("/", 1)[-1] in (info.value.details() or "")
     assert volume_rows(pool_b) == []
     b.close()
+
+
+def test_slow_restore_answers_in_progress_and_survives_a_restart(weed, pools, drivers):
+    bucket = weed.make_bucket()
+    spec = spec_for(weed, bucket)
+    pool_a, pool_b = pools(), pools()
+    a = node(pool_a, drivers, spec).start()
+    vol, digest = make_data_volume(a, pool_a, "src", 12)
+    sid = until_ready(a, "snap", vol).snapshot_id
+    a.close()
+
+    # Node B restores at 1 MiB/s: longer than the call waits, so the CO is told "in progress".
+    slow = node(pool_b, drivers, spec, "--backup-rate-limit", "1Mi", "--backup-workers", "1",
+                node_id="node-b")
+    b = slow.start()
+    with pytest.raises(grpc.RpcError) as info:
+        b.create_volume("r", 128 * MiB, mount_cap("ext4"), snapshot=sid)
+    assert info.value.code() is grpc.StatusCode.ABORTED
+    assert "the restore continues" in (info.value.details() or "")
+    assert volume_rows(pool_b) == []
+    b.close()
+    slow.stop(signal.SIGKILL)  # mid-restore
+
+    fast = node(pool_b, drivers, spec, node_id="node-b")
+    b = fast.start()
+    restored = restore(b, "r", sid, 128 * MiB, mount_cap("ext4"))
+    assert "resuming restore of " + sid in fast.log()  # continued, not started over
+    with Mounted(b, pool_b.base, restored.volume_id, fs_type="ext4") as m:
+        assert sha256(os.path.join(m.target, "data")) == digest
+    assert volume_rows(pool_b) == [restored.volume_id]
+    b.close()
+
+    # The store unreachable from a node: UNAVAILABLE, retryable.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    fast.stop()
+    cut_off = node(pool_b, drivers, spec_for(weed, bucket, dead), node_id="node-b")
+    b = cut_off.start()
+    assert code_of(
+        lambda: b.create_volume("r2", 128 * MiB, mount_cap("ext4"), snapshot=sid)
+    ) is grpc.StatusCode.UNAVAILABLE
+    b.close()

@@ -11,9 +11,10 @@ import botocore.exceptions
 import grpc
 import pytest
 
-from driver import errors, status
+from driver import errors
 from driver.backup import Credentials, Store, parse_target
 from driver.backup import s3 as s3mod
+from driver.csi import status
 
 SECRET = "very-secret-value-xyz"
 
