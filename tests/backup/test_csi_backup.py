@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from csi_proto import csi_pb2
+from driver.ctl import main as ctl
 from driver.ctl.client import Client, block_cap, mount_cap
 from tests.backup.conftest import S3Server, start_server
 from tests.conftest import DriverProcess, Pool, make_pool
@@ -159,6 +160,17 @@ def test_backup_then_restore_on_another_node(weed, pools, drivers):
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "configured: main" in (info.value.details() or "")
 
+    # Disaster recovery without a driver: stowagectl reads the target and writes the image.
+    key_file = os.path.join(pool_a.base, "backup.key")
+    creds = ["--backup-target", spec, "--backup-key-file", key_file]
+    assert ctl.main(["backup", "list", *creds]) == 0
+    assert ctl.main(["backup", "verify", *creds]) == 0
+    image = os.path.join(pool_a.base, "dr.img")
+    assert ctl.main(["backup", "restore", snap.snapshot_id, "--to", image, *creds]) == 0
+    local_copy = os.path.join(pool_a.mount, "snapshots", snap.snapshot_id + ".img")
+    assert sha256(image) == sha256(local_copy)
+    os.unlink(image)
+
     # Same node: restored from the local copy.
     local = a.create_volume("same-node", 128 * MiB, mount_cap("ext4"), snapshot=snap.snapshot_id)
     with Mounted(a, pool_a.base, local.volume_id, fs_type="ext4") as m:
@@ -274,6 +286,9 @@ def test_restore_errors_wrong_key_and_damaged_chunk(weed, pools, drivers):
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="csi/chunks/")["Contents"]]  # type: ignore[attr-defined]
     victim = max(keys, key=lambda k: s3.head_object(Bucket=bucket, Key=k)["ContentLength"])  # type: ignore[attr-defined]
     s3.put_object(Bucket=bucket, Key=victim, Body=b"STC1" + bytes(64))  # type: ignore[attr-defined]
+    key_file = os.path.join(pool_a.base, "backup.key")
+    assert ctl.main(["backup", "verify", "--backup-target", spec, "--backup-key-file",
+                     key_file]) == 1  # the damaged snapshot is reported
     right = node(pool_b, drivers, spec, node_id="node-b")
     b = right.start()
     with pytest.raises(grpc.RpcError) as info:
