@@ -130,6 +130,7 @@ class BackupState:
     error_code: str = ""  # the driver.errors class name of the last failure
     error: str = ""
     updated_at: float = 0.0
+    keep_local: bool = True  # False: the local copy is dropped once the upload is done
 
 
 @dataclass(frozen=True)

@@ -287,12 +287,25 @@ class Backups:
         store.set_backup(
             snapshot_id, BackupPhase.DONE, done_bytes=snap.size, total_bytes=snap.size
         )
+        if not state.keep_local:
+            self._drop_local(snapshot_id)
         log.info(
             "backup %s of %s is durable in target %s (%s, read %d bytes, uploaded %d, %.1fs)",
             snapshot_id, snap.source_volume_id, state.target,
             result.mode if not result.already_done else "already there",
             result.read_bytes, result.uploaded_bytes, time.monotonic() - t0,
         )
+
+    def _drop_local(self, snapshot_id: str) -> None:
+        """The class asked not to keep the local copy: remove it now that the backup is
+        durable (the row stays; restores then download). Kept if something is using it."""
+        try:
+            with self.ctx.locks.hold(snapshot_id):
+                self.ctx.backend.delete_snapshot(snapshot_id)
+        except errors.Aborted:
+            log.info("local copy of %s is in use; it stays", snapshot_id)
+            return
+        log.info("dropped the local copy of %s (backup-keep-local: false)", snapshot_id)
 
     def delete_remote(self, snapshot_id: str, cluster_id: str) -> None:
         """Remove a backup's manifest from its target (its chunks are left to `gc`), unless the

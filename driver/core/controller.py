@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 Segment = Mapping[str, str]
 
 BACKUP_TARGET_PARAMETER = "stowage.csi.io/backup-target"
+KEEP_LOCAL_PARAMETER = "stowage.csi.io/backup-keep-local"
 # What the external-snapshotter adds with --extra-create-metadata: accepted and ignored.
 _SNAPSHOT_METADATA = frozenset(
     {
@@ -410,7 +411,11 @@ class ControllerCore:
                         vol.id, snap.id, record=ImageRecord.of_snapshot(snap, self.ctx.pool_uuid)
                     )
                 faults.hit("create-snapshot:image-ready")
-                self.ctx.store.add_snapshot(snap, backup_target=target)
+                self.ctx.store.add_snapshot(
+                    snap,
+                    backup_target=target,
+                    keep_local=parameters.get(KEEP_LOCAL_PARAMETER) != "false",
+                )
                 faults.hit("create-snapshot:recorded")
                 log.info("created snapshot %s of %s as %s", snap.id, vol.id, name)
                 if target:
@@ -421,11 +426,19 @@ class ControllerCore:
 
     def _backup_target(self, parameters: Mapping[str, str]) -> str:
         """The backup target a snapshot class names ("" for a local snapshot)."""
-        unknown = sorted(set(parameters) - _SNAPSHOT_METADATA - {BACKUP_TARGET_PARAMETER})
+        known = {BACKUP_TARGET_PARAMETER, KEEP_LOCAL_PARAMETER}
+        unknown = sorted(set(parameters) - _SNAPSHOT_METADATA - known)
         if unknown:
             raise InvalidArgument(
                 f"snapshot parameters are not supported: {', '.join(unknown)} "
-                f"(known: {BACKUP_TARGET_PARAMETER})"
+                f"(known: {', '.join(sorted(known))})"
+            )
+        keep = parameters.get(KEEP_LOCAL_PARAMETER)
+        if keep is not None and (
+            keep not in ("true", "false") or BACKUP_TARGET_PARAMETER not in parameters
+        ):
+            raise InvalidArgument(
+                f'{KEEP_LOCAL_PARAMETER} is "true" or "false", with {BACKUP_TARGET_PARAMETER}'
             )
         target = parameters.get(BACKUP_TARGET_PARAMETER, "")
         if BACKUP_TARGET_PARAMETER in parameters and (

@@ -63,7 +63,7 @@ CREATE INDEX IF NOT EXISTS publications_volume ON publications (volume_id);
 CREATE TABLE IF NOT EXISTS backups (
     snapshot_id TEXT PRIMARY KEY, target TEXT NOT NULL, phase TEXT NOT NULL,
     done_bytes INTEGER NOT NULL, total_bytes INTEGER NOT NULL, error_code TEXT NOT NULL,
-    error TEXT NOT NULL, updated_at REAL NOT NULL
+    error TEXT NOT NULL, updated_at REAL NOT NULL, keep_local INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS restores (
     name TEXT PRIMARY KEY, volume_id TEXT NOT NULL UNIQUE, snapshot_id TEXT NOT NULL,
@@ -123,6 +123,7 @@ def _backup(row: sqlite3.Row) -> BackupState:
         error_code=row["error_code"],
         error=row["error"],
         updated_at=row["updated_at"],
+        keep_local=bool(row["keep_local"]),
     )
 
 
@@ -433,14 +434,15 @@ class Store:
             db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
 
     # --- snapshots ----------------------------------------------------------------------------
-    def add_snapshot(self, s: Snapshot, backup_target: str = "") -> None:
+    def add_snapshot(self, s: Snapshot, backup_target: str = "", keep_local: bool = True) -> None:
         """Record a snapshot; with `backup_target`, its upload state (pending) in the same
         transaction."""
         with self._tx() as db:
             if backup_target:
                 db.execute(
-                    "INSERT INTO backups VALUES (?,?,?,0,?,'','',?)",
-                    (s.id, backup_target, BackupPhase.PENDING.value, s.size, time.time()),
+                    "INSERT INTO backups VALUES (?,?,?,0,?,'','',?,?)",
+                    (s.id, backup_target, BackupPhase.PENDING.value, s.size, time.time(),
+                     int(keep_local)),
                 )
             db.execute(
                 "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)",
@@ -517,7 +519,7 @@ class Store:
         """A backup row for a backup snapshot that has none (adopted from its image's record)."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO backups VALUES (?,?,?,0,?,'','',?)",
+                "INSERT OR IGNORE INTO backups VALUES (?,?,?,0,?,'','',?,1)",
                 (snapshot_id, target, BackupPhase.PENDING.value, size, time.time()),
             )
 

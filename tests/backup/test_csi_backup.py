@@ -95,10 +95,11 @@ def code_of(fn: Callable[[], Any]) -> grpc.StatusCode | None:
     return None
 
 
-def until_ready(client: Client, name: str, vol: str, timeout: float = 120.0) -> csi_pb2.Snapshot:
+def until_ready(client: Client, name: str, vol: str, timeout: float = 120.0,
+                params: dict[str, str] = PARAMS) -> csi_pb2.Snapshot:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        snap = client.create_snapshot(name, vol, PARAMS)
+        snap = client.create_snapshot(name, vol, params)
         if snap.ready_to_use:
             return snap
         time.sleep(0.3)
@@ -180,6 +181,24 @@ def test_backup_then_restore_on_another_node(weed, pools, drivers):
     with Mounted(a, pool_a.base, vol, fs_type="ext4", tag="again") as m:
         write_random(os.path.join(m.target, "more"), 1)
     snap2 = until_ready(a, "snap-2", vol)
+
+    # A class that drops the local copy once the backup is durable: node A then downloads too.
+    drop = {**PARAMS, "stowage.csi.io/backup-keep-local": "false"}
+    snap3 = until_ready(a, "snap-3", vol, params=drop)
+    copy3 = os.path.join(pool_a.mount, "snapshots", snap3.snapshot_id + ".img")
+    end = time.monotonic() + 30
+    while os.path.exists(copy3) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not os.path.exists(copy3)
+    assert snap3.snapshot_id in {e.snapshot.snapshot_id for e in a.list_snapshots()}
+    back = restore(a, "from-dropped", snap3.snapshot_id, 128 * MiB, mount_cap("ext4"))
+    with Mounted(a, pool_a.base, back.volume_id, fs_type="ext4") as m:
+        assert sha256(os.path.join(m.target, "data")) == digest
+    a.delete_volume(back.volume_id)
+    a.delete_snapshot(snap3.snapshot_id)
+    assert code_of(
+        lambda: a.create_snapshot("bad", vol, {"stowage.csi.io/backup-keep-local": "false"})
+    ) is grpc.StatusCode.INVALID_ARGUMENT
 
     # Node B never held a local copy: it downloads, into a larger claim.
     b = node(pool_b, drivers, spec, node_id="node-b").start()
