@@ -359,3 +359,21 @@ def test_slow_restore_answers_in_progress_and_survives_a_restart(weed, pools, dr
         lambda: b.create_volume("r2", 128 * MiB, mount_cap("ext4"), snapshot=sid)
     ) is grpc.StatusCode.UNAVAILABLE
     b.close()
+
+
+def test_access_denied_is_reported_with_its_code(weed, pools, drivers):
+    bucket = weed.make_bucket()
+    pool_a = pools()
+    d = node(pool_a, drivers, spec_for(weed, bucket))
+    d.env = {"AWS_SECRET_ACCESS_KEY": "not-the-secret-0123456789"}
+    a = d.start()
+    vol, _ = make_data_volume(a, pool_a, "src", 1)
+    assert not a.create_snapshot("snap", vol, PARAMS).ready_to_use
+    end = time.monotonic() + 60
+    code = None
+    while code is None and time.monotonic() < end:
+        code = code_of(lambda: a.create_snapshot("snap", vol, PARAMS))
+        time.sleep(0.3)
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert "not-the-secret" not in d.log()
+    a.close()
