@@ -264,6 +264,8 @@ class Backups:
             job.done_bytes, job.total_bytes = p.done_bytes, p.total_bytes
             if time.monotonic() - last >= PROGRESS_INTERVAL:
                 last = time.monotonic()
+                log.info("uploading %s: %d of %d bytes (%d sent)", snapshot_id, p.done_bytes,
+                         p.total_bytes, p.transferred_bytes)
                 store.set_backup(
                     snapshot_id, BackupPhase.UPLOADING, done_bytes=p.done_bytes,
                     total_bytes=p.total_bytes,
@@ -376,11 +378,17 @@ class Backups:
         if repo is None:
             raise errors.NotFound(f"the target of {snapshot_id} is not configured on this node")
         dest = self.ctx.backend.restore_path(volume_id)
+        last = time.monotonic()
 
         def on_progress(p: Progress) -> None:
+            nonlocal last
             if self._closing:
                 raise errors.Unavailable("the driver is stopping; the restore resumes later")
             job.done_bytes, job.total_bytes = p.done_bytes, p.total_bytes
+            if time.monotonic() - last >= PROGRESS_INTERVAL:
+                last = time.monotonic()
+                log.info("restoring %s into %s: %d of %d bytes", snapshot_id, volume_id,
+                         p.done_bytes, p.total_bytes)
 
         if not os.path.exists(dest):  # else: downloaded and verified, not yet adopted
             t0 = time.monotonic()
