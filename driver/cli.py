@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -18,17 +19,11 @@ from driver.errors import StowageError
 from driver.quantity import parse_bytes
 
 log = logging.getLogger("driver")
-
-
-def _bytes(text: str) -> int:
-    try:
-        return parse_bytes(text, allow_zero=True)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_CLUSTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class _Parser(argparse.ArgumentParser):
-    """A bad flag is one line (`stowage-csi: error: ...`) and exit status 2."""
+    """A bad flag is one line on stderr and exit status 2: no usage block, no traceback."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -67,7 +62,7 @@ def parse(argv: list[str] | None = None) -> Config:
     p.add_argument("--max-volumes-per-node", type=int, default=0)
     p.add_argument(
         "--reserved-bytes",
-        type=_bytes,
+        type=_checked(lambda text: parse_bytes(text, allow_zero=True), "size"),
         default=0,
         help="pool space kept free and never reported as capacity (a quantity: 0, 512Mi, 10Gi)",
     )
@@ -95,6 +90,37 @@ def parse(argv: list[str] | None = None) -> Config:
         default=3600.0,
         help="how often meta.db is copied to <pool>/meta.db.backup (SQLite online backup); 0 = off",
     )
+    p.add_argument(
+        "--backup-target",
+        action="append",
+        default=[],
+        metavar="NAME=s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]",
+        help="an S3-compatible backup target (repeatable); credentials from AWS_ACCESS_KEY_ID "
+        "and AWS_SECRET_ACCESS_KEY",
+    )
+    p.add_argument(
+        "--backup-key-file",
+        default="",
+        help="the backup repository key (32 random bytes, hex or base64); required with "
+        "--backup-target",
+    )
+    p.add_argument(
+        "--backup-cluster-id",
+        default=os.environ.get("STOWAGE_CLUSTER_ID") or "default",
+        help="this cluster's name, recorded in every manifest as its owner; a cluster never "
+        "deletes another's backups (default: $STOWAGE_CLUSTER_ID or 'default')",
+    )
+    p.add_argument("--backup-workers", type=int, default=4,
+                   help="parallel chunk transfers of one upload or restore")
+    p.add_argument("--backup-max-concurrent", type=int, default=2,
+                   help="uploads and restores running at once on this node")
+    p.add_argument(
+        "--backup-rate-limit",
+        type=_checked(lambda text: parse_bytes(text, allow_zero=True), "quantity"),
+        default=0,
+        help="bytes per second shared by this node's backup transfers (a quantity: 50Mi); "
+        "0 = unlimited",
+    )
     p.add_argument("--version", action="version", version=f"stowage-csi {__version__}")
     a = p.parse_args(argv)
     if a.workers < 1:
@@ -109,6 +135,21 @@ def parse(argv: list[str] | None = None) -> Config:
         p.error(str(exc))
     if not a.node_id.strip():
         p.error("--node-id must not be empty")
+    if a.backup_workers < 1 or a.backup_max_concurrent < 1:
+        p.error("--backup-workers and --backup-max-concurrent must be at least 1")
+    if not _CLUSTER_ID.fullmatch(a.backup_cluster_id):
+        p.error("--backup-cluster-id must be 1-63 letters, digits, '.' or '-'")
+    if a.backup_target:
+        from driver.backup import parse_targets  # imports boto3: only when configured
+
+        try:
+            names = ", ".join(sorted(parse_targets(a.backup_target)))
+        except StowageError as exc:
+            p.error(str(exc))
+        if not a.backup_key_file:
+            p.error(
+                f"backup target(s) {names} need --backup-key-file: backups are always encrypted"
+            )
     return Config(
         endpoint=a.endpoint,
         mode=Mode(a.mode),
@@ -125,6 +166,12 @@ def parse(argv: list[str] | None = None) -> Config:
         trash_grace=a.trash_grace,
         pool_require_mountpoint=a.pool_require_mountpoint,
         store_backup_interval=a.store_backup_interval,
+        backup_targets=tuple(a.backup_target),
+        backup_key_file=a.backup_key_file,
+        backup_cluster_id=a.backup_cluster_id,
+        backup_workers=a.backup_workers,
+        backup_max_concurrent=a.backup_max_concurrent,
+        backup_rate_limit=a.backup_rate_limit,
     )
 
 
@@ -138,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if armed:
         log.warning("fault injection armed (%s): %s", faults.ENV, ", ".join(armed))
+    if cfg.backup_targets:
+        from driver.core.backups import load_config
+
+        try:  # the key file and the credentials, before anything else starts
+            load_config(cfg.backup_targets, cfg.backup_key_file)
+        except StowageError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
     from driver.csi import server  # imported late: flag errors should not pay for gRPC start-up
 
     try:

@@ -29,6 +29,14 @@ class Config:
     workers: int = 16
     pool_require_mountpoint: bool = False
     store_backup_interval: float = 3600.0  # seconds between online copies of meta.db; 0 = off
+    # Off-node backups (docs/backup.md): target specs NAME=s3://BUCKET[/PREFIX]?endpoint=URL,
+    # the repository key file, the owner recorded in manifests, and per-node limits.
+    backup_targets: tuple[str, ...] = ()
+    backup_key_file: str = ""
+    backup_cluster_id: str = "default"
+    backup_workers: int = 4  # parallel chunk transfers of one upload or restore
+    backup_max_concurrent: int = 2  # uploads and restores running at once on this node
+    backup_rate_limit: int = 0  # bytes per second shared by all transfers; 0 = unlimited
 
     @property
     def serves_pool(self) -> bool:

@@ -111,6 +111,39 @@ class Snapshot:
     sector_size: int = 4096
 
 
+class BackupPhase(enum.StrEnum):
+    """Where the upload of a backup snapshot stands (docs/design.md, "Backups")."""
+
+    PENDING = "pending"  # local copy taken, upload queued (or to be resumed at start-up)
+    UPLOADING = "uploading"
+    DONE = "done"  # manifest durable in the target: ready_to_use
+    FAILED = "failed"  # last attempt failed; the next CreateSnapshot call reports and retries
+
+
+@dataclass(frozen=True)
+class BackupState:
+    snapshot_id: str
+    target: str
+    phase: BackupPhase
+    done_bytes: int = 0
+    total_bytes: int = 0
+    error_code: str = ""  # the driver.errors class name of the last failure
+    error: str = ""
+    updated_at: float = 0.0
+    keep_local: bool = True  # False: the local copy is dropped once the upload is done
+
+
+@dataclass(frozen=True)
+class PendingRestore:
+    """A CreateVolume from a backup whose bytes are still being downloaded: the volume ID is
+    fixed at the first call so that retries and restarts continue the same restore."""
+
+    name: str
+    volume_id: str
+    snapshot_id: str
+    created_at: float
+
+
 @dataclass(frozen=True)
 class Staging:
     volume_id: str

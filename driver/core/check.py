@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from driver import ids
 from driver.host import mountinfo
 from driver.host.loop import LoopDevice, LoopManager
 from driver.model import AccessType
@@ -49,7 +50,9 @@ def inspect(
         elif size < vol.size:
             bad(f"volume {vid}: image is {size} bytes, smaller than the recorded {vol.size}")
     for sid, snap in snapshots.items():
-        if not backend.snapshot_exists(sid):
+        # A backup snapshot whose upload is done may have dropped its local copy by design.
+        dropped = ids.is_backup_snapshot_id(sid) and snap.ready
+        if not backend.snapshot_exists(sid) and not dropped:
             bad(f"snapshot {sid} ({snap.name!r}) is recorded but its image is missing")
     unrowed = [("volume", v) for v in sorted(backend.volume_ids() - set(volumes))]
     unrowed += [("snapshot", s) for s in sorted(backend.snapshot_ids() - set(snapshots))]

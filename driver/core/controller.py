@@ -4,6 +4,7 @@ answer that needs no pool at all (`expand_request`, served in every mode)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from driver import TOPOLOGY_KEY, faults, ids, validation
 from driver.core import sizing
+from driver.core.backups import Backups, origin_of, rebuild_error
 from driver.core.pool import PoolContext
 from driver.errors import (
     Aborted,
@@ -23,11 +25,13 @@ from driver.errors import (
 from driver.model import (
     DEFAULT_FS_TYPE,
     AccessType,
+    BackupPhase,
     Capability,
     CapacityRange,
     Condition,
     ContentSource,
     Page,
+    PendingRestore,
     Snapshot,
     Volume,
 )
@@ -37,6 +41,20 @@ log = logging.getLogger(__name__)
 
 Segment = Mapping[str, str]
 
+BACKUP_TARGET_PARAMETER = "stowage.csi.io/backup-target"
+KEEP_LOCAL_PARAMETER = "stowage.csi.io/backup-keep-local"
+# What the external-snapshotter adds with --extra-create-metadata: accepted and ignored.
+_SNAPSHOT_METADATA = frozenset(
+    {
+        "csi.storage.k8s.io/volumesnapshot/name",
+        "csi.storage.k8s.io/volumesnapshot/namespace",
+        "csi.storage.k8s.io/volumesnapshotcontent/name",
+    }
+)
+#: A CreateVolume from an off-node backup waits this long for the download before answering
+#: ABORTED ("in progress"); the download continues and the CO's retry picks it up.
+RESTORE_WAIT = 5.0
+
 
 @dataclass(frozen=True)
 class VolumeStatus:
@@ -45,8 +63,12 @@ class VolumeStatus:
 
 
 class ControllerCore:
-    def __init__(self, ctx: PoolContext) -> None:
+    def __init__(
+        self, ctx: PoolContext, backups: Backups | None = None, cluster_id: str = "default"
+    ) -> None:
         self.ctx = ctx
+        self.backups = backups
+        self.cluster_id = cluster_id
 
     # --- topology -----------------------------------------------------------------------------
     @property
@@ -85,11 +107,21 @@ class ControllerCore:
             existing = self.ctx.store.volume_by_name(name)
             if existing is not None:
                 return self._same_volume(existing, rng, access, fs_type, source)
+            pending = self.ctx.store.pending_restore(name)
+            if pending is not None and (source is None or pending.snapshot_id != source.id):
+                raise AlreadyExists(
+                    f"a volume named {name!r} is being restored from {pending.snapshot_id}"
+                )
             floor = 0
             formatted = False
             origin: Volume | Snapshot | None = None
+            remote: Snapshot | None = None  # an off-node backup without a local copy here
             if source is not None:
                 origin = self._source(source)
+                if isinstance(origin, Snapshot) and ids.is_backup_snapshot_id(origin.id) and not (
+                    self.ctx.backend.snapshot_exists(origin.id)
+                ):
+                    remote = origin
                 if origin.access_type is not access:
                     raise InvalidArgument(
                         f"source {source.id} is a {origin.access_type.value} volume; "
@@ -109,7 +141,9 @@ class ControllerCore:
             # A filesystem made on one sector size may not mount on another: a clone or restore
             # keeps its origin's, a new volume takes the node's current setting.
             sector_size = origin.sector_size if origin is not None else self.ctx.loop_sector_size
-            if source is not None:
+            if remote is not None:
+                pass  # thin: a pool that fills up while restoring answers RESOURCE_EXHAUSTED
+            elif source is not None:
                 self._require_copy_room(source.id)
             elif size > (free := self.ctx.backend.usage().available_bytes):
                 raise ResourceExhausted(
@@ -117,7 +151,7 @@ class ControllerCore:
                     f"a volume of {size} bytes does not fit"
                 )
             vol = Volume(
-                id=ids.new_volume_id(),
+                id=pending.volume_id if pending is not None else ids.new_volume_id(),
                 name=name,
                 size=size,
                 access_type=access,
@@ -132,6 +166,8 @@ class ControllerCore:
                 source.kind if source else None
             ]
             faults.hit(op + ":checked")
+            if remote is not None:
+                return self._restore_backup(vol, remote.id, pending)
             # The image carries its own record, durable before the row is committed.
             record = ImageRecord.of_volume(vol, self.ctx.pool_uuid)
             if source is None:
@@ -162,10 +198,37 @@ class ControllerCore:
                 f"{free} bytes free, too little to keep a copy of it writable"
             )
 
+    def _restore_backup(
+        self, vol: Volume, snapshot_id: str, pending: PendingRestore | None
+    ) -> Volume:
+        """Download an off-node backup into a new volume: in the background, resumable, the
+        volume recorded only once every chunk is verified and its image is in the pool."""
+        assert self.backups is not None
+        if pending is None:
+            self.ctx.store.add_pending_restore(
+                PendingRestore(vol.name, vol.id, snapshot_id, time.time())
+            )
+
+        def finish() -> None:
+            if self.ctx.store.get_volume(vol.id) is not None:
+                return
+            self.ctx.backend.adopt_restored(
+                vol.id, vol.size, record=ImageRecord.of_volume(vol, self.ctx.pool_uuid)
+            )
+            self.ctx.store.add_volume(vol, finishes_restore=True)
+            log.info("restored volume %s (%d bytes) from backup %s as %s", vol.id, vol.size,
+                     snapshot_id, vol.name)
+
+        self.backups.restore(vol.id, snapshot_id, finish, RESTORE_WAIT)
+        return vol
+
     def _source(self, source: ContentSource) -> Volume | Snapshot:
         if source.kind == "snapshot":
             validation.require_snapshot_id(source.id, "volume_content_source.snapshot.snapshot_id")
             snap = self.ctx.store.get_snapshot(source.id)
+            if snap is None and ids.is_backup_snapshot_id(source.id) and self.backups:
+                # Not taken here (another node, another cluster): its manifest describes it.
+                return origin_of(self.backups.manifest(source.id))
             if snap is None:
                 raise NotFound(f"source snapshot {source.id} does not exist")
             return snap
@@ -306,10 +369,7 @@ class ControllerCore:
         validation.check_string("name", name)
         if not source_volume_id:
             raise InvalidArgument("source_volume_id is required")
-        if parameters:
-            raise InvalidArgument(
-                f"snapshot parameters are not supported: {', '.join(sorted(parameters))}"
-            )
+        target = self._backup_target(parameters)
         self.ctx.require_healthy()
         with self.ctx.locks.hold("snapshot-name:" + name):
             existing = self.ctx.store.snapshot_by_name(name)
@@ -319,13 +379,23 @@ class ControllerCore:
                         f"a snapshot named {name!r} already exists for volume "
                         f"{existing.source_volume_id}"
                     )
-                return existing
+                if (ids.backup_target(existing.id) or "") != target:
+                    raise AlreadyExists(
+                        f"a snapshot named {name!r} already exists with another "
+                        f"{BACKUP_TARGET_PARAMETER} ({ids.backup_target(existing.id) or 'none'})"
+                    )
+                return self._upload_status(existing) if target else existing
             validation.require_volume_id(source_volume_id, "source_volume_id")
             with self.ctx.locks.hold(source_volume_id):
                 vol = self._volume(source_volume_id)
+                if target and vol.access_type is AccessType.MOUNT and not vol.formatted:
+                    raise FailedPrecondition(
+                        f"volume {vol.id} has never been staged: it holds no filesystem to "
+                        "back up yet"
+                    )
                 self._require_copy_room(vol.id)
                 snap = Snapshot(
-                    id=ids.new_snapshot_id(),
+                    id=ids.new_backup_snapshot_id(target) if target else ids.new_snapshot_id(),
                     name=name,
                     source_volume_id=vol.id,
                     size=vol.size,
@@ -341,10 +411,65 @@ class ControllerCore:
                         vol.id, snap.id, record=ImageRecord.of_snapshot(snap, self.ctx.pool_uuid)
                     )
                 faults.hit("create-snapshot:image-ready")
-                self.ctx.store.add_snapshot(snap)
+                self.ctx.store.add_snapshot(
+                    snap,
+                    backup_target=target,
+                    keep_local=parameters.get(KEEP_LOCAL_PARAMETER) != "false",
+                )
                 faults.hit("create-snapshot:recorded")
                 log.info("created snapshot %s of %s as %s", snap.id, vol.id, name)
+                if target:
+                    assert self.backups is not None
+                    self.backups.start_upload(snap.id)
+                    return dataclasses.replace(snap, ready=False)
                 return snap
+
+    def _backup_target(self, parameters: Mapping[str, str]) -> str:
+        """The backup target a snapshot class names ("" for a local snapshot)."""
+        known = {BACKUP_TARGET_PARAMETER, KEEP_LOCAL_PARAMETER}
+        unknown = sorted(set(parameters) - _SNAPSHOT_METADATA - known)
+        if unknown:
+            raise InvalidArgument(
+                f"snapshot parameters are not supported: {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        keep = parameters.get(KEEP_LOCAL_PARAMETER)
+        if keep is not None and (
+            keep not in ("true", "false") or BACKUP_TARGET_PARAMETER not in parameters
+        ):
+            raise InvalidArgument(
+                f'{KEEP_LOCAL_PARAMETER} is "true" or "false", with {BACKUP_TARGET_PARAMETER}'
+            )
+        target = parameters.get(BACKUP_TARGET_PARAMETER, "")
+        if BACKUP_TARGET_PARAMETER in parameters and (
+            self.backups is None or target not in self.backups.names()
+        ):
+            configured = ", ".join(self.backups.names()) if self.backups else ""
+            raise InvalidArgument(
+                f"{BACKUP_TARGET_PARAMETER} {target[:64]!r} is not a backup target of node "
+                f"{self.ctx.node_id} (configured: {configured or 'none; see --backup-target'})"
+            )
+        return target
+
+    def _upload_status(self, snap: Snapshot) -> Snapshot:
+        """A retried CreateSnapshot of a backup snapshot: ready once its manifest is durable;
+        the last upload failure is answered (with its code) and the upload starts again."""
+        assert self.backups is not None
+        st = self.ctx.store.backup(snap.id)
+        if st is None:  # adopted from its image's record: upload state lost, start over
+            self.ctx.store.ensure_backup(snap.id, ids.backup_target(snap.id) or "", snap.size)
+        elif st.phase is BackupPhase.DONE:
+            return snap
+        elif st.phase is BackupPhase.FAILED:
+            self.ctx.store.set_backup(snap.id, BackupPhase.PENDING)
+            self.backups.start_upload(snap.id)
+            raise rebuild_error(
+                st.error_code,
+                f"uploading snapshot {snap.id} to target {st.target} failed (retrying): "
+                f"{st.error}",
+            )
+        self.backups.start_upload(snap.id)  # a no-op while it runs
+        return dataclasses.replace(snap, ready=False)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         if not snapshot_id:
@@ -353,6 +478,14 @@ class ControllerCore:
             return
         self.ctx.require_healthy()
         with self.ctx.locks.hold(snapshot_id):
+            if ids.is_backup_snapshot_id(snapshot_id):
+                # The manifest first: a failure leaves everything as it was, for the retry.
+                if self.backups is not None:
+                    self.backups.cancel_upload(snapshot_id)
+                    self.backups.delete_remote(snapshot_id, self.cluster_id)
+                else:
+                    log.warning("DeleteSnapshot %s: no backup targets are configured on this "
+                                "node; only a local copy is removed", snapshot_id)
             snap = self.ctx.store.get_snapshot(snapshot_id)
             if snap is None:
                 return
@@ -366,6 +499,8 @@ class ControllerCore:
     def get_snapshot(self, snapshot_id: str) -> Snapshot:
         validation.require_snapshot_id(snapshot_id)
         snap = self.ctx.store.get_snapshot(snapshot_id)
+        if snap is None and ids.is_backup_snapshot_id(snapshot_id) and self.backups:
+            return origin_of(self.backups.manifest(snapshot_id))  # taken elsewhere: imported
         if snap is None:
             raise NotFound(f"snapshot {snapshot_id} does not exist")
         return snap
@@ -375,11 +510,12 @@ class ControllerCore:
     ) -> Page[Snapshot]:
         after = self._token(max_entries, token, ids.is_snapshot_id)
         if snapshot_id:
-            snap = (
-                self.ctx.store.get_snapshot(snapshot_id)
-                if ids.is_snapshot_id(snapshot_id)
-                else None
-            )
+            snap: Snapshot | None = None
+            if ids.is_snapshot_id(snapshot_id):
+                try:
+                    snap = self.get_snapshot(snapshot_id)
+                except NotFound:
+                    snap = None
             if snap is None or (source_volume_id and snap.source_volume_id != source_volume_id):
                 return Page([], "")
             return Page([snap], "")

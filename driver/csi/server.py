@@ -14,6 +14,7 @@ import grpc
 from csi_proto import csi_pb2_grpc
 from driver import flags
 from driver.config import Config, Mode
+from driver.core.backups import Backups
 from driver.core.controller import ControllerCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
@@ -107,10 +108,13 @@ class Running:
     ready: threading.Event
     opened: OpenedPool | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
+    backups: Backups | None = None
 
     def stop(self, grace: float) -> None:
         self.stopping.set()
         self.server.stop(grace).wait()
+        if self.backups is not None:
+            self.backups.close()  # running uploads stop at their next chunk; resumed at start
         kind, where = self.endpoint
         if kind == "unix":
             _remove_socket(where)
@@ -136,6 +140,7 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     pool: PoolContext | None = None
     controller: ControllerCore | None = None
     opened: OpenedPool | None = None
+    backups: Backups | None = None
     kind, where = parse_endpoint(cfg.endpoint)
     if cfg.serves_pool:
         pool, opened = open_pool(cfg)
@@ -149,7 +154,21 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
         ctx = pool
         findings = report.counts()
         metrics.watch_pool(lambda: _pool_sample(ctx, findings))
-        controller = ControllerCore(pool)
+        if cfg.backup_targets:
+            try:
+                backups = Backups.open(
+                    pool,
+                    cfg.backup_targets,
+                    cfg.backup_key_file,
+                    cluster_id=cfg.backup_cluster_id,
+                    workers=cfg.backup_workers,
+                    max_concurrent=cfg.backup_max_concurrent,
+                    rate_limit=cfg.backup_rate_limit,
+                )
+            except BaseException:
+                opened.close()
+                raise
+        controller = ControllerCore(pool, backups, cfg.backup_cluster_id)
         csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(NodeCore(pool)), server)
 
         def is_ready() -> bool:
@@ -188,7 +207,9 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
         cfg.mode.value,
         cfg.node_id,
     )
-    running = Running(server, (kind, where), pool, ready, opened)
+    running = Running(server, (kind, where), pool, ready, opened, backups=backups)
+    if backups is not None:
+        backups.resume()
     if pool is not None and cfg.store_backup_interval > 0:
         _start_store_backups(pool, cfg.store_backup_interval, running.stopping)
     return running

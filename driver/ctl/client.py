@@ -119,9 +119,13 @@ class Client:
             if not token:
                 return out
 
-    def create_snapshot(self, name: str, volume_id: str) -> csi_pb2.Snapshot:
+    def create_snapshot(
+        self, name: str, volume_id: str, parameters: dict[str, str] | None = None
+    ) -> csi_pb2.Snapshot:
         return self.controller.CreateSnapshot(
-            csi_pb2.CreateSnapshotRequest(name=name, source_volume_id=volume_id),
+            csi_pb2.CreateSnapshotRequest(
+                name=name, source_volume_id=volume_id, parameters=parameters or {}
+            ),
             timeout=self.timeout,
         ).snapshot
 

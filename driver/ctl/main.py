@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import grpc
 
 from driver import flags
-from driver.ctl import demo, local, output, pool
+from driver.ctl import backup, demo, local, output, pool
 from driver.ctl.client import Client, capability
 from driver.errors import StowageError
 from driver.quantity import parse_bytes
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--older-than", type=_duration, default=flags.duration("7d"))
     gc.add_argument("--dry-run", action="store_true")
 
+    backup.add_parser(sub, _duration)
+
     pl = sub.add_parser(
         "pool", help="rebuild a pool's metadata; a development pool on an image file"
     ).add_subparsers(dest="action", required=True)
@@ -177,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     fmt = "json" if getattr(args, "json", False) else args.output
+    if args.cmd == "backup":
+        return backup.main(
+            args,
+            lambda data, rows, cols: print(output.emit(fmt, data, rows=rows, columns=cols)),
+        )
     if args.cmd == "check":
         return local.check_main(args.pool_dir, fmt)
     if args.cmd == "gc":

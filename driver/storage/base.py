@@ -56,6 +56,16 @@ class VolumeBackend(Protocol):
         self, volume_id: str, snapshot_id: str, *, record: ImageRecord | None = None
     ) -> None: ...
 
+    def restore_path(self, volume_id: str) -> str:
+        """Where a restore from an off-node backup builds the image of `volume_id`."""
+        ...
+
+    def adopt_restored(
+        self, volume_id: str, size: int, *, record: ImageRecord | None
+    ) -> None: ...
+
+    def discard_restore(self, volume_id: str) -> None: ...
+
     def rescue_image(self, volume_id: str, device: str, record: ImageRecord | None) -> None:
         """Write a deleted image again from the loop device that still holds it."""
         ...

@@ -73,12 +73,13 @@ class ImagePool:
         self._volumes = os.path.join(self.root, "volumes")
         self._snapshots = os.path.join(self.root, "snapshots")
         self._trash = os.path.join(self.root, "trash")
+        self._restoring = os.path.join(self.root, "restoring")
         if not os.path.isdir(self.root):
             raise Unavailable(f"pool directory {self.root} does not exist")
         if inspect_only:
             self._reflink = False
             return
-        for d in (self._volumes, self._snapshots, self._trash):
+        for d in (self._volumes, self._snapshots, self._trash, self._restoring):
             os.makedirs(d, mode=0o700, exist_ok=True)
             if os.stat(d).st_mode & 0o077:
                 os.chmod(d, 0o700)  # made before modes were enforced
@@ -292,6 +293,43 @@ class ImagePool:
             self._discard(probe)
 
     # --- self-descriptions --------------------------------------------------------------------
+    # --- restores from off-node backups ------------------------------------------------------
+    def restore_path(self, volume_id: str) -> str:
+        """Where a restore from a backup writes the image of `volume_id` before it is adopted:
+        <pool>/restoring/<id>.img (the engine keeps its partial state beside it)."""
+        if not ids.is_volume_id(volume_id):
+            raise InvalidArgument(f"{volume_id!r} is not a Stowage volume ID")
+        return self._inside(os.path.join(self._restoring, volume_id + ".img"))
+
+    def adopt_restored(self, volume_id: str, size: int, *, record: ImageRecord | None) -> None:
+        """Move a completed restore into the pool as the image of `volume_id`, grown to `size`
+        (a larger claim), carrying its record: durable before the caller records the volume."""
+        src = self.restore_path(volume_id)
+        final = self.image_path(volume_id)
+        try:
+            fd = os.open(src, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                if record is not None:
+                    os.setxattr(fd, RECORD_XATTR, record.to_json())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._publish(src, final)
+        except FileNotFoundError as exc:
+            raise NotFound(f"the restored image of {volume_id} is missing") from exc
+        except OSError as exc:
+            if _no_space(exc):
+                raise ResourceExhausted(f"the pool is full: {exc.strerror}") from exc
+            raise
+
+    def discard_restore(self, volume_id: str) -> None:
+        """Remove a restore's image and partial state (an abandoned or failed restore)."""
+        base = self.restore_path(volume_id)
+        for suffix in ("", ".stowage-partial", ".stowage-restore", ".stowage-restore.tmp"):
+            self._discard(base + suffix)
+
     def _path_of(self, object_id: str) -> str:
         if ids.is_snapshot_id(object_id):
             return self.snapshot_path(object_id)
@@ -574,7 +612,10 @@ class ImagePool:
         return PoolUsage(total, max(0, free - self.reserved_bytes), self._reflink, free)
 
 
-_TRASHED = re.compile(r"^(?:volume|snapshot)-([vs]-[0-9a-f]{32})-\d+\.img(?:\.tmp)?$")
+_TRASHED = re.compile(
+    rf"^(?:volume|snapshot)-([vs]-[0-9a-f]{{32}}|b-{ids.TARGET_NAME}-[0-9a-f]{{32}})"
+    r"-\d+\.img(?:\.tmp)?$"
+)
 
 
 def trashed_id(name: str) -> str:

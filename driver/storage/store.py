@@ -20,11 +20,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from driver import ids
 from driver.errors import ResourceExhausted, Unavailable
 from driver.model import (
     AccessMode,
     AccessType,
+    BackupPhase,
+    BackupState,
     ContentSource,
+    PendingRestore,
     Publication,
     Snapshot,
     Staging,
@@ -56,6 +60,15 @@ CREATE TABLE IF NOT EXISTS publications (
     access_mode INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS publications_volume ON publications (volume_id);
+CREATE TABLE IF NOT EXISTS backups (
+    snapshot_id TEXT PRIMARY KEY, target TEXT NOT NULL, phase TEXT NOT NULL,
+    done_bytes INTEGER NOT NULL, total_bytes INTEGER NOT NULL, error_code TEXT NOT NULL,
+    error TEXT NOT NULL, updated_at REAL NOT NULL, keep_local INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS restores (
+    name TEXT PRIMARY KEY, volume_id TEXT NOT NULL UNIQUE, snapshot_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, key TEXT NOT NULL,
     payload TEXT NOT NULL, started_at REAL NOT NULL
@@ -90,6 +103,27 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
         formatted=bool(row["formatted"]),
         created_at=row["created_at"],
         sector_size=row["sector_size"],
+        ready=not ids.is_backup_snapshot_id(row["id"]) or row["phase"] == BackupPhase.DONE,
+    )
+
+
+# Snapshots with the phase of their upload (NULL for local snapshots).
+_SNAPSHOTS = (
+    "SELECT s.*, b.phase AS phase FROM snapshots s LEFT JOIN backups b ON b.snapshot_id = s.id"
+)
+
+
+def _backup(row: sqlite3.Row) -> BackupState:
+    return BackupState(
+        snapshot_id=row["snapshot_id"],
+        target=row["target"],
+        phase=BackupPhase(row["phase"]),
+        done_bytes=row["done_bytes"],
+        total_bytes=row["total_bytes"],
+        error_code=row["error_code"],
+        error=row["error"],
+        updated_at=row["updated_at"],
+        keep_local=bool(row["keep_local"]),
     )
 
 
@@ -347,8 +381,12 @@ class Store:
         return True
 
     # --- volumes ------------------------------------------------------------------------------
-    def add_volume(self, v: Volume) -> None:
+    def add_volume(self, v: Volume, finishes_restore: bool = False) -> None:
+        """Record a volume; `finishes_restore` drops its pending restore in the same
+        transaction."""
         with self._tx() as db:
+            if finishes_restore:
+                db.execute("DELETE FROM restores WHERE name = ?", (v.name,))
             db.execute(
                 "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -396,8 +434,16 @@ class Store:
             db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
 
     # --- snapshots ----------------------------------------------------------------------------
-    def add_snapshot(self, s: Snapshot) -> None:
+    def add_snapshot(self, s: Snapshot, backup_target: str = "", keep_local: bool = True) -> None:
+        """Record a snapshot; with `backup_target`, its upload state (pending) in the same
+        transaction."""
         with self._tx() as db:
+            if backup_target:
+                db.execute(
+                    "INSERT INTO backups VALUES (?,?,?,0,?,'','',?,?)",
+                    (s.id, backup_target, BackupPhase.PENDING.value, s.size, time.time(),
+                     int(keep_local)),
+                )
             db.execute(
                 "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)",
                 (
@@ -414,21 +460,21 @@ class Store:
             )
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        rows = self._all("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,))
+        rows = self._all(_SNAPSHOTS + " WHERE s.id = ?", (snapshot_id,))
         return _snapshot(rows[0]) if rows else None
 
     def snapshot_by_name(self, name: str) -> Snapshot | None:
-        rows = self._all("SELECT * FROM snapshots WHERE name = ?", (name,))
+        rows = self._all(_SNAPSHOTS + " WHERE s.name = ?", (name,))
         return _snapshot(rows[0]) if rows else None
 
     def list_snapshots(
         self, after: str = "", limit: int = 0, source_volume_id: str = ""
     ) -> list[Snapshot]:
-        sql, args = "SELECT * FROM snapshots WHERE id > ?", [after]
+        sql, args = _SNAPSHOTS + " WHERE s.id > ?", [after]
         if source_volume_id:
-            sql += " AND source_volume_id = ?"
+            sql += " AND s.source_volume_id = ?"
             args.append(source_volume_id)
-        sql += " ORDER BY id"
+        sql += " ORDER BY s.id"
         if limit:
             sql += " LIMIT ?"
             args.append(str(limit))
@@ -437,6 +483,79 @@ class Store:
     def remove_snapshot(self, snapshot_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+            db.execute("DELETE FROM backups WHERE snapshot_id = ?", (snapshot_id,))
+
+    # --- backups: upload state of backup snapshots, restores under way ----------------------
+    def backup(self, snapshot_id: str) -> BackupState | None:
+        rows = self._all("SELECT * FROM backups WHERE snapshot_id = ?", (snapshot_id,))
+        return _backup(rows[0]) if rows else None
+
+    def backups(self, *phases: BackupPhase) -> list[BackupState]:
+        sql, args = "SELECT * FROM backups", [p.value for p in phases]
+        if phases:
+            sql += f" WHERE phase IN ({','.join('?' * len(phases))})"
+        return [_backup(r) for r in self._all(sql + " ORDER BY updated_at", tuple(args))]
+
+    def set_backup(
+        self,
+        snapshot_id: str,
+        phase: BackupPhase,
+        *,
+        done_bytes: int | None = None,
+        total_bytes: int | None = None,
+        error_code: str = "",
+        error: str = "",
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE backups SET phase = ?, done_bytes = COALESCE(?, done_bytes),"
+                " total_bytes = COALESCE(?, total_bytes), error_code = ?, error = ?,"
+                " updated_at = ? WHERE snapshot_id = ?",
+                (phase.value, done_bytes, total_bytes, error_code, error, time.time(),
+                 snapshot_id),
+            )
+
+    def ensure_backup(self, snapshot_id: str, target: str, size: int) -> None:
+        """A backup row for a backup snapshot that has none (adopted from its image's record)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO backups VALUES (?,?,?,0,?,'','',?,1)",
+                (snapshot_id, target, BackupPhase.PENDING.value, size, time.time()),
+            )
+
+    def backup_base(self, volume_id: str, target: str, exclude: str) -> Snapshot | None:
+        """The newest snapshot of `volume_id` uploaded to `target`: the base of an incremental
+        backup (its local copy is the reflink base, its manifest the chunk list)."""
+        rows = self._all(
+            _SNAPSHOTS + " WHERE s.source_volume_id = ? AND b.target = ? AND b.phase = ?"
+            " AND s.id != ? ORDER BY s.created_at DESC LIMIT 1",
+            (volume_id, target, BackupPhase.DONE.value, exclude),
+        )
+        return _snapshot(rows[0]) if rows else None
+
+    def pending_restore(self, name: str) -> PendingRestore | None:
+        rows = self._all("SELECT * FROM restores WHERE name = ?", (name,))
+        if not rows:
+            return None
+        r = rows[0]
+        return PendingRestore(r["name"], r["volume_id"], r["snapshot_id"], r["created_at"])
+
+    def pending_restores(self) -> list[PendingRestore]:
+        return [
+            PendingRestore(r["name"], r["volume_id"], r["snapshot_id"], r["created_at"])
+            for r in self._all("SELECT * FROM restores ORDER BY created_at")
+        ]
+
+    def add_pending_restore(self, r: PendingRestore) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO restores VALUES (?,?,?,?)",
+                (r.name, r.volume_id, r.snapshot_id, r.created_at),
+            )
+
+    def remove_pending_restore(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM restores WHERE name = ?", (name,))
 
     def in_use(self, volume_id: str) -> bool:
         """True when the volume is staged or published on this node (one read): what a delete

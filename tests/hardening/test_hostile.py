@@ -424,6 +424,17 @@ def bad_snapshot_ids(w: World) -> dict[str, str]:
         "upper": w.snap.upper(),
         "volume-id": w.vol,
         "long-4k": "s-" + "b" * 4096,
+        # Backup snapshot IDs (b-<target>-<32 hex>) that are not well formed.
+        "b-dotdot": f"b-../../x-{HEX}",
+        "b-slash": f"b-a/b-{HEX}",
+        "b-upper-target": f"b-MAIN-{HEX}",
+        "b-dash-end": f"b-main--{HEX}",
+        "b-nul": f"b-main-{HEX}\x00",
+        "b-newline": f"b-main-{HEX}\n",
+        "b-short": f"b-main-{HEX[:31]}",
+        "b-long-target": f"b-{'a' * 64}-{HEX}",
+        "b-img": f"b-main-{HEX}.img",
+        "b-no-target": f"b-{HEX}",
     }
 
 
@@ -588,6 +599,16 @@ def _id_cases() -> None:
         "upper",
         "volume-id",
         "long-4k",
+        "b-dotdot",
+        "b-slash",
+        "b-upper-target",
+        "b-dash-end",
+        "b-nul",
+        "b-newline",
+        "b-short",
+        "b-long-target",
+        "b-img",
+        "b-no-target",
     ]
     for key in skeys:
         sid = _bad_sid(key)
@@ -659,6 +680,21 @@ def _id_cases() -> None:
         "unknown-wellformed",
         "GetSnapshot",
         lambda w: csi_pb2.GetSnapshotRequest(snapshot_id=unknown_s),
+        NOT_FOUND,
+    )
+    unknown_b = "b-main-" + "0" * 32  # no backup target is configured in this world
+    case(
+        "snapshot-id",
+        "unknown-backup",
+        "DeleteSnapshot",
+        lambda w: csi_pb2.DeleteSnapshotRequest(snapshot_id=unknown_b),
+        OK,
+    )
+    case(
+        "snapshot-id",
+        "unknown-backup",
+        "GetSnapshot",
+        lambda w: csi_pb2.GetSnapshotRequest(snapshot_id=unknown_b),
         NOT_FOUND,
     )
     # Required IDs that are missing are INVALID_ARGUMENT, never NOT_FOUND or OK.

@@ -1,0 +1,430 @@
+"""Backup snapshots on this node: the configured targets, the bounded pool of background uploads
+and restores, and their state (docs/design.md, "Backups"; docs/backup.md).
+
+An upload is a job keyed by its snapshot ID, a restore one keyed by its volume ID. At most
+`max_concurrent` jobs run at once; each moves `workers` chunks in parallel, all of the node's
+transfers sharing one optional rate limit. Upload state is in the metadata store (`backups`
+table), so a restarted driver resumes what was pending; a restore's progress is in the engine's
+own partial files, so the CO's next CreateVolume continues it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from driver import errors, ids
+from driver.backup import (
+    Credentials,
+    Manifest,
+    Progress,
+    Repository,
+    RepositoryKey,
+    SnapshotRecord,
+    Store,
+    Target,
+    parse_targets,
+)
+from driver.backup.s3 import RateLimiter
+from driver.core.pool import PoolContext
+from driver.model import AccessType, BackupPhase, Snapshot
+
+log = logging.getLogger(__name__)
+
+#: How often the upload progress is written to the store (seconds).
+PROGRESS_INTERVAL = 2.0
+#: S3 attempts per request (first try included), with botocore's exponential backoff; the CO's
+#: retries of CreateSnapshot / CreateVolume restart a job that still failed.
+MAX_ATTEMPTS = 3
+
+# The domain errors a job's failure is stored as (most specific first), rebuilt on the retry.
+_KINDS: tuple[type[errors.StowageError], ...] = (
+    errors.InvalidArgument,
+    errors.NotFound,
+    errors.AlreadyExists,
+    errors.FailedPrecondition,
+    errors.ResourceExhausted,
+    errors.Aborted,
+    errors.Unavailable,
+    errors.PermissionDenied,
+    errors.DataLoss,
+    errors.Internal,
+)
+
+
+def error_code(exc: BaseException) -> str:
+    for kind in _KINDS:
+        if isinstance(exc, kind):
+            return kind.__name__
+    return errors.Internal.__name__
+
+
+def rebuild_error(code: str, message: str) -> errors.StowageError:
+    kind = next((k for k in _KINDS if k.__name__ == code), errors.Internal)
+    return kind(message)
+
+
+def load_config(
+    specs: Sequence[str], key_file: str
+) -> tuple[dict[str, Target], RepositoryKey, Credentials]:
+    """The parsed targets, the key and the credentials, or the one reason they are unusable.
+    Messages name files and target names, never a key or a secret."""
+    targets = parse_targets(list(specs))
+    if not key_file:
+        raise errors.InvalidArgument(
+            f"backup target(s) {', '.join(sorted(targets))} need --backup-key-file: backups "
+            "are always encrypted"
+        )
+    key = RepositoryKey.load(key_file)
+    return targets, key, Credentials.from_env()
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def origin_of(m: Manifest) -> Snapshot:
+    """What a backup restores, as a snapshot: a filesystem image when the manifest names a
+    filesystem, a raw block image otherwise."""
+    created = 0.0
+    with contextlib.suppress(ValueError):
+        created = datetime.strptime(m.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    return Snapshot(
+        id=m.snapshot_id,
+        name=m.name,
+        source_volume_id=m.source_volume_id,
+        size=m.size,
+        fs_type=m.filesystem,
+        access_type=AccessType.MOUNT if m.filesystem else AccessType.BLOCK,
+        formatted=bool(m.filesystem),
+        created_at=created,
+        ready=True,
+        sector_size=m.sector_size,
+    )
+
+
+@dataclass
+class _Job:
+    future: Future[None]
+    done_bytes: int = 0
+    total_bytes: int = 0
+    cancelled: bool = False
+
+
+class Backups:
+    def __init__(
+        self,
+        ctx: PoolContext,
+        repos: Mapping[str, Repository],
+        *,
+        max_concurrent: int = 2,
+    ) -> None:
+        self.ctx = ctx
+        self.repos = dict(repos)
+        self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="backup-job")
+        self._lock = threading.Lock()
+        self._uploads: dict[str, _Job] = {}
+        self._restores: dict[str, _Job] = {}
+        self._closing = False
+
+    @classmethod
+    def open(
+        cls,
+        ctx: PoolContext,
+        specs: Sequence[str],
+        key_file: str,
+        *,
+        cluster_id: str,
+        workers: int = 4,
+        max_concurrent: int = 2,
+        rate_limit: int = 0,
+    ) -> Backups:
+        targets, key, creds = load_config(specs, key_file)
+        limiter = RateLimiter(rate_limit or None)  # one budget for every target of the node
+        repos = {}
+        for name, target in targets.items():
+            store = Store(target, creds, max_connections=workers + 4, max_attempts=MAX_ATTEMPTS)
+            store.limiter = limiter
+            repos[name] = Repository(store, key, cluster_id=cluster_id, workers=workers)
+        log.info(
+            "backup targets: %s (key ID %s, cluster %s, %d jobs at once, %d transfers each%s)",
+            ", ".join(f"{t.name}={t.spec}" for t in targets.values()), key.key_id, cluster_id,
+            max_concurrent, workers, f", {rate_limit} bytes/s" if rate_limit else "",
+        )
+        return cls(ctx, repos, max_concurrent=max_concurrent)
+
+    # --- targets ------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self.repos)
+
+    def repo(self, target: str) -> Repository:
+        repo = self.repos.get(target)
+        if repo is None:
+            raise errors.NotFound(
+                f"backup target {target!r} is not configured on node {self.ctx.node_id} "
+                f"(configured: {', '.join(self.names()) or 'none'})"
+            )
+        return repo
+
+    def repo_of(self, snapshot_id: str) -> Repository | None:
+        """The repository a backup snapshot ID names, None when this node lacks its target."""
+        target = ids.backup_target(snapshot_id)
+        return self.repos.get(target) if target else None
+
+    def manifest(self, snapshot_id: str) -> Manifest:
+        repo = self.repo_of(snapshot_id)
+        if repo is None:
+            raise errors.NotFound(
+                f"snapshot {snapshot_id} names backup target {ids.backup_target(snapshot_id)!r}, "
+                f"which is not configured on node {self.ctx.node_id}"
+            )
+        return repo.show(snapshot_id)
+
+    # --- uploads ------------------------------------------------------------------------------
+    def start_upload(self, snapshot_id: str) -> None:
+        """Queue the upload of a backup snapshot unless one is queued or running."""
+        with self._lock:
+            job = self._uploads.get(snapshot_id)
+            if self._closing or (job is not None and not job.future.done()):
+                return
+            job = _Job(Future())
+            self._uploads[snapshot_id] = job
+            job.future = self._executor.submit(self._upload, snapshot_id, job)
+
+    def progress(self, snapshot_id: str) -> tuple[int, int] | None:
+        with self._lock:
+            job = self._uploads.get(snapshot_id) or self._restores.get(snapshot_id)
+        return (job.done_bytes, job.total_bytes) if job is not None else None
+
+    def cancel_upload(self, snapshot_id: str, wait: float = 60.0) -> None:
+        """Stop an upload (at its next chunk) and wait for it to end: DeleteSnapshot must not
+        race a manifest being written."""
+        with self._lock:
+            job = self._uploads.get(snapshot_id)
+            if job is None:
+                return
+            job.cancelled = True
+        job.future.cancel()  # still queued: it never starts
+        try:
+            job.future.result(timeout=wait)
+        except FutureTimeout:
+            raise errors.Aborted(
+                f"the upload of {snapshot_id} is still stopping; retry the delete"
+            ) from None
+        except BaseException:  # noqa: BLE001, S110 - cancelled, or the job recorded its outcome
+            pass
+        with self._lock:
+            self._uploads.pop(snapshot_id, None)
+
+    def _upload(self, snapshot_id: str, job: _Job) -> None:
+        store = self.ctx.store
+        try:
+            self._upload_once(snapshot_id, job)
+        except Exception as exc:  # every failure is recorded, and reported on the next call
+            if job.cancelled or self._closing or store.backup(snapshot_id) is None:
+                log.info("upload of %s stopped: %s", snapshot_id, exc)
+                return
+            if not isinstance(exc, errors.StowageError):
+                log.exception("upload of %s failed unexpectedly", snapshot_id)
+            else:
+                log.warning("upload of %s failed: %s", snapshot_id, exc)
+            store.set_backup(
+                snapshot_id, BackupPhase.FAILED, error_code=error_code(exc), error=str(exc)
+            )
+
+    def _upload_once(self, snapshot_id: str, job: _Job) -> None:
+        store, backend = self.ctx.store, self.ctx.backend
+        snap, state = store.get_snapshot(snapshot_id), store.backup(snapshot_id)
+        if snap is None or state is None:
+            return  # deleted since it was queued
+        repo = self.repo(state.target)
+        job.total_bytes = snap.size
+        store.set_backup(snapshot_id, BackupPhase.UPLOADING, done_bytes=0, total_bytes=snap.size)
+        base: tuple[str, Manifest] | None = None
+        prior = store.backup_base(snap.source_volume_id, state.target, exclude=snapshot_id)
+        if prior is not None and backend.snapshot_exists(prior.id):
+            try:
+                base = (backend.snapshot_path(prior.id), repo.show(prior.id))
+            except errors.NotFound:
+                base = None  # deleted from the target: a full backup
+        last = time.monotonic()
+
+        def on_progress(p: Progress) -> None:
+            nonlocal last
+            if job.cancelled or self._closing:
+                raise errors.Aborted(f"the upload of {snapshot_id} was stopped")
+            job.done_bytes, job.total_bytes = p.done_bytes, p.total_bytes
+            if time.monotonic() - last >= PROGRESS_INTERVAL:
+                last = time.monotonic()
+                log.info("uploading %s: %d of %d bytes (%d sent)", snapshot_id, p.done_bytes,
+                         p.total_bytes, p.transferred_bytes)
+                store.set_backup(
+                    snapshot_id, BackupPhase.UPLOADING, done_bytes=p.done_bytes,
+                    total_bytes=p.total_bytes,
+                )
+
+        record = SnapshotRecord(
+            snapshot_id,
+            snap.source_volume_id,
+            name=snap.name,
+            filesystem=snap.fs_type if snap.formatted else "",
+            sector_size=snap.sector_size,
+            created=_rfc3339(snap.created_at),
+        )
+        t0 = time.monotonic()
+        result = repo.backup(
+            backend.snapshot_path(snapshot_id), record, base=base, progress=on_progress
+        )
+        if store.get_snapshot(snapshot_id) is None:  # deleted while the manifest was written
+            repo.delete(snapshot_id)
+            return
+        store.set_backup(
+            snapshot_id, BackupPhase.DONE, done_bytes=snap.size, total_bytes=snap.size
+        )
+        if not state.keep_local:
+            self._drop_local(snapshot_id)
+        log.info(
+            "backup %s of %s is durable in target %s (%s, read %d bytes, uploaded %d, %.1fs)",
+            snapshot_id, snap.source_volume_id, state.target,
+            result.mode if not result.already_done else "already there",
+            result.read_bytes, result.uploaded_bytes, time.monotonic() - t0,
+        )
+
+    def _drop_local(self, snapshot_id: str) -> None:
+        """The class asked not to keep the local copy: remove it now that the backup is
+        durable (the row stays; restores then download). Kept if something is using it."""
+        try:
+            with self.ctx.locks.hold(snapshot_id):
+                self.ctx.backend.delete_snapshot(snapshot_id)
+        except errors.Aborted:
+            log.info("local copy of %s is in use; it stays", snapshot_id)
+            return
+        log.info("dropped the local copy of %s (backup-keep-local: false)", snapshot_id)
+
+    def delete_remote(self, snapshot_id: str, cluster_id: str) -> None:
+        """Remove a backup's manifest from its target (its chunks are left to `gc`), unless the
+        manifest belongs to another cluster (an imported backup: never deleted from here)."""
+        repo = self.repo_of(snapshot_id)
+        if repo is None:
+            log.warning(
+                "DeleteSnapshot %s: target %r is not configured on this node; its manifest, if "
+                "any, stays (stowagectl backup delete removes it)",
+                snapshot_id, ids.backup_target(snapshot_id),
+            )
+            return
+        try:
+            m = repo.show(snapshot_id)
+        except errors.NotFound:
+            return
+        if m.cluster_id != cluster_id:
+            log.warning(
+                "DeleteSnapshot %s: the backup belongs to cluster %r, not %r; only the local "
+                "record is removed, the backup stays", snapshot_id, m.cluster_id, cluster_id,
+            )
+            return
+        repo.delete(snapshot_id)
+        log.info("deleted backup manifest %s from target %s", snapshot_id, repo.store.target.name)
+
+    # --- restores -----------------------------------------------------------------------------
+    def restore(
+        self,
+        volume_id: str,
+        snapshot_id: str,
+        finish: Callable[[], None],
+        wait: float,
+    ) -> None:
+        """Download backup `snapshot_id` into the restore image of `volume_id` in the background
+        (resumable), then call `finish` (which adopts and records the volume). Returns once the
+        whole restore finished within `wait` seconds; Aborted, with the progress, while it runs;
+        the job's error when it failed (the next call starts it again, where it stopped)."""
+        with self._lock:
+            job = self._restores.get(volume_id)
+            if job is None:
+                if self._closing:
+                    raise errors.Unavailable("the driver is stopping")
+                job = _Job(Future())
+                self._restores[volume_id] = job
+                job.future = self._executor.submit(
+                    self._restore, volume_id, snapshot_id, finish, job
+                )
+        try:
+            job.future.result(timeout=wait)
+        except FutureTimeout:
+            raise errors.Aborted(
+                f"restoring backup {snapshot_id} into {volume_id}: {job.done_bytes} of "
+                f"{job.total_bytes or '?'} bytes; the restore continues, retry"
+            ) from None
+        except BaseException:
+            with self._lock:
+                if self._restores.get(volume_id) is job:
+                    del self._restores[volume_id]
+            raise
+        with self._lock:
+            if self._restores.get(volume_id) is job:
+                del self._restores[volume_id]
+
+    def _restore(
+        self, volume_id: str, snapshot_id: str, finish: Callable[[], None], job: _Job
+    ) -> None:
+        repo = self.repo_of(snapshot_id)
+        if repo is None:
+            raise errors.NotFound(f"the target of {snapshot_id} is not configured on this node")
+        dest = self.ctx.backend.restore_path(volume_id)
+        last = time.monotonic()
+
+        def on_progress(p: Progress) -> None:
+            nonlocal last
+            if self._closing:
+                raise errors.Unavailable("the driver is stopping; the restore resumes later")
+            job.done_bytes, job.total_bytes = p.done_bytes, p.total_bytes
+            if time.monotonic() - last >= PROGRESS_INTERVAL:
+                last = time.monotonic()
+                log.info("restoring %s into %s: %d of %d bytes", snapshot_id, volume_id,
+                         p.done_bytes, p.total_bytes)
+
+        if not os.path.exists(dest):  # else: downloaded and verified, not yet adopted
+            t0 = time.monotonic()
+            m = repo.restore(snapshot_id, dest, progress=on_progress)
+            log.info("restored backup %s (%d bytes) for %s in %.1fs", snapshot_id, m.size,
+                     volume_id, time.monotonic() - t0)
+        finish()
+
+    # --- start-up and shutdown ----------------------------------------------------------------
+    def resume(self) -> int:
+        """Queue every upload the store says is not finished, failed ones included (the driver
+        restarted); a backup snapshot adopted without its upload state gets one. Returns how
+        many were queued."""
+        store = self.ctx.store
+        for snap in store.list_snapshots():
+            target = ids.backup_target(snap.id)
+            if target and store.backup(snap.id) is None:
+                store.ensure_backup(snap.id, target, snap.size)
+        queued = 0
+        # Failed ones too: the configuration may have been fixed, and an error from before the
+        # restart is not worth answering to the CO's next call.
+        for st in store.backups(BackupPhase.PENDING, BackupPhase.UPLOADING, BackupPhase.FAILED):
+            if st.target not in self.repos:
+                store.set_backup(
+                    st.snapshot_id, BackupPhase.FAILED, error_code="FailedPrecondition",
+                    error=f"backup target {st.target!r} is no longer configured on this node",
+                )
+                continue
+            self.start_upload(st.snapshot_id)
+            queued += 1
+        if queued:
+            log.info("resuming %d unfinished backup upload(s)", queued)
+        return queued
+
+    def close(self) -> None:
+        """Stop the jobs at their next chunk (state stays for the next start) and wait."""
+        with self._lock:
+            self._closing = True
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,127 @@
+"""`stowagectl backup …`: a backup target's repository, without a driver or Kubernetes (disaster
+recovery, audits, garbage collection). Targets, key and credentials as the driver takes them:
+`--backup-target` (or $STOWAGE_BACKUP_TARGET), `--backup-key-file` (or
+$STOWAGE_BACKUP_KEY_FILE), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from driver import errors, ids
+
+FORMS = "NAME=s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]"
+
+
+def add_parser(sub: Any, duration: Any) -> None:
+    bk = sub.add_parser(
+        "backup", help="off-node backups in a target, without a driver (docs/backup.md)"
+    ).add_subparsers(dest="action", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        env_target = os.environ.get("STOWAGE_BACKUP_TARGET", "")
+        p.add_argument("--backup-target", action="append", metavar=FORMS,
+                       default=[env_target] if env_target else [],
+                       help="a target as the driver's flag (repeatable; $STOWAGE_BACKUP_TARGET)")
+        p.add_argument("--backup-key-file",
+                       default=os.environ.get("STOWAGE_BACKUP_KEY_FILE", ""),
+                       help="the repository key ($STOWAGE_BACKUP_KEY_FILE)")
+        p.add_argument("--target", default="", help="which target (needed with several)")
+        p.add_argument("--workers", type=int, default=4)
+
+    for name, help_ in (("list", "every backup in the target"),
+                        ("gc", "one garbage-collection pass (mark, or sweep then mark)")):
+        p = bk.add_parser(name, help=help_)
+        common(p)
+        if name == "gc":
+            p.add_argument("--min-age", type=duration, default=3600.0,
+                           help="candidates must be this old before a sweep deletes them")
+    for name, help_ in (("show", "a backup's manifest (summary)"),
+                        ("verify", "download and authenticate every chunk"),
+                        ("delete", "remove a backup's manifest (gc reclaims its chunks)")):
+        p = bk.add_parser(name, help=help_)
+        common(p)
+        every = " (default: every backup)" if name == "verify" else ""
+        p.add_argument("snapshot", nargs="*" if name == "verify" else None,
+                       help="snapshot ID" + every)
+    r = bk.add_parser("restore", help="write a backup's image to a file (sparse, verified)")
+    common(r)
+    r.add_argument("snapshot")
+    r.add_argument("--to", required=True, help="the image file to write (must not exist)")
+
+
+def _repo(args: argparse.Namespace, snapshot: str = "") -> Any:
+    from driver.backup import Repository
+    from driver.core.backups import load_config
+
+    if not args.backup_target:
+        raise errors.InvalidArgument(f"--backup-target {FORMS} is required")
+    targets, key, creds = load_config(args.backup_target, args.backup_key_file)
+    name = args.target or (ids.backup_target(snapshot) if snapshot else "") or ""
+    if not name:
+        if len(targets) != 1:
+            raise errors.InvalidArgument(f"--target is required: one of {', '.join(targets)}")
+        name = next(iter(targets))
+    if name not in targets:
+        raise errors.InvalidArgument(
+            f"target {name!r} is not given by --backup-target (given: {', '.join(targets)})"
+        )
+    return Repository.open(targets[name], key, "", workers=args.workers, credentials=creds)
+
+
+def _progress(what: str) -> Any:
+    last = [0.0]
+    t0 = time.monotonic()
+
+    def report(p: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] < 2 and p.done_bytes < p.total_bytes:
+            return
+        last[0] = now
+        rate = p.transferred_bytes / max(now - t0, 1e-3) / (1 << 20)
+        print(f"{what}: {p.done_bytes} of {p.total_bytes} ({rate:.1f} MiB/s)", file=sys.stderr)
+
+    return report
+
+
+def main(args: argparse.Namespace, emit: Any) -> int:
+    """Run a `backup` action; `emit(data, rows, columns)` prints in the chosen format."""
+    snapshot = args.snapshot if isinstance(getattr(args, "snapshot", None), str) else ""
+    repo = _repo(args, snapshot)
+    if args.action == "list":
+        rows = [{"snapshot": s.snapshot_id,
+                 "modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.modified))}
+                for s in repo.list()]
+        emit(rows, rows, ("snapshot", "modified"))
+    elif args.action == "show":
+        m = repo.show(snapshot).to_json()
+        chunks = m.pop("chunks")
+        m["stored_chunks"] = sum(1 for c in chunks if c[2] is not None)
+        m["stored_bytes"] = sum(c[1] for c in chunks if c[2] is not None)
+        emit(m, None, ())
+    elif args.action == "verify":
+        wanted = args.snapshot or [s.snapshot_id for s in repo.list()]
+        rows, bad = [], 0
+        for sid in wanted:
+            rep = repo.verify(sid)
+            bad += not rep.ok
+            rows.append({"snapshot": sid, "chunks": rep.chunks, "verified": rep.verified,
+                         "state": "ok" if rep.ok else "DAMAGED",
+                         "damaged": dict(sorted(rep.damaged.items())[:5])})
+        emit(rows, rows, ("snapshot", "chunks", "verified", "state", "damaged"))
+        return 1 if bad else 0
+    elif args.action == "delete":
+        repo.delete(snapshot)
+        print(f"deleted backup {snapshot} (its chunks are reclaimed by gc)")
+    elif args.action == "gc":
+        rep = repo.gc(min_candidate_age=args.min_age)
+        emit(vars(rep), None, ())
+    elif args.action == "restore":
+        to = os.path.abspath(args.to)
+        m = repo.restore(snapshot, to, progress=_progress("restore"))
+        print(f"restored {snapshot} to {to}: {m.size} bytes, "
+              f"{'filesystem ' + m.filesystem if m.filesystem else 'raw block image'}")
+    return 0

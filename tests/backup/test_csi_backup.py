@@ -1,0 +1,379 @@
+"""Backup snapshots through the CSI surface: real driver processes (mode all) on real XFS pools,
+a real SeaweedFS on loopback (tests/backup/conftest.py). Two pools with two drivers stand for two
+nodes: a snapshot taken on node A is restored on node B, which never held its local copy."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from csi_proto import csi_pb2
+from driver.ctl import main as ctl
+from driver.ctl.client import Client, block_cap, mount_cap
+from tests.backup.conftest import S3Server, start_server
+from tests.conftest import DriverProcess, Pool, make_pool
+from tests.integration.helpers import MiB, Mounted, sha256, write_random
+
+pytestmark = pytest.mark.root
+
+TARGET = "main"
+PARAMS = {"stowage.csi.io/backup-target": TARGET}
+KEY_A = "00" * 32
+KEY_B = "11" * 32
+CLUSTER = "test-cluster"
+
+
+@pytest.fixture(scope="module")
+def weed() -> Iterator[S3Server]:
+    server, teardown = start_server("seaweedfs")
+    try:
+        yield server
+    finally:
+        teardown()
+
+
+@pytest.fixture
+def pools() -> Iterator[Callable[[], Pool]]:
+    """Pools made on demand (one per node), all torn down at the end."""
+    assert os.geteuid() == 0, "needs root (loop devices, mkfs, mount)"
+    teardowns: list[Callable[[], None]] = []
+
+    def make() -> Pool:
+        p, teardown = make_pool()
+        teardowns.append(teardown)
+        return p
+
+    try:
+        yield make
+    finally:
+        for t in reversed(teardowns):
+            t()
+
+
+@pytest.fixture
+def drivers() -> Iterator[list[DriverProcess]]:
+    started: list[DriverProcess] = []
+    try:
+        yield started
+    finally:
+        for d in started:
+            d.stop(signal.SIGKILL if d.proc and d.proc.poll() is None else signal.SIGTERM)
+
+
+def node(
+    pool: Pool, started: list[DriverProcess], spec: str, *extra: str, key: str = KEY_A,
+    node_id: str = "node-a",
+) -> DriverProcess:
+    key_file = os.path.join(pool.base, "backup.key")
+    with open(key_file, "w", encoding="ascii") as fh:
+        fh.write(key + "\n")
+    d = DriverProcess(
+        pool, "--backup-target", spec, "--backup-key-file", key_file,
+        "--backup-cluster-id", CLUSTER, *extra, node_id=node_id,
+    )
+    started.append(d)
+    return d
+
+
+def spec_for(server: S3Server, bucket: str, endpoint: str = "") -> str:
+    return f"{TARGET}=s3://{bucket}/csi?endpoint={endpoint or server.endpoint}"
+
+
+def code_of(fn: Callable[[], Any]) -> grpc.StatusCode | None:
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return None
+
+
+def until_ready(client: Client, name: str, vol: str, timeout: float = 120.0,
+                params: dict[str, str] = PARAMS) -> csi_pb2.Snapshot:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        snap = client.create_snapshot(name, vol, params)
+        if snap.ready_to_use:
+            return snap
+        time.sleep(0.3)
+    raise AssertionError(f"snapshot {name} never became ready")
+
+
+def restore(client: Client, name: str, snapshot_id: str, size: int,
+            cap: csi_pb2.VolumeCapability, timeout: float = 120.0) -> csi_pb2.Volume:
+    """CreateVolume from a backup as the external-provisioner does it: retried while ABORTED."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            return client.create_volume(name, size, cap, snapshot=snapshot_id)
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.ABORTED:
+                raise
+            time.sleep(0.3)
+    raise AssertionError(f"restore {name} never finished")
+
+
+def manifests(server: S3Server, bucket: str) -> list[str]:
+    resp = server.client().list_objects_v2(Bucket=bucket, Prefix="csi/manifests/")  # type: ignore[attr-defined]
+    return sorted(o["Key"].rsplit("/", 1)[-1] for o in resp.get("Contents", []))
+
+
+def volume_rows(pool: Pool) -> list[str]:
+    con = sqlite3.connect(f"file:{os.path.join(pool.mount, 'meta.db')}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in con.execute("SELECT id FROM volumes")]
+    finally:
+        con.close()
+
+
+def make_data_volume(client: Client, pool: Pool, name: str, mib: int) -> tuple[str, str]:
+    vol = client.create_volume(name, 128 * MiB, mount_cap("ext4")).volume_id
+    with Mounted(client, pool.base, vol, fs_type="ext4") as m:
+        digest = write_random(os.path.join(m.target, "data"), mib)
+    return vol, digest
+
+
+def test_backup_then_restore_on_another_node(weed, pools, drivers):
+    bucket = weed.make_bucket()
+    spec = spec_for(weed, bucket)
+    pool_a, pool_b = pools(), pools()
+    a = node(pool_a, drivers, spec).start()
+    vol, digest = make_data_volume(a, pool_a, "src", 8)
+
+    first = a.create_snapshot("snap-1", vol, PARAMS)
+    assert first.snapshot_id.startswith(f"b-{TARGET}-") and not first.ready_to_use
+    snap = until_ready(a, "snap-1", vol)
+    assert snap.snapshot_id == first.snapshot_id  # idempotent: the same snapshot
+    assert manifests(weed, bucket) == [snap.snapshot_id]
+    listed = {e.snapshot.snapshot_id: e.snapshot.ready_to_use for e in a.list_snapshots()}
+    assert listed == {snap.snapshot_id: True}
+    # Another class parameter for the same name is refused; unknown targets name the known.
+    assert code_of(lambda: a.create_snapshot("snap-1", vol)) is grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as info:
+        a.create_snapshot("snap-x", vol, {"stowage.csi.io/backup-target": "nope"})
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "configured: main" in (info.value.details() or "")
+
+    # Disaster recovery without a driver: stowagectl reads the target and writes the image.
+    key_file = os.path.join(pool_a.base, "backup.key")
+    creds = ["--backup-target", spec, "--backup-key-file", key_file]
+    assert ctl.main(["backup", "list", *creds]) == 0
+    assert ctl.main(["backup", "verify", *creds]) == 0
+    image = os.path.join(pool_a.base, "dr.img")
+    assert ctl.main(["backup", "restore", snap.snapshot_id, "--to", image, *creds]) == 0
+    local_copy = os.path.join(pool_a.mount, "snapshots", snap.snapshot_id + ".img")
+    assert sha256(image) == sha256(local_copy)
+    os.unlink(image)
+
+    # Same node: restored from the local copy.
+    local = a.create_volume("same-node", 128 * MiB, mount_cap("ext4"), snapshot=snap.snapshot_id)
+    with Mounted(a, pool_a.base, local.volume_id, fs_type="ext4") as m:
+        assert sha256(os.path.join(m.target, "data")) == digest
+
+    # An incremental backup after 1 MiB more: the engine compares extent maps.
+    with Mounted(a, pool_a.base, vol, fs_type="ext4", tag="again") as m:
+        write_random(os.path.join(m.target, "more"), 1)
+    snap2 = until_ready(a, "snap-2", vol)
+
+    # A class that drops the local copy once the backup is durable: node A then downloads too.
+    drop = {**PARAMS, "stowage.csi.io/backup-keep-local": "false"}
+    snap3 = until_ready(a, "snap-3", vol, params=drop)
+    copy3 = os.path.join(pool_a.mount, "snapshots", snap3.snapshot_id + ".img")
+    end = time.monotonic() + 30
+    while os.path.exists(copy3) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not os.path.exists(copy3)
+    assert snap3.snapshot_id in {e.snapshot.snapshot_id for e in a.list_snapshots()}
+    back = restore(a, "from-dropped", snap3.snapshot_id, 128 * MiB, mount_cap("ext4"))
+    with Mounted(a, pool_a.base, back.volume_id, fs_type="ext4") as m:
+        assert sha256(os.path.join(m.target, "data")) == digest
+    a.delete_volume(back.volume_id)
+    a.delete_snapshot(snap3.snapshot_id)
+    assert code_of(
+        lambda: a.create_snapshot("bad", vol, {"stowage.csi.io/backup-keep-local": "false"})
+    ) is grpc.StatusCode.INVALID_ARGUMENT
+
+    # Node B never held a local copy: it downloads, into a larger claim.
+    b = node(pool_b, drivers, spec, node_id="node-b").start()
+    got = b.controller.GetSnapshot(csi_pb2.GetSnapshotRequest(snapshot_id=snap.snapshot_id))
+    assert got.snapshot.ready_to_use and got.snapshot.size_bytes == 128 * MiB
+    assert code_of(
+        lambda: b.create_volume("wrong-kind", 128 * MiB, block_cap(), snapshot=snap.snapshot_id)
+    ) is grpc.StatusCode.INVALID_ARGUMENT
+    restored = restore(b, "restored", snap.snapshot_id, 320 * MiB, mount_cap("ext4"))
+    assert restored.capacity_bytes == 320 * MiB
+    again = restore(b, "restored", snap.snapshot_id, 320 * MiB, mount_cap("ext4"))
+    assert again.volume_id == restored.volume_id
+    with Mounted(b, pool_b.base, restored.volume_id, fs_type="ext4") as m:
+        assert sha256(os.path.join(m.target, "data")) == digest
+        assert os.statvfs(m.target).f_blocks * os.statvfs(m.target).f_frsize > 250 * MiB
+    assert not os.listdir(os.path.join(pool_b.mount, "restoring"))
+
+    # DeleteSnapshot on node B (not the node that took it) removes the manifest; on node A
+    # the local copy too. Deleting twice is fine.
+    b.delete_snapshot(snap.snapshot_id)
+    assert manifests(weed, bucket) == [snap2.snapshot_id]
+    a.delete_snapshot(snap.snapshot_id)
+    a.delete_snapshot(snap.snapshot_id)
+    assert not os.path.exists(os.path.join(pool_a.mount, "snapshots", snap.snapshot_id + ".img"))
+    assert code_of(
+        lambda: b.create_volume("gone", 128 * MiB, mount_cap("ext4"), snapshot=snap.snapshot_id)
+    ) is grpc.StatusCode.NOT_FOUND
+    # The second backup read only what the extent maps name as changed.
+    assert f"backup {snap2.snapshot_id} (extents)" in drivers[0].log()
+    for c in (a, b):
+        c.close()
+
+
+def test_unreachable_store_is_reported_then_resumed_after_restart(weed, pools, drivers):
+    bucket = weed.make_bucket()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    pool_a = pools()
+    d = node(pool_a, drivers, spec_for(weed, bucket, dead))
+    a = d.start()
+    vol, _ = make_data_volume(a, pool_a, "src", 4)
+    assert not a.create_snapshot("snap", vol, PARAMS).ready_to_use
+    end = time.monotonic() + 60
+    code = None
+    while code is None and time.monotonic() < end:
+        code = code_of(lambda: a.create_snapshot("snap", vol, PARAMS))
+        time.sleep(0.3)
+    assert code is grpc.StatusCode.UNAVAILABLE  # reported, never swallowed
+    a.close()
+    d.stop()
+    # The same target reachable again: the failed upload restarts on the next call.
+    d.extra[1] = spec_for(weed, bucket)
+    a = d.start()
+    snap = until_ready(a, "snap", vol)
+    assert manifests(weed, bucket) == [snap.snapshot_id]
+    a.close()
+
+
+def test_kill_mid_upload_resumes_at_start(weed, pools, drivers):
+    bucket = weed.make_bucket()
+    pool_a = pools()
+    spec = spec_for(weed, bucket)
+    d = node(pool_a, drivers, spec, "--backup-rate-limit", "1Mi", "--backup-workers", "1")
+    a = d.start()
+    vol, _ = make_data_volume(a, pool_a, "src", 12)
+    sid = a.create_snapshot("snap", vol, PARAMS).snapshot_id
+    time.sleep(3)  # some chunks are up, most are not
+    assert manifests(weed, bucket) == []
+    a.close()
+    d.stop(signal.SIGKILL)
+    d.extra = d.extra[:6]  # no rate limit now
+    a = d.start()
+    # Nobody calls CreateSnapshot: the start-up reconcile resumes the upload by itself.
+    end = time.monotonic() + 90
+    while manifests(weed, bucket) != [sid] and time.monotonic() < end:
+        time.sleep(0.3)
+    assert manifests(weed, bucket) == [sid]
+    assert until_ready(a, "snap", vol).snapshot_id == sid
+    a.close()
+
+
+def test_restore_errors_wrong_key_and_damaged_chunk(weed, pools, drivers):
+    bucket = weed.make_bucket()
+    spec = spec_for(weed, bucket)
+    pool_a, pool_b = pools(), pools()
+    a = node(pool_a, drivers, spec).start()
+    vol, _ = make_data_volume(a, pool_a, "src", 4)
+    sid = until_ready(a, "snap", vol).snapshot_id
+    a.close()
+
+    wrong = node(pool_b, drivers, spec, key=KEY_B, node_id="node-b")
+    b = wrong.start()
+    with pytest.raises(grpc.RpcError) as info:
+        b.create_volume("r", 128 * MiB, mount_cap("ext4"), snapshot=sid)
+    assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "key" in (info.value.details() or "")
+    assert volume_rows(pool_b) == []
+    b.close()
+    wrong.stop()
+
+    # Damage one data chunk in the store: the restore answers DATA_LOSS naming it.
+    s3 = weed.client()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="csi/chunks/")["Contents"]]  # type: ignore[attr-defined]
+    victim = max(keys, key=lambda k: s3.head_object(Bucket=bucket, Key=k)["ContentLength"])  # type: ignore[attr-defined]
+    s3.put_object(Bucket=bucket, Key=victim, Body=b"STC1" + bytes(64))  # type: ignore[attr-defined]
+    key_file = os.path.join(pool_a.base, "backup.key")
+    assert ctl.main(["backup", "verify", "--backup-target", spec, "--backup-key-file",
+                     key_file]) == 1  # the damaged snapshot is reported
+    right = node(pool_b, drivers, spec, node_id="node-b")
+    b = right.start()
+    with pytest.raises(grpc.RpcError) as info:
+        restore(b, "r", sid, 128 * MiB, mount_cap("ext4"))
+    assert info.value.code() is grpc.StatusCode.DATA_LOSS
+    assert victim.rsplit("/", 1)[-1] in (info.value.details() or "")
+    assert volume_rows(pool_b) == []
+    b.close()
+
+
+def test_slow_restore_answers_in_progress_and_survives_a_restart(weed, pools, drivers):
+    bucket = weed.make_bucket()
+    spec = spec_for(weed, bucket)
+    pool_a, pool_b = pools(), pools()
+    a = node(pool_a, drivers, spec).start()
+    vol, digest = make_data_volume(a, pool_a, "src", 12)
+    sid = until_ready(a, "snap", vol).snapshot_id
+    a.close()
+
+    # Node B restores at 1 MiB/s: longer than the call waits, so the CO is told "in progress".
+    slow = node(pool_b, drivers, spec, "--backup-rate-limit", "1Mi", "--backup-workers", "1",
+                node_id="node-b")
+    b = slow.start()
+    with pytest.raises(grpc.RpcError) as info:
+        b.create_volume("r", 128 * MiB, mount_cap("ext4"), snapshot=sid)
+    assert info.value.code() is grpc.StatusCode.ABORTED
+    assert "the restore continues" in (info.value.details() or "")
+    assert volume_rows(pool_b) == []
+    b.close()
+    slow.stop(signal.SIGKILL)  # mid-restore
+
+    fast = node(pool_b, drivers, spec, node_id="node-b")
+    b = fast.start()
+    restored = restore(b, "r", sid, 128 * MiB, mount_cap("ext4"))
+    assert "resuming restore of " + sid in fast.log()  # continued, not started over
+    with Mounted(b, pool_b.base, restored.volume_id, fs_type="ext4") as m:
+        assert sha256(os.path.join(m.target, "data")) == digest
+    assert volume_rows(pool_b) == [restored.volume_id]
+    b.close()
+
+    # The store unreachable from a node: UNAVAILABLE, retryable.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    fast.stop()
+    cut_off = node(pool_b, drivers, spec_for(weed, bucket, dead), node_id="node-b")
+    b = cut_off.start()
+    assert code_of(
+        lambda: b.create_volume("r2", 128 * MiB, mount_cap("ext4"), snapshot=sid)
+    ) is grpc.StatusCode.UNAVAILABLE
+    b.close()
+
+
+def test_access_denied_is_reported_with_its_code(weed, pools, drivers):
+    bucket = weed.make_bucket()
+    pool_a = pools()
+    d = node(pool_a, drivers, spec_for(weed, bucket))
+    d.env = {"AWS_SECRET_ACCESS_KEY": "not-the-secret-0123456789"}
+    a = d.start()
+    vol, _ = make_data_volume(a, pool_a, "src", 1)
+    assert not a.create_snapshot("snap", vol, PARAMS).ready_to_use
+    end = time.monotonic() + 60
+    code = None
+    while code is None and time.monotonic() < end:
+        code = code_of(lambda: a.create_snapshot("snap", vol, PARAMS))
+        time.sleep(0.3)
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert "not-the-secret" not in d.log()
+    a.close()
