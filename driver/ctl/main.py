@@ -17,7 +17,7 @@ import grpc
 
 from driver import flags
 from driver.ctl import backup, demo, local, output, pool
-from driver.ctl.client import Client, capability
+from driver.ctl.client import Client, capability, probe_ready
 from driver.errors import StowageError
 from driver.quantity import parse_bytes
 
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         kind, where = flags.endpoint(args.endpoint)
     except ValueError as exc:
         raise Unreachable(str(exc)) from None
-    if kind == "unix":
+    if kind == "unix" and args.cmd != "wait":  # `wait` waits for the socket to appear
         try:
             if not stat.S_ISSOCK(os.stat(where).st_mode):
                 raise Unreachable(f"{where} is not a socket: no driver is listening there")
@@ -277,7 +277,7 @@ def _run_client(client: Client, args: argparse.Namespace, fmt: str) -> int:
         info = client.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=t)
         node = client.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=t)
         capacity = client.controller.GetCapacity(csi_pb2.GetCapacityRequest(), timeout=t)
-        ready = client.identity.Probe(csi_pb2.ProbeRequest(), timeout=t).ready.value
+        ready = probe_ready(client.identity.Probe(csi_pb2.ProbeRequest(), timeout=t))
         plugin_caps = client.identity.GetPluginCapabilities(
             csi_pb2.GetPluginCapabilitiesRequest(), timeout=t
         )
