@@ -137,6 +137,41 @@ class _Batch:
         self.error: sqlite3.Error | None = None
 
 
+_INSERT_VOLUME = "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_SNAPSHOT = "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)"
+
+
+def _volume_row(v: Volume) -> tuple[object, ...]:
+    """A volume as its `volumes` row (CreateVolume and the rebuild insert the same shape)."""
+    return (
+        v.id,
+        v.name,
+        v.size,
+        v.access_type.value,
+        v.fs_type,
+        int(v.formatted),
+        v.source.kind if v.source else None,
+        v.source.id if v.source else None,
+        json.dumps(v.parameters, sort_keys=True),
+        v.created_at,
+        v.sector_size,
+    )
+
+
+def _snapshot_row(s: Snapshot) -> tuple[object, ...]:
+    return (
+        s.id,
+        s.name,
+        s.source_volume_id,
+        s.size,
+        s.fs_type,
+        s.access_type.value,
+        int(s.formatted),
+        s.created_at,
+        s.sector_size,
+    )
+
+
 class StoreDamaged(Unavailable):
     """meta.db fails SQLite's integrity check, is not a database, or belongs to another pool.
     The driver refuses to serve from it and changes nothing; `stowagectl pool rebuild` makes a
@@ -387,22 +422,7 @@ class Store:
         with self._tx() as db:
             if finishes_restore:
                 db.execute("DELETE FROM restores WHERE name = ?", (v.name,))
-            db.execute(
-                "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    v.id,
-                    v.name,
-                    v.size,
-                    v.access_type.value,
-                    v.fs_type,
-                    int(v.formatted),
-                    v.source.kind if v.source else None,
-                    v.source.id if v.source else None,
-                    json.dumps(v.parameters, sort_keys=True),
-                    v.created_at,
-                    v.sector_size,
-                ),
-            )
+            db.execute(_INSERT_VOLUME, _volume_row(v))
 
     def get_volume(self, volume_id: str) -> Volume | None:
         rows = self._all("SELECT * FROM volumes WHERE id = ?", (volume_id,))
@@ -444,20 +464,7 @@ class Store:
                     (s.id, backup_target, BackupPhase.PENDING.value, s.size, time.time(),
                      int(keep_local)),
                 )
-            db.execute(
-                "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    s.id,
-                    s.name,
-                    s.source_volume_id,
-                    s.size,
-                    s.fs_type,
-                    s.access_type.value,
-                    int(s.formatted),
-                    s.created_at,
-                    s.sector_size,
-                ),
-            )
+            db.execute(_INSERT_SNAPSHOT, _snapshot_row(s))
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
         rows = self._all(_SNAPSHOTS + " WHERE s.id = ?", (snapshot_id,))
@@ -677,42 +684,8 @@ class Store:
     def import_rows(self, volumes: list[Volume], snapshots: list[Snapshot]) -> None:
         """Insert many volume and snapshot rows in one transaction (the rebuild)."""
         with self._tx() as db:
-            db.executemany(
-                "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        v.id,
-                        v.name,
-                        v.size,
-                        v.access_type.value,
-                        v.fs_type,
-                        int(v.formatted),
-                        v.source.kind if v.source else None,
-                        v.source.id if v.source else None,
-                        json.dumps(v.parameters, sort_keys=True),
-                        v.created_at,
-                        v.sector_size,
-                    )
-                    for v in volumes
-                ],
-            )
-            db.executemany(
-                "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        s.id,
-                        s.name,
-                        s.source_volume_id,
-                        s.size,
-                        s.fs_type,
-                        s.access_type.value,
-                        int(s.formatted),
-                        s.created_at,
-                        s.sector_size,
-                    )
-                    for s in snapshots
-                ],
-            )
+            db.executemany(_INSERT_VOLUME, [_volume_row(v) for v in volumes])
+            db.executemany(_INSERT_SNAPSHOT, [_snapshot_row(s) for s in snapshots])
 
     def backup_to(self, dest: str) -> None:
         """A consistent copy of the store at `dest` (SQLite online backup, 0600), written
