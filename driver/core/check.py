@@ -1,9 +1,9 @@
 """`stowagectl check`: every disagreement between metadata, image files, loop devices and mounts.
 
-Read-only: it opens meta.db read-only, lists the pool, sysfs and /proc/self/mountinfo, and changes
-nothing. Reconciliation (driver start-up) is what repairs; check is what proves there is nothing
-left to repair — the crash and concurrency suites run it after every scenario.
-"""
+Read-only: it opens meta.db read-only, lists the pool, the loop devices and the host's mount
+table (through the Host interface, driver.host.base.Host), and changes nothing. Reconciliation
+(driver start-up) is what repairs; check is what proves there is nothing left to repair — the
+crash and concurrency suites run it after every scenario."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from driver import ids
 from driver.host import mountinfo
+from driver.host.base import Host
 from driver.host.loop import LoopDevice, LoopManager
 from driver.model import AccessType
 from driver.records import RecordError
@@ -32,11 +33,11 @@ def inspect(
     store: Store,
     backend: VolumeBackend,
     loops: LoopManager,
-    entries: list[mountinfo.MountEntry] | None = None,
+    host: Host,
 ) -> Findings:
     found = Findings()
     bad = found.problems.append
-    entries = mountinfo.read() if entries is None else entries
+    entries = host.mounts()
 
     for _seq, op, key, _payload in store.journal():
         bad(f"{op} of {key} was interrupted and has not been reconciled (is the driver running?)")

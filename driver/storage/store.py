@@ -73,6 +73,8 @@ CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, key TEXT NOT NULL,
     payload TEXT NOT NULL, started_at REAL NOT NULL
 );
+-- Written by versions with ControllerPublish (before the attach-free Controller); unused since.
+DROP TABLE IF EXISTS attachments;
 """
 
 

@@ -17,6 +17,7 @@ from driver.ctl import local
 from driver.ctl.client import Client, capability
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
+from driver.host.system import SystemHost
 from tests.conftest import DriverProcess, Pool, make_pool
 from tests.integration.helpers import MiB, sha256, write_random
 
@@ -106,7 +107,7 @@ class World:
 
     # --- invariants -------------------------------------------------------------------------
     def check_invariants(self) -> None:
-        found = local.check(self.pool.mount)
+        found = local.check(self.pool.mount, SystemHost(), LoopManager(SubprocessRunner()))
         assert found.ok, "stowagectl check found problems:\n" + "\n".join(found.problems)
         listed_vols = {e.volume.volume_id for e in self.client.list_volumes()}
         listed_snaps = {e.snapshot.snapshot_id for e in self.client.list_snapshots()}

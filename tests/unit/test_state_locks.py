@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 
@@ -81,6 +82,29 @@ def test_store_persists_across_reopen(tmp_path: os.PathLike[str]) -> None:
         assert s2.healthy()
     finally:
         s2.close()
+
+
+def test_open_drops_the_attachments_table_of_older_versions(tmp_path: os.PathLike[str]) -> None:
+    """Stores written before the attach-free Controller have an `attachments` table; opening
+    one for writing drops it and keeps every other row."""
+    path = os.path.join(str(tmp_path), "m.db")
+    s = Store(path)
+    s.add_volume(vol(3))
+    s.close()
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE attachments (volume_id TEXT PRIMARY KEY, node_id TEXT NOT NULL)")
+    db.execute("INSERT INTO attachments VALUES (?, 'n1')", (vol(3).id,))
+    db.commit()
+    db.close()
+    s = Store(path)
+    try:
+        assert s.get_volume(vol(3).id) == vol(3)
+    finally:
+        s.close()
+    db = sqlite3.connect(path)
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    db.close()
+    assert "attachments" not in tables and "volumes" in tables
 
 
 def test_volume_names_are_unique_and_failed_insert_rolls_back(store: Store) -> None:
