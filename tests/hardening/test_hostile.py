@@ -36,7 +36,7 @@ from driver.ctl.client import Client, block_cap, mount_cap
 from driver.host import mountinfo
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
-from tests.conftest import DriverProcess, Pool, make_pool
+from harness import DriverProcess, Pool, make_pool
 
 pytestmark = pytest.mark.root
 

@@ -15,7 +15,7 @@ import pytest
 from csi_proto import csi_pb2
 from driver.ctl import local
 from driver.ctl.client import mount_cap
-from tests.conftest import Pool
+from harness import Pool
 from tests.hardening.world import World, running_world
 from tests.integration.helpers import MiB, sha256
 

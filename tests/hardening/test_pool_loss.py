@@ -28,7 +28,7 @@ from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
 from driver.records import RECORD_XATTR
 from driver.storage import identity
-from tests.conftest import REPO, wait_for
+from harness import REPO, wait_for
 from tests.hardening.world import Placed, World, running_world
 from tests.integration.helpers import MiB
 

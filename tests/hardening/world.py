@@ -18,7 +18,7 @@ from driver.ctl.client import Client, capability
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
 from driver.host.system import SystemHost
-from tests.conftest import DriverProcess, Pool, make_pool
+from harness import DriverProcess, Pool, make_pool
 from tests.integration.helpers import MiB, sha256, write_random
 
 

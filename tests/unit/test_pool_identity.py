@@ -24,7 +24,7 @@ from driver.records import RECORD_XATTR, ImageRecord, PoolRecord, RecordError
 from driver.storage import identity
 from driver.storage.image import ImagePool
 from driver.storage.store import Store, StoreDamaged, verify
-from tests.conftest import REPO
+from harness import REPO
 from tests.unit.conftest import build_ctx
 from tests.unit.fakes import FakeHost
 
