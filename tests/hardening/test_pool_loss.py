@@ -336,7 +336,7 @@ def test_image_deleted_by_hand_while_staged(world: World) -> None:
             stats = world.client.stats(p.volume_id, p.target)
             assert stats.volume_condition.abnormal
             assert "NodeUnstageVolume writes the image back" in stats.volume_condition.message
-    assert not local.check(world.pool.mount).ok
+    assert not world.check().ok
     # a restart (grace 0) keeps the volumes staged and their data in place
     stop(world)
     start(world)
