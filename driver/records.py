@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from driver import ids
-from driver.model import AccessType, ContentSource, Snapshot, Volume
+from driver.model import AccessType, ContentSource, FsType, Snapshot, Volume
 
 POOL_FORMAT = 1
 RECORD_FORMAT = 1
@@ -88,7 +88,7 @@ class ImageRecord:
     name: str
     size: int
     access_type: str
-    fs_type: str
+    fs_type: str  # an FsType's name, "" for block
     formatted: bool
     sector_size: int
     created_at: float
@@ -107,7 +107,7 @@ class ImageRecord:
             name=v.name,
             size=v.size,
             access_type=v.access_type.value,
-            fs_type=v.fs_type,
+            fs_type=str(v.fs_type or ""),
             formatted=v.formatted,
             sector_size=v.sector_size,
             created_at=v.created_at,
@@ -125,7 +125,7 @@ class ImageRecord:
             name=s.name,
             size=s.size,
             access_type=s.access_type.value,
-            fs_type=s.fs_type,
+            fs_type=str(s.fs_type or ""),
             formatted=s.formatted,
             sector_size=s.sector_size,
             created_at=s.created_at,
@@ -141,7 +141,7 @@ class ImageRecord:
             name=self.name,
             size=self.size,
             access_type=AccessType(self.access_type),
-            fs_type=self.fs_type,
+            fs_type=FsType.stored(self.fs_type),
             formatted=self.formatted,
             source=source,
             parameters=dict(self.parameters),
@@ -155,7 +155,7 @@ class ImageRecord:
             name=self.name,
             source_volume_id=self.source_id,
             size=self.size,
-            fs_type=self.fs_type,
+            fs_type=FsType.stored(self.fs_type),
             access_type=AccessType(self.access_type),
             formatted=self.formatted,
             created_at=self.created_at,
@@ -201,6 +201,9 @@ class ImageRecord:
         access = _require(data, "access_type", str)
         if access not in {a.value for a in AccessType}:
             raise RecordError(f"unknown access type {access!r}")
+        fs_type = _require(data, "fs_type", str)
+        if fs_type and fs_type not in {t.value for t in FsType}:
+            raise RecordError(f"unknown filesystem type {fs_type!r}")
         size = _require(data, "size", int)
         sector = _require(data, "sector_size", int)
         if size < 0 or sector not in (512, 1024, 2048, 4096):
@@ -219,7 +222,7 @@ class ImageRecord:
             name=_require(data, "name", str),
             size=size,
             access_type=access,
-            fs_type=_require(data, "fs_type", str),
+            fs_type=fs_type,
             formatted=_require(data, "formatted", bool),
             sector_size=sector,
             created_at=float(_require(data, "created_at", (int, float))),

@@ -25,7 +25,7 @@ from driver.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from driver.model import PoolUsage, TrashItem
+from driver.model import FsType, PoolUsage, TrashItem
 from driver.records import RECORD_XATTR, ImageRecord, RecordError
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ class ImagePool:
         *,
         size: int | None = None,
         formatted: bool | None = None,
-        fs_type: str | None = None,
+        fs_type: FsType | None = None,
     ) -> None:
         """Change fields of an image's record (expansion, first format). An image without a
         record (made before records existed) is left alone: start-up writes its record."""
@@ -379,7 +379,7 @@ class ImagePool:
             old,
             size=old.size if size is None else size,
             formatted=old.formatted if formatted is None else formatted,
-            fs_type=old.fs_type if fs_type is None else fs_type,
+            fs_type=old.fs_type if fs_type is None else str(fs_type),
         )
         if new != old:
             self.write_record(new)

@@ -28,6 +28,7 @@ from driver.model import (
     BackupPhase,
     BackupState,
     ContentSource,
+    FsType,
     PendingRestore,
     Publication,
     Snapshot,
@@ -85,7 +86,7 @@ def _volume(row: sqlite3.Row) -> Volume:
         name=row["name"],
         size=row["size"],
         access_type=AccessType(row["access_type"]),
-        fs_type=row["fs_type"],
+        fs_type=FsType.stored(row["fs_type"]),
         formatted=bool(row["formatted"]),
         source=source,
         parameters=json.loads(row["parameters"]),
@@ -100,7 +101,7 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
         name=row["name"],
         source_volume_id=row["source_volume_id"],
         size=row["size"],
-        fs_type=row["fs_type"],
+        fs_type=FsType.stored(row["fs_type"]),
         access_type=AccessType(row["access_type"]),
         formatted=bool(row["formatted"]),
         created_at=row["created_at"],
@@ -143,6 +144,11 @@ _INSERT_VOLUME = "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 _INSERT_SNAPSHOT = "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)"
 
 
+def _fs_text(fs_type: FsType | None) -> str:
+    """How rows store a filesystem type: its name, "" for block (as every version wrote)."""
+    return str(fs_type or "")
+
+
 def _volume_row(v: Volume) -> tuple[object, ...]:
     """A volume as its `volumes` row (CreateVolume and the rebuild insert the same shape)."""
     return (
@@ -150,7 +156,7 @@ def _volume_row(v: Volume) -> tuple[object, ...]:
         v.name,
         v.size,
         v.access_type.value,
-        v.fs_type,
+        _fs_text(v.fs_type),
         int(v.formatted),
         v.source.kind if v.source else None,
         v.source.id if v.source else None,
@@ -166,7 +172,7 @@ def _snapshot_row(s: Snapshot) -> tuple[object, ...]:
         s.name,
         s.source_volume_id,
         s.size,
-        s.fs_type,
+        _fs_text(s.fs_type),
         s.access_type.value,
         int(s.formatted),
         s.created_at,
@@ -445,10 +451,11 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, volume_id))
 
-    def set_formatted(self, volume_id: str, fs_type: str) -> None:
+    def set_formatted(self, volume_id: str, fs_type: FsType) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE volumes SET formatted = 1, fs_type = ? WHERE id = ?", (fs_type, volume_id)
+                "UPDATE volumes SET formatted = 1, fs_type = ? WHERE id = ?",
+                (_fs_text(fs_type), volume_id),
             )
 
     def remove_volume(self, volume_id: str) -> None:
@@ -587,7 +594,7 @@ class Store:
             r["path"],
             r["device"],
             AccessType(r["access_type"]),
-            r["fs_type"],
+            FsType.stored(r["fs_type"]),
             bool(r["readonly"]),
             tuple(json.loads(r["mount_flags"])),
         )
@@ -608,7 +615,7 @@ class Store:
                     s.path,
                     s.device,
                     s.access_type.value,
-                    s.fs_type,
+                    _fs_text(s.fs_type),
                     int(s.readonly),
                     json.dumps(list(s.mount_flags)),
                 ),

@@ -14,6 +14,8 @@ from driver.model import (
     AccessMode,
     AccessType,
     ContentSource,
+    FsType,
+    MiB,
     Publication,
     Snapshot,
     Staging,
@@ -105,6 +107,38 @@ def test_open_drops_the_attachments_table_of_older_versions(tmp_path: os.PathLik
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     db.close()
     assert "attachments" not in tables and "volumes" in tables
+
+
+def test_rows_of_older_versions_read_as_typed_filesystems(tmp_path: os.PathLike[str]) -> None:
+    """Every version wrote a block volume's filesystem as "" and a mount volume's by name:
+    those rows read back as None and as FsType members, and are written the same way."""
+    path = os.path.join(str(tmp_path), "m.db")
+    Store(path).close()
+    db = sqlite3.connect(path)
+    for n, access, fs in ((1, "block", ""), (2, "mount", "xfs")):
+        db.execute(
+            "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (f"v-{n:032x}", f"old-{n}", MiB, access, fs, 1, None, None, "{}", 1.0, 4096),
+        )
+    db.execute(
+        "INSERT INTO stagings VALUES (?,?,?,?,?,?,?)",
+        (f"v-{1:032x}", "/s", "/dev/loop9", "block", "", 0, "[]"),
+    )
+    db.commit()
+    db.close()
+    s = Store(path)
+    try:
+        block, mount = s.get_volume(f"v-{1:032x}"), s.get_volume(f"v-{2:032x}")
+        assert block is not None and block.fs_type is None
+        assert mount is not None and mount.fs_type is FsType.XFS
+        staging = s.staging(f"v-{1:032x}")
+        assert staging is not None and staging.fs_type is None
+        s.add_volume(vol(3, access_type=AccessType.BLOCK, fs_type=None))
+    finally:
+        s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT fs_type FROM volumes WHERE name = 'pvc-3'").fetchone() == ("",)
+    db.close()
 
 
 def test_volume_names_are_unique_and_failed_insert_rolls_back(store: Store) -> None:
