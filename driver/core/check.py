@@ -55,36 +55,32 @@ def inspect(
         dropped = ids.is_backup_snapshot_id(sid) and snap.ready
         if not backend.snapshot_exists(sid) and not dropped:
             bad(f"snapshot {sid} ({snap.name!r}) is recorded but its image is missing")
-    unrowed = [("volume", v) for v in sorted(backend.volume_ids() - set(volumes))]
-    unrowed += [("snapshot", s) for s in sorted(backend.snapshot_ids() - set(snapshots))]
-    for kind, object_id in unrowed:
+    # Each image's own record, read once: an image without a row is adopted at start-up when
+    # it describes itself, trashed otherwise; an image with a row must carry its record.
+    rowed = {*volumes, *snapshots}
+    images = [("volume", v) for v in sorted(backend.volume_ids())]
+    images += [("snapshot", s) for s in sorted(backend.snapshot_ids())]
+    for kind, object_id in images:
         try:
             rec = backend.read_record(object_id)
         except RecordError as exc:
-            bad(f"{kind} image {object_id} has no row and an unreadable record ({exc})")
-            continue
-        if rec is None:
-            bad(f"{kind} image {object_id} has no row and no record (start-up moves it to trash)")
-        else:
-            bad(
-                f"{kind} image {object_id} ({rec.name!r}) has no row in meta.db but describes "
-                "itself (start-up adopts it)"
-            )
-    on_disk = backend.volume_ids() | backend.snapshot_ids()
-    for object_id in [*volumes, *snapshots]:
-        if object_id in on_disk:
-            try:
-                rec = backend.read_record(object_id)
-            except RecordError as exc:
+            if object_id in rowed:
                 bad(f"the record on the image of {object_id} is unreadable ({exc})")
-                continue
-            if rec is None:
-                bad(f"the image of {object_id} carries no record (start-up writes it)")
-            elif (
-                rec.kind == "volume" and object_id in volumes and rec.size < volumes[object_id].size
-            ):
-                recorded = volumes[object_id].size
-                bad(f"the record of {object_id} says {rec.size} bytes, meta.db {recorded}")
+            else:
+                bad(f"{kind} image {object_id} has no row and an unreadable record ({exc})")
+            continue
+        if object_id not in rowed:
+            bad(
+                f"{kind} image {object_id} has no row and no record (start-up moves it to trash)"
+                if rec is None
+                else f"{kind} image {object_id} ({rec.name!r}) has no row in meta.db but "
+                "describes itself (start-up adopts it)"
+            )
+        elif rec is None:
+            bad(f"the image of {object_id} carries no record (start-up writes it)")
+        elif rec.kind == "volume" and object_id in volumes and rec.size < volumes[object_id].size:
+            recorded = volumes[object_id].size
+            bad(f"the record of {object_id} says {rec.size} bytes, meta.db {recorded}")
     for path in backend.leftovers():
         bad(f"temporary file {path} was left by an interrupted copy")
     for name in backend.claimed_in_trash({*volumes, *snapshots}):

@@ -110,6 +110,24 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
     )
 
 
+def _staging(r: sqlite3.Row) -> Staging:
+    return Staging(
+        r["volume_id"],
+        r["path"],
+        r["device"],
+        AccessType(r["access_type"]),
+        FsType.stored(r["fs_type"]),
+        bool(r["readonly"]),
+        tuple(json.loads(r["mount_flags"])),
+    )
+
+
+def _publication(r: sqlite3.Row) -> Publication:
+    return Publication(
+        r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
+    )
+
+
 # Snapshots with the phase of their upload (NULL for local snapshots).
 _SNAPSHOTS = (
     "SELECT s.*, b.phase AS phase FROM snapshots s LEFT JOIN backups b ON b.snapshot_id = s.id"
@@ -398,7 +416,10 @@ class Store:
         self._batch.done.set()
         self._batch = None
 
-    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """An idle read connection (a new one when none is), back in the pool after the block;
+        closed instead when the store was closed meanwhile."""
         with self._readers_lock:
             if self._closed:
                 raise Unavailable(f"metadata store {self.path} is closed")
@@ -406,15 +427,20 @@ class Store:
         if db is None:
             db = self._connect_reader()
         try:
-            return list(db.execute(sql, args).fetchall())
-        except sqlite3.Error as exc:
-            raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
+            yield db
         finally:
             with self._readers_lock:
                 if self._closed:
                     db.close()
                 else:
                     self._readers.append(db)
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._reader() as db:
+            try:
+                return list(db.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
 
     def healthy(self) -> bool:
         try:
@@ -586,25 +612,10 @@ class Store:
     # --- node stagings and publications ---------------------------------------------------------
     def staging(self, volume_id: str) -> Staging | None:
         rows = self._all("SELECT * FROM stagings WHERE volume_id = ?", (volume_id,))
-        if not rows:
-            return None
-        r = rows[0]
-        return Staging(
-            r["volume_id"],
-            r["path"],
-            r["device"],
-            AccessType(r["access_type"]),
-            FsType.stored(r["fs_type"]),
-            bool(r["readonly"]),
-            tuple(json.loads(r["mount_flags"])),
-        )
+        return _staging(rows[0]) if rows else None
 
     def stagings(self) -> list[Staging]:
-        return [
-            s
-            for r in self._all("SELECT volume_id FROM stagings ORDER BY volume_id")
-            if (s := self.staging(r["volume_id"])) is not None
-        ]
+        return [_staging(r) for r in self._all("SELECT * FROM stagings ORDER BY volume_id")]
 
     def put_staging(self, s: Staging) -> None:
         with self._tx() as db:
@@ -632,21 +643,11 @@ class Store:
             rows = self._all(
                 "SELECT * FROM publications WHERE volume_id = ? ORDER BY target", (volume_id,)
             )
-        return [
-            Publication(
-                r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
-            )
-            for r in rows
-        ]
+        return [_publication(r) for r in rows]
 
     def publication(self, target: str) -> Publication | None:
         rows = self._all("SELECT * FROM publications WHERE target = ?", (target,))
-        if not rows:
-            return None
-        r = rows[0]
-        return Publication(
-            r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
-        )
+        return _publication(rows[0]) if rows else None
 
     def put_publication(self, p: Publication) -> None:
         with self._tx() as db:
@@ -706,17 +707,8 @@ class Store:
         try:
             out = sqlite3.connect(tmp)
             try:
-                with self._readers_lock:
-                    if self._closed:
-                        raise Unavailable(f"metadata store {self.path} is closed")
-                    src = self._readers.pop() if self._readers else None
-                if src is None:
-                    src = self._connect_reader()
-                try:
+                with self._reader() as src:
                     src.backup(out)
-                finally:
-                    with self._readers_lock:
-                        self._readers.append(src)
                 out.execute("PRAGMA journal_mode=DELETE")
             finally:
                 out.close()
