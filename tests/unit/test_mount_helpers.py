@@ -80,7 +80,7 @@ def test_probe_runner_failure_propagates(runner: FakeRunner) -> None:
         (FsType.BTRFS, ["mkfs.btrfs", "-f", "-q", "-K", DEV]),
     ],
 )
-def test_format_argv(runner: FakeRunner, fs: str, argv: list[str]) -> None:
+def test_format_argv(runner: FakeRunner, fs: FsType, argv: list[str]) -> None:
     Filesystems(runner).format(DEV, fs)
     assert runner.calls == [argv] and runner.checks == [True]
 
