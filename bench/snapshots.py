@@ -8,15 +8,15 @@ import subprocess
 import time
 from typing import Any
 
-from bench.env import Env
 from bench.stats import median
 from driver.ctl.client import Client, block_cap
+from harness import Workspace
 
 GiB = 1 << 30
 WRITTEN = 256 << 20
 
 
-def _write(env: Env, client: Client, volume_id: str, tag: str) -> None:
+def _write(env: Workspace, client: Client, volume_id: str, tag: str) -> None:
     """Stage and publish as a block device, write 256 MiB of random data, take it down."""
     cap = block_cap()
     stage, pub = env.path("snap", "stage", tag), env.path("snap", "pub", tag)
@@ -36,7 +36,7 @@ def _write(env: Env, client: Client, volume_id: str, tag: str) -> None:
         client.unstage(volume_id, stage)
 
 
-def run(env: Env, client: Client, sizes: list[int], repeats: int, tag: str,
+def run(env: Workspace, client: Client, sizes: list[int], repeats: int, tag: str,
         log: Any) -> dict[str, Any]:
     vols = {}
     for size in sizes:

@@ -31,6 +31,37 @@ class PoolSample:
     pool_uuid: str = ""
 
 
+def _pool_gauges(s: PoolSample) -> tuple[tuple[str, str, float], ...]:
+    """The pool's unlabelled gauges: name, help, value."""
+    return (
+        ("stowage_pool_capacity_bytes", "Size of the pool filesystem.", s.capacity_bytes),
+        (
+            "stowage_pool_available_bytes",
+            "Free pool space minus the reservation.",
+            s.available_bytes,
+        ),
+        ("stowage_volumes", "Volumes recorded in the pool.", s.volumes),
+        ("stowage_snapshots", "Snapshots recorded in the pool.", s.snapshots),
+        (
+            "stowage_pool_provisioned_bytes",
+            "Sum of the sizes of all volumes (thin: may exceed the pool).",
+            s.provisioned_bytes,
+        ),
+        (
+            "stowage_pool_allocated_bytes",
+            "Bytes the volume and snapshot images occupy (shared reflink extents count per image).",
+            s.allocated_bytes,
+        ),
+        (
+            "stowage_pool_shares_extents",
+            "1 when snapshots and clones are reflink copies (XFS reflink=1, btrfs), else 0.",
+            1 if s.reflink else 0,
+        ),
+        ("stowage_trash_items", "Files waiting in <pool>/trash.", s.trash_items),
+        ("stowage_trash_bytes", "Bytes held by <pool>/trash.", s.trash_bytes),
+    )
+
+
 class _PoolCollector(Collector):
     def __init__(self, sample: Callable[[], PoolSample | None]) -> None:
         self._sample = sample
@@ -39,18 +70,8 @@ class _PoolCollector(Collector):
         s = self._sample()
         if s is None:
             return
-        yield GaugeMetricFamily(
-            "stowage_pool_capacity_bytes", "Size of the pool filesystem.", value=s.capacity_bytes
-        )
-        yield GaugeMetricFamily(
-            "stowage_pool_available_bytes",
-            "Free pool space minus the reservation.",
-            value=s.available_bytes,
-        )
-        yield GaugeMetricFamily("stowage_volumes", "Volumes recorded in the pool.", value=s.volumes)
-        yield GaugeMetricFamily(
-            "stowage_snapshots", "Snapshots recorded in the pool.", value=s.snapshots
-        )
+        for name, text, value in _pool_gauges(s):
+            yield GaugeMetricFamily(name, text, value=value)
         loops = GaugeMetricFamily(
             "stowage_loop_devices",
             "Loop devices backing pool images, by direct I/O state.",
@@ -59,27 +80,6 @@ class _PoolCollector(Collector):
         loops.add_metric(["on"], s.loops_dio_on)
         loops.add_metric(["off"], s.loops_dio_off)
         yield loops
-        yield GaugeMetricFamily(
-            "stowage_pool_provisioned_bytes",
-            "Sum of the sizes of all volumes (thin: may exceed the pool).",
-            value=s.provisioned_bytes,
-        )
-        yield GaugeMetricFamily(
-            "stowage_pool_allocated_bytes",
-            "Bytes the volume and snapshot images occupy (shared reflink extents count per image).",
-            value=s.allocated_bytes,
-        )
-        yield GaugeMetricFamily(
-            "stowage_pool_shares_extents",
-            "1 when snapshots and clones are reflink copies (XFS reflink=1, btrfs), else 0.",
-            value=1 if s.reflink else 0,
-        )
-        yield GaugeMetricFamily(
-            "stowage_trash_items", "Files waiting in <pool>/trash.", value=s.trash_items
-        )
-        yield GaugeMetricFamily(
-            "stowage_trash_bytes", "Bytes held by <pool>/trash.", value=s.trash_bytes
-        )
         found = GaugeMetricFamily(
             "stowage_reconcile_findings",
             "What the last start-up reconciliation found or did, by kind.",

@@ -49,13 +49,20 @@ class AccessMode(enum.IntEnum):
 
 
 class FsType(enum.StrEnum):
-    """A filesystem Stowage makes on a volume. Block volumes have none. What each one needs
-    (mkfs arguments, minimum size, mount options, check, growth) is one table:
+    """A filesystem Stowage makes on a volume. Block volumes have none (`None` wherever a
+    volume, snapshot or staging carries an `FsType | None`). What each one needs (mkfs
+    arguments, minimum size, mount options, check, growth) is one table:
     driver.host.fs.FILESYSTEMS."""
 
     EXT4 = "ext4"
     XFS = "xfs"
     BTRFS = "btrfs"
+
+    @staticmethod
+    def stored(text: str) -> FsType | None:
+        """The stored form read back: "" (how rows, image records and manifests write a
+        block volume's) is None. ValueError for a name that is not an FsType."""
+        return FsType(text) if text else None
 
 
 SUPPORTED_FS_TYPES = tuple(t.value for t in FsType)
@@ -64,6 +71,9 @@ DEFAULT_FS_TYPE = FsType.EXT4
 
 @dataclass(frozen=True)
 class Capability:
+    """A requested capability as the CO sent it: `fs_type` is the request's own text ("" when
+    it names none), checked against FsType by validation.check_capability."""
+
     access_type: AccessType
     access_mode: AccessMode
     fs_type: str = ""
@@ -89,7 +99,7 @@ class Volume:
     name: str
     size: int
     access_type: AccessType
-    fs_type: str  # "" for block volumes
+    fs_type: FsType | None  # None for block volumes
     formatted: bool
     source: ContentSource | None
     parameters: dict[str, str] = field(default_factory=dict)
@@ -103,7 +113,7 @@ class Snapshot:
     name: str
     source_volume_id: str
     size: int
-    fs_type: str
+    fs_type: FsType | None  # the source volume's; None for block
     access_type: AccessType
     formatted: bool
     created_at: float
@@ -150,7 +160,7 @@ class Staging:
     path: str
     device: str
     access_type: AccessType
-    fs_type: str
+    fs_type: FsType | None  # None for block volumes
     readonly: bool
     mount_flags: tuple[str, ...]
 

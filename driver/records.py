@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from driver import ids
-from driver.model import AccessType, ContentSource, Snapshot, Volume
+from driver.model import AccessType, ContentSource, FsType, Snapshot, Volume
 
 POOL_FORMAT = 1
 RECORD_FORMAT = 1
@@ -41,13 +41,17 @@ def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
     return value
 
 
-def _load(raw: bytes | str, what: str) -> dict[str, Any]:
+def _load(raw: bytes | str, what: str, fmt: int) -> dict[str, Any]:
+    """A JSON object of format `fmt`; RecordError for anything else."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RecordError(f"{what} is not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise RecordError(f"{what} is not a JSON object")
+    found = _require(data, "format", int)
+    if found != fmt:
+        raise RecordError(f"{what} has format {found}; this driver reads {fmt}")
     return data
 
 
@@ -66,16 +70,13 @@ class PoolRecord:
 
     @staticmethod
     def from_json(raw: bytes | str) -> PoolRecord:
-        data = _load(raw, "pool.json")
-        fmt = _require(data, "format", int)
-        if fmt != POOL_FORMAT:
-            raise RecordError(f"pool.json has format {fmt}; this driver reads {POOL_FORMAT}")
+        data = _load(raw, "pool.json", POOL_FORMAT)
         text = _require(data, "uuid", str)
         try:
             parsed = str(uuid.UUID(text))
         except ValueError as exc:
             raise RecordError(f"pool.json uuid {text!r} is not a UUID") from exc
-        return PoolRecord(parsed, float(_require(data, "created_at", (int, float))), fmt)
+        return PoolRecord(parsed, float(_require(data, "created_at", (int, float))), POOL_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class ImageRecord:
     name: str
     size: int
     access_type: str
-    fs_type: str
+    fs_type: str  # an FsType's name, "" for block
     formatted: bool
     sector_size: int
     created_at: float
@@ -100,18 +101,28 @@ class ImageRecord:
 
     # --- from and to the domain model ------------------------------------------------------
     @staticmethod
-    def of_volume(v: Volume, pool_uuid: str) -> ImageRecord:
+    def _of(kind: str, o: Volume | Snapshot, pool_uuid: str, **rest: Any) -> ImageRecord:
+        """The fields volumes and snapshots share, and `rest`."""
         return ImageRecord(
-            kind="volume",
-            id=v.id,
-            name=v.name,
-            size=v.size,
-            access_type=v.access_type.value,
-            fs_type=v.fs_type,
-            formatted=v.formatted,
-            sector_size=v.sector_size,
-            created_at=v.created_at,
+            kind=kind,
+            id=o.id,
+            name=o.name,
+            size=o.size,
+            access_type=o.access_type.value,
+            fs_type=str(o.fs_type or ""),
+            formatted=o.formatted,
+            sector_size=o.sector_size,
+            created_at=o.created_at,
             pool_uuid=pool_uuid,
+            **rest,
+        )
+
+    @staticmethod
+    def of_volume(v: Volume, pool_uuid: str) -> ImageRecord:
+        return ImageRecord._of(
+            "volume",
+            v,
+            pool_uuid,
             source_kind=v.source.kind if v.source else "",
             source_id=v.source.id if v.source else "",
             parameters=dict(v.parameters),
@@ -119,19 +130,8 @@ class ImageRecord:
 
     @staticmethod
     def of_snapshot(s: Snapshot, pool_uuid: str) -> ImageRecord:
-        return ImageRecord(
-            kind="snapshot",
-            id=s.id,
-            name=s.name,
-            size=s.size,
-            access_type=s.access_type.value,
-            fs_type=s.fs_type,
-            formatted=s.formatted,
-            sector_size=s.sector_size,
-            created_at=s.created_at,
-            pool_uuid=pool_uuid,
-            source_kind="volume",
-            source_id=s.source_volume_id,
+        return ImageRecord._of(
+            "snapshot", s, pool_uuid, source_kind="volume", source_id=s.source_volume_id
         )
 
     def volume(self) -> Volume:
@@ -141,7 +141,7 @@ class ImageRecord:
             name=self.name,
             size=self.size,
             access_type=AccessType(self.access_type),
-            fs_type=self.fs_type,
+            fs_type=FsType.stored(self.fs_type),
             formatted=self.formatted,
             source=source,
             parameters=dict(self.parameters),
@@ -155,7 +155,7 @@ class ImageRecord:
             name=self.name,
             source_volume_id=self.source_id,
             size=self.size,
-            fs_type=self.fs_type,
+            fs_type=FsType.stored(self.fs_type),
             access_type=AccessType(self.access_type),
             formatted=self.formatted,
             created_at=self.created_at,
@@ -184,10 +184,7 @@ class ImageRecord:
     @staticmethod
     def from_json(raw: bytes | str) -> ImageRecord:
         """Parse and check a record; RecordError says what is wrong with it."""
-        data = _load(raw, "image record")
-        fmt = _require(data, "format", int)
-        if fmt != RECORD_FORMAT:
-            raise RecordError(f"image record has format {fmt}; this driver reads {RECORD_FORMAT}")
+        data = _load(raw, "image record", RECORD_FORMAT)
         kind = _require(data, "kind", str)
         object_id = _require(data, "id", str)
         if kind == "volume":
@@ -201,6 +198,9 @@ class ImageRecord:
         access = _require(data, "access_type", str)
         if access not in {a.value for a in AccessType}:
             raise RecordError(f"unknown access type {access!r}")
+        fs_type = _require(data, "fs_type", str)
+        if fs_type and fs_type not in {t.value for t in FsType}:
+            raise RecordError(f"unknown filesystem type {fs_type!r}")
         size = _require(data, "size", int)
         sector = _require(data, "sector_size", int)
         if size < 0 or sector not in (512, 1024, 2048, 4096):
@@ -219,7 +219,7 @@ class ImageRecord:
             name=_require(data, "name", str),
             size=size,
             access_type=access,
-            fs_type=_require(data, "fs_type", str),
+            fs_type=fs_type,
             formatted=_require(data, "formatted", bool),
             sector_size=sector,
             created_at=float(_require(data, "created_at", (int, float))),
@@ -227,5 +227,5 @@ class ImageRecord:
             source_kind=source_kind,
             source_id=str(data.get("source_id", "") or ""),
             parameters=dict(params),
-            format=fmt,
+            format=RECORD_FORMAT,
         )

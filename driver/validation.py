@@ -16,6 +16,7 @@ from driver.model import (
     AccessMode,
     AccessType,
     Capability,
+    FsType,
 )
 
 MAX_STRING_BYTES = 128
@@ -250,15 +251,16 @@ def check_mount_flags(flags: Iterable[str]) -> list[str]:
 
 def fs_type_for(
     caps: Iterable[Capability], parameters: Mapping[str, str]
-) -> tuple[AccessType, str]:
-    """The access type and filesystem a new volume gets from its capabilities and parameters."""
+) -> tuple[AccessType, FsType | None]:
+    """The access type and filesystem a new volume gets from its capabilities and parameters
+    (None for a block volume)."""
     caps = list(caps)
     types = {c.access_type for c in caps}
     if len(types) > 1:
         raise InvalidArgument("a volume cannot be requested as both block and mount")
     access = types.pop()
     if access is AccessType.BLOCK:
-        return access, ""
+        return access, None
     requested = {c.fs_type for c in caps if c.fs_type}
     param = parameters.get("csi.storage.k8s.io/fstype") or parameters.get("fsType") or ""
     if param:
@@ -270,7 +272,7 @@ def fs_type_for(
         raise InvalidArgument(
             f"filesystem type {fs!r} is not supported; use one of {', '.join(SUPPORTED_FS_TYPES)}"
         )
-    return access, fs
+    return access, FsType(fs)
 
 
 def check_parameters(parameters: Mapping[str, str]) -> None:
@@ -287,7 +289,11 @@ def check_parameters(parameters: Mapping[str, str]) -> None:
 
 
 def unsupported_capability(
-    volume_id: str, caps: Iterable[Capability], access: AccessType, fs_type: str, formatted: bool
+    volume_id: str,
+    caps: Iterable[Capability],
+    access: AccessType,
+    fs_type: FsType | None,
+    formatted: bool,
 ) -> str:
     """Why `caps` cannot be used with this volume, or "" when every one can."""
     for cap in caps:

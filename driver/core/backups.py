@@ -35,7 +35,7 @@ from driver.backup import (
 )
 from driver.backup.s3 import RateLimiter
 from driver.core.pool import PoolContext
-from driver.model import AccessType, BackupPhase, Snapshot
+from driver.model import AccessType, BackupPhase, FsType, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,13 @@ def _rfc3339(t: float) -> str:
 def origin_of(m: Manifest) -> Snapshot:
     """What a backup restores, as a snapshot: a filesystem image when the manifest names a
     filesystem, a raw block image otherwise."""
+    try:
+        fs_type = FsType.stored(m.filesystem)
+    except ValueError:
+        raise errors.FailedPrecondition(
+            f"backup {m.snapshot_id} holds a {m.filesystem!r} filesystem, which this driver "
+            "does not make"
+        ) from None
     created = 0.0
     with contextlib.suppress(ValueError):
         created = datetime.strptime(m.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
@@ -102,9 +109,9 @@ def origin_of(m: Manifest) -> Snapshot:
         name=m.name,
         source_volume_id=m.source_volume_id,
         size=m.size,
-        fs_type=m.filesystem,
-        access_type=AccessType.MOUNT if m.filesystem else AccessType.BLOCK,
-        formatted=bool(m.filesystem),
+        fs_type=fs_type,
+        access_type=AccessType.MOUNT if fs_type else AccessType.BLOCK,
+        formatted=fs_type is not None,
         created_at=created,
         ready=True,
         sector_size=m.sector_size,
@@ -275,7 +282,7 @@ class Backups:
             snapshot_id,
             snap.source_volume_id,
             name=snap.name,
-            filesystem=snap.fs_type if snap.formatted else "",
+            filesystem=str(snap.fs_type or "") if snap.formatted else "",
             sector_size=snap.sector_size,
             created=_rfc3339(snap.created_at),
         )

@@ -30,6 +30,7 @@ from driver.model import (
     CapacityRange,
     Condition,
     ContentSource,
+    FsType,
     Page,
     PendingRestore,
     Snapshot,
@@ -137,7 +138,7 @@ class ControllerCore:
                     fs_type = origin.fs_type
                 floor = origin.size
                 formatted = origin.formatted
-            size = sizing.resolve_size(rng, access, fs_type or "ext4", floor)
+            size = sizing.resolve_size(rng, fs_type, floor)
             # A filesystem made on one sector size may not mount on another: a clone or restore
             # keeps its origin's, a new volume takes the node's current setting.
             sector_size = origin.sector_size if origin is not None else self.ctx.loop_sector_size
@@ -243,7 +244,7 @@ class ControllerCore:
         existing: Volume,
         rng: CapacityRange,
         access: AccessType,
-        fs_type: str,
+        fs_type: FsType | None,
         source: ContentSource | None,
     ) -> Volume:
         """A retried CreateVolume gets the volume it made; anything incompatible is refused."""
@@ -542,8 +543,8 @@ def expand_request(volume_id: str, rng: CapacityRange | None, cap: Capability | 
     validation.present(volume_id=volume_id, capacity_range=rng and (rng.required or rng.limit))
     validation.require_volume_id(volume_id)
     assert rng is not None
-    access, fs_type = AccessType.MOUNT, str(DEFAULT_FS_TYPE)
+    fs_type: FsType | None = DEFAULT_FS_TYPE
     if cap is not None:
         validation.check_capability(cap)
-        access, fs_type = cap.access_type, cap.fs_type or DEFAULT_FS_TYPE
-    return sizing.resolve_size(rng, access, fs_type)
+        _, fs_type = validation.fs_type_for([cap], {})
+    return sizing.resolve_size(rng, fs_type)

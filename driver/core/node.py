@@ -27,6 +27,7 @@ from driver.model import (
     Capability,
     CapacityRange,
     Condition,
+    FsType,
     Publication,
     Staging,
     Volume,
@@ -172,11 +173,11 @@ class NodeCore:
         flags: tuple[str, ...],
     ) -> Staging:
         if vol.access_type is AccessType.BLOCK:
-            staging = Staging(vol.id, staging_path, device, AccessType.BLOCK, "", readonly, ())
+            staging = Staging(vol.id, staging_path, device, AccessType.BLOCK, None, readonly, ())
             self.ctx.store.put_staging(staging)
             return staging
 
-        fs_type = vol.fs_type or cap.fs_type or DEFAULT_FS_TYPE
+        fs_type = vol.fs_type or FsType(cap.fs_type or DEFAULT_FS_TYPE)
         self._format_and_mount(vol, device, staging_path, fs_type, readonly, flags)
         staging = Staging(vol.id, staging_path, device, AccessType.MOUNT, fs_type, readonly, flags)
         self.ctx.store.put_staging(staging)
@@ -188,7 +189,7 @@ class NodeCore:
         vol: Volume,
         device: str,
         staging_path: str,
-        fs_type: str,
+        fs_type: FsType,
         readonly: bool,
         flags: tuple[str, ...],
     ) -> None:
@@ -198,7 +199,7 @@ class NodeCore:
         way (ext4, no capability needed); mount; grow it online otherwise. A staging path that
         already carries this device (a retry) skips to the last step; a mount this call made is
         taken back if that step fails."""
-        fs = host_fs.spec(fs_type)
+        fs = host_fs.FILESYSTEMS[fs_type]
         top = self._top(staging_path)
         if top is not None and not self._on(top, device):
             raise FailedPrecondition(
@@ -529,11 +530,8 @@ class NodeCore:
                     "volumes never shrink"
                 )
             if want > vol.size:
-                want = sizing.resolve_size(
-                    CapacityRange(want, rng.limit if rng else 0),
-                    vol.access_type,
-                    vol.fs_type or DEFAULT_FS_TYPE,
-                )
+                limit = rng.limit if rng else 0
+                want = sizing.resolve_size(CapacityRange(want, limit), vol.fs_type)
                 free = self.ctx.backend.usage().available_bytes
                 if want - vol.size > free:
                     raise ResourceExhausted(
@@ -549,7 +547,7 @@ class NodeCore:
                 faults.hit("node-expand:image-grown")
                 self.ctx.loops.refresh_capacity(staging.device)
                 faults.hit("node-expand:loop-refreshed")
-                if staging.access_type is AccessType.MOUNT:
+                if staging.fs_type is not None:  # a filesystem (not a block volume)
                     self.ctx.fs.grow(staging.device, staging.path, staging.fs_type)
                     faults.hit("node-expand:fs-grown")
                 if want != vol.size:

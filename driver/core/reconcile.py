@@ -276,7 +276,7 @@ def _adopt_mounts(
             continue
         first, rest = mounts[0], mounts[1:]
         staging = Staging(
-            vid, first.mount_point, device, AccessType.MOUNT, first.fs_type, first.read_only, ()
+            vid, first.mount_point, device, AccessType.MOUNT, vol.fs_type, first.read_only, ()
         )
         store.put_staging(staging)
         stagings[vid] = staging

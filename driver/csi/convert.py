@@ -98,7 +98,7 @@ def volume(vol: Volume, node_id: str, pool_uuid: str = "") -> csi_pb2.Volume:
 def volume_context(vol: Volume, node_id: str, pool_uuid: str = "") -> dict[str, str]:
     ctx = {CONTEXT_NODE: node_id, CONTEXT_ACCESS_TYPE: vol.access_type.value}
     if vol.fs_type:
-        ctx[CONTEXT_FS_TYPE] = vol.fs_type
+        ctx[CONTEXT_FS_TYPE] = str(vol.fs_type)
     if pool_uuid:
         ctx[CONTEXT_POOL_UUID] = pool_uuid
     return ctx

@@ -19,6 +19,9 @@ from driver import flags
 from driver.ctl import backup, demo, local, output, pool
 from driver.ctl.client import Client, capability, probe_ready
 from driver.errors import StowageError
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
+from driver.host.system import SystemHost
 from driver.quantity import parse_bytes
 
 # The chart mounts the node plugin's socket directory at /csi in its pods; elsewhere the
@@ -185,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
             lambda data, rows, cols: print(output.emit(fmt, data, rows=rows, columns=cols)),
         )
     if args.cmd == "check":
-        return local.check_main(args.pool_dir, fmt)
+        return local.check_main(
+            args.pool_dir, fmt, SystemHost(), LoopManager(SubprocessRunner())
+        )
     if args.cmd == "gc":
         return local.gc_main(args.pool_dir, args.older_than, args.dry_run)
     if args.cmd == "pool":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from driver.host.mountinfo import MountEntry
+from driver.model import FsType
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Host(Protocol):
 
     def fs_usage(self, mount_point: str) -> FsUsage: ...
 
-    def fs_errors(self, device: str, fs_type: str) -> int:
+    def fs_errors(self, device: str, fs_type: FsType | None) -> int:
         """Errors the kernel counted on the filesystem on `device` (ext4 keeps a counter;
         0 where there is none)."""
         ...

@@ -72,14 +72,6 @@ FILESYSTEMS: dict[FsType, FsSpec] = {
 }
 
 
-def spec(fs_type: str) -> FsSpec:
-    """The table entry of a filesystem type; INVALID_ARGUMENT for any other name."""
-    try:
-        return FILESYSTEMS[FsType(fs_type)]
-    except ValueError:
-        raise InvalidArgument(f"unsupported filesystem type {fs_type!r}") from None
-
-
 class Filesystems:
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
@@ -102,12 +94,12 @@ class Filesystems:
         values = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
         return values.get("TYPE") or values.get("PTTYPE") or "unknown"
 
-    def format(self, device: str, fs_type: str) -> None:
-        self._runner.run([*spec(fs_type).mkfs, device], timeout=600)
+    def format(self, device: str, fs_type: FsType) -> None:
+        self._runner.run([*FILESYSTEMS[fs_type].mkfs, device], timeout=600)
 
-    def check(self, device: str, fs_type: str) -> None:
+    def check(self, device: str, fs_type: FsType) -> None:
         """Repair what is safe to repair before mounting (`FsSpec.fsck`)."""
-        if not spec(fs_type).fsck:
+        if not FILESYSTEMS[fs_type].fsck:
             return
         res = self._runner.run(["e2fsck", "-p", "--", device], check=False, timeout=3600)
         if res.returncode in (0, 1):
@@ -125,9 +117,9 @@ class Filesystems:
         )
         return int(fields["Block count"]) * int(fields["Block size"])
 
-    def grow_offline(self, device: str, fs_type: str) -> None:
+    def grow_offline(self, device: str, fs_type: FsType) -> None:
         """Grow an unmounted ext4 filesystem (resize2fs wants a forced check first)."""
-        if not spec(fs_type).grows_offline:
+        if not FILESYSTEMS[fs_type].grows_offline:
             raise InvalidArgument(f"offline growth is only done for ext4, not {fs_type}")
         res = self._runner.run(["e2fsck", "-f", "-p", "--", device], check=False, timeout=3600)
         if res.returncode not in (0, 1):
@@ -136,9 +128,9 @@ class Filesystems:
             )
         self._runner.run(["resize2fs", "--", device], timeout=3600)
 
-    def grow(self, device: str, mount_point: str, fs_type: str) -> None:
+    def grow(self, device: str, mount_point: str, fs_type: FsType) -> None:
         """Grow a mounted filesystem to fill its device (idempotent)."""
-        argv = [a.format(device=device, mount=mount_point) for a in spec(fs_type).grow]
+        argv = [a.format(device=device, mount=mount_point) for a in FILESYSTEMS[fs_type].grow]
         res = self._runner.run(argv, check=False, timeout=3600)
         if res.returncode == 0:
             return

@@ -8,6 +8,7 @@ import stat
 from driver.host import mountinfo
 from driver.host.base import FsUsage
 from driver.host.mountinfo import MountEntry
+from driver.model import FsType
 
 
 class SystemHost:
@@ -32,8 +33,8 @@ class SystemHost:
             available_inodes=st.f_favail,
         )
 
-    def fs_errors(self, device: str, fs_type: str) -> int:
-        if fs_type != "ext4":
+    def fs_errors(self, device: str, fs_type: FsType | None) -> int:
+        if fs_type is not FsType.EXT4:
             return 0
         path = f"/sys/fs/ext4/{os.path.basename(device)}/errors_count"
         try:

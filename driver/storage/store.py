@@ -28,6 +28,7 @@ from driver.model import (
     BackupPhase,
     BackupState,
     ContentSource,
+    FsType,
     PendingRestore,
     Publication,
     Snapshot,
@@ -73,6 +74,8 @@ CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, key TEXT NOT NULL,
     payload TEXT NOT NULL, started_at REAL NOT NULL
 );
+-- Written by versions with ControllerPublish (before the attach-free Controller); unused since.
+DROP TABLE IF EXISTS attachments;
 """
 
 
@@ -83,7 +86,7 @@ def _volume(row: sqlite3.Row) -> Volume:
         name=row["name"],
         size=row["size"],
         access_type=AccessType(row["access_type"]),
-        fs_type=row["fs_type"],
+        fs_type=FsType.stored(row["fs_type"]),
         formatted=bool(row["formatted"]),
         source=source,
         parameters=json.loads(row["parameters"]),
@@ -98,12 +101,30 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
         name=row["name"],
         source_volume_id=row["source_volume_id"],
         size=row["size"],
-        fs_type=row["fs_type"],
+        fs_type=FsType.stored(row["fs_type"]),
         access_type=AccessType(row["access_type"]),
         formatted=bool(row["formatted"]),
         created_at=row["created_at"],
         sector_size=row["sector_size"],
         ready=not ids.is_backup_snapshot_id(row["id"]) or row["phase"] == BackupPhase.DONE,
+    )
+
+
+def _staging(r: sqlite3.Row) -> Staging:
+    return Staging(
+        r["volume_id"],
+        r["path"],
+        r["device"],
+        AccessType(r["access_type"]),
+        FsType.stored(r["fs_type"]),
+        bool(r["readonly"]),
+        tuple(json.loads(r["mount_flags"])),
+    )
+
+
+def _publication(r: sqlite3.Row) -> Publication:
+    return Publication(
+        r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
     )
 
 
@@ -141,6 +162,11 @@ _INSERT_VOLUME = "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 _INSERT_SNAPSHOT = "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)"
 
 
+def _fs_text(fs_type: FsType | None) -> str:
+    """How rows store a filesystem type: its name, "" for block (as every version wrote)."""
+    return str(fs_type or "")
+
+
 def _volume_row(v: Volume) -> tuple[object, ...]:
     """A volume as its `volumes` row (CreateVolume and the rebuild insert the same shape)."""
     return (
@@ -148,7 +174,7 @@ def _volume_row(v: Volume) -> tuple[object, ...]:
         v.name,
         v.size,
         v.access_type.value,
-        v.fs_type,
+        _fs_text(v.fs_type),
         int(v.formatted),
         v.source.kind if v.source else None,
         v.source.id if v.source else None,
@@ -164,7 +190,7 @@ def _snapshot_row(s: Snapshot) -> tuple[object, ...]:
         s.name,
         s.source_volume_id,
         s.size,
-        s.fs_type,
+        _fs_text(s.fs_type),
         s.access_type.value,
         int(s.formatted),
         s.created_at,
@@ -390,7 +416,10 @@ class Store:
         self._batch.done.set()
         self._batch = None
 
-    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """An idle read connection (a new one when none is), back in the pool after the block;
+        closed instead when the store was closed meanwhile."""
         with self._readers_lock:
             if self._closed:
                 raise Unavailable(f"metadata store {self.path} is closed")
@@ -398,15 +427,20 @@ class Store:
         if db is None:
             db = self._connect_reader()
         try:
-            return list(db.execute(sql, args).fetchall())
-        except sqlite3.Error as exc:
-            raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
+            yield db
         finally:
             with self._readers_lock:
                 if self._closed:
                     db.close()
                 else:
                     self._readers.append(db)
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._reader() as db:
+            try:
+                return list(db.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
 
     def healthy(self) -> bool:
         try:
@@ -443,10 +477,11 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, volume_id))
 
-    def set_formatted(self, volume_id: str, fs_type: str) -> None:
+    def set_formatted(self, volume_id: str, fs_type: FsType) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE volumes SET formatted = 1, fs_type = ? WHERE id = ?", (fs_type, volume_id)
+                "UPDATE volumes SET formatted = 1, fs_type = ? WHERE id = ?",
+                (_fs_text(fs_type), volume_id),
             )
 
     def remove_volume(self, volume_id: str) -> None:
@@ -577,25 +612,10 @@ class Store:
     # --- node stagings and publications ---------------------------------------------------------
     def staging(self, volume_id: str) -> Staging | None:
         rows = self._all("SELECT * FROM stagings WHERE volume_id = ?", (volume_id,))
-        if not rows:
-            return None
-        r = rows[0]
-        return Staging(
-            r["volume_id"],
-            r["path"],
-            r["device"],
-            AccessType(r["access_type"]),
-            r["fs_type"],
-            bool(r["readonly"]),
-            tuple(json.loads(r["mount_flags"])),
-        )
+        return _staging(rows[0]) if rows else None
 
     def stagings(self) -> list[Staging]:
-        return [
-            s
-            for r in self._all("SELECT volume_id FROM stagings ORDER BY volume_id")
-            if (s := self.staging(r["volume_id"])) is not None
-        ]
+        return [_staging(r) for r in self._all("SELECT * FROM stagings ORDER BY volume_id")]
 
     def put_staging(self, s: Staging) -> None:
         with self._tx() as db:
@@ -606,7 +626,7 @@ class Store:
                     s.path,
                     s.device,
                     s.access_type.value,
-                    s.fs_type,
+                    _fs_text(s.fs_type),
                     int(s.readonly),
                     json.dumps(list(s.mount_flags)),
                 ),
@@ -623,21 +643,11 @@ class Store:
             rows = self._all(
                 "SELECT * FROM publications WHERE volume_id = ? ORDER BY target", (volume_id,)
             )
-        return [
-            Publication(
-                r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
-            )
-            for r in rows
-        ]
+        return [_publication(r) for r in rows]
 
     def publication(self, target: str) -> Publication | None:
         rows = self._all("SELECT * FROM publications WHERE target = ?", (target,))
-        if not rows:
-            return None
-        r = rows[0]
-        return Publication(
-            r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
-        )
+        return _publication(rows[0]) if rows else None
 
     def put_publication(self, p: Publication) -> None:
         with self._tx() as db:
@@ -697,17 +707,8 @@ class Store:
         try:
             out = sqlite3.connect(tmp)
             try:
-                with self._readers_lock:
-                    if self._closed:
-                        raise Unavailable(f"metadata store {self.path} is closed")
-                    src = self._readers.pop() if self._readers else None
-                if src is None:
-                    src = self._connect_reader()
-                try:
+                with self._reader() as src:
                     src.backup(out)
-                finally:
-                    with self._readers_lock:
-                        self._readers.append(src)
                 out.execute("PRAGMA journal_mode=DELETE")
             finally:
                 out.close()

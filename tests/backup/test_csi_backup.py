@@ -18,8 +18,8 @@ import pytest
 from csi_proto import csi_pb2
 from driver.ctl import main as ctl
 from driver.ctl.client import Client, block_cap, mount_cap
+from harness import DriverProcess, Pool, make_pool
 from tests.backup.conftest import S3Server, start_server
-from tests.conftest import DriverProcess, Pool, make_pool
 from tests.integration.helpers import MiB, Mounted, sha256, write_random
 
 pytestmark = pytest.mark.root

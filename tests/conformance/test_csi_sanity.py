@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.conftest import DriverProcess, make_pool
+from harness import DriverProcess, make_pool
 
 # Skips csi-sanity makes on its own for capabilities we do not advertise (reason text as printed).
 ALLOWED_SKIP_REASONS = (

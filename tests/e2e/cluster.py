@@ -30,7 +30,7 @@ import yaml
 from kubernetes import client, config, dynamic
 
 from driver.ctl.client import Client
-from tests.conftest import make_pool
+from harness import make_pool
 from tests.e2e.procs import REPO, Proc, wait
 
 NAMESPACE = "stowage-system"

@@ -36,7 +36,7 @@ from driver.ctl.client import Client, block_cap, mount_cap
 from driver.host import mountinfo
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
-from tests.conftest import DriverProcess, Pool, make_pool
+from harness import DriverProcess, Pool, make_pool
 
 pytestmark = pytest.mark.root
 
@@ -68,6 +68,10 @@ class World:
     pool: Pool
     driver: DriverProcess
     client: Client
+    # `--mode controller`, as the chart's controller Deployment runs it: every
+    # ControllerExpandVolume case is sent to it too and must get the same answer.
+    controller_driver: DriverProcess
+    controller: Client
     work: str  # stands in for kubelet's directory
     outside: str  # what a symlink escape would reach
     link: str  # work/link -> outside
@@ -79,6 +83,7 @@ class World:
     block: str = ""  # block volume, never staged
     snap: str = ""  # snapshot of `vol`
     log_offset: int = 0
+    controller_cases: int = 0  # cases also sent to controller mode
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def fresh(self, tag: str) -> str:
@@ -94,9 +99,15 @@ def world() -> Iterator[World]:
     assert os.geteuid() == 0, "the hostile suite needs root (loop devices, mkfs, mount)"
     pool, teardown = make_pool(size=64 << 30)
     driver = DriverProcess(pool, "--log-level", "debug", "--log-format", "json", node_id=NODE_ID)
+    controller_driver = DriverProcess(
+        pool, "--log-level", "debug", "--log-format", "json",
+        node_id="hostile-controller", name="controller", mode="controller",
+    )  # fmt: skip
     client: Client | None = None
+    controller: Client | None = None
     try:
         client = driver.start()
+        controller = controller_driver.start()
         work = os.path.join(pool.base, "work")
         outside = os.path.join(pool.base, "outside")
         os.makedirs(os.path.join(outside, "sub"))
@@ -110,7 +121,7 @@ def world() -> Iterator[World]:
         foreign = os.path.join(work, "foreign")
         os.makedirs(foreign)
         _run(["mount", "-t", "tmpfs", "-o", "size=1m", "hostile-tmpfs", foreign])
-        w = World(pool, driver, client, work, outside, link, foreign)
+        w = World(pool, driver, client, controller_driver, controller, work, outside, link, foreign)
         w.vol = client.create_volume("hostile-vol", 64 * MiB, mount_cap("ext4")).volume_id
         w.staging = os.path.join(work, "staging")
         w.target = os.path.join(work, "target")
@@ -127,10 +138,13 @@ def world() -> Iterator[World]:
         # Summary for the report: how many cases ran in each category.
         print("\nhostile cases by category:", dict(sorted(w.counts.items())))
         print("hostile cases total:", sum(w.counts.values()))
+        print("of which also sent to controller mode:", w.controller_cases)
     finally:
-        if client is not None:
-            client.close()
+        for c in (client, controller):
+            if c is not None:
+                c.close()
         driver.stop()
+        controller_driver.stop()
         teardown()
 
 
@@ -1762,6 +1776,16 @@ def test_hostile(world: World, hostile: Case) -> None:
     assert code == hostile.code, (
         f"{hostile.id}: got {code.name} ({details}), want {hostile.code.name}"
     )
+    if rpc == "ControllerExpandVolume":  # what controller mode serves: the same answer there
+        try:
+            w.controller.controller.ControllerExpandVolume(req, timeout=60)
+            ctl_code, ctl_details = OK, ""
+        except grpc.RpcError as exc:
+            ctl_code, ctl_details = exc.code(), exc.details() or ""
+        assert ctl_code == hostile.code, (
+            f"{hostile.id} in controller mode: got {ctl_code.name} ({ctl_details})"
+        )
+        w.controller_cases += 1
     if hostile.verify is not None:
         hostile.verify(w, resp)
     after = snapshot(w)
@@ -1776,7 +1800,10 @@ def test_hostile(world: World, hostile: Case) -> None:
 
 
 def test_log_is_json_and_has_no_secret(world: World) -> None:
-    """The whole log of the module's driver: every line is a JSON object, none has the canary."""
+    """The whole log of the module's driver: every line is a JSON object, none has the canary
+    (nor has the controller-mode driver's)."""
+    assert world.controller_cases > 0
+    assert CANARY not in world.controller_driver.log()
     text = world.driver.log()
     assert CANARY not in text
     lines = [line for line in text.splitlines() if line.strip()]

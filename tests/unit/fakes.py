@@ -19,6 +19,7 @@ from driver.host.exec import DEFAULT_TIMEOUT, Result
 from driver.host.fs import Filesystems
 from driver.host.mountinfo import MountEntry
 from driver.host.system import SystemHost
+from driver.model import FsType
 from driver.storage.locks import KeyedLocks
 
 Handler = Callable[[list[str]], "tuple[int, str, str] | Result"]
@@ -203,7 +204,7 @@ class FakeHost:
     def fs_usage(self, mount_point: str) -> FsUsage:
         return SystemHost().fs_usage(mount_point)  # a directory under tmp_path: harmless
 
-    def fs_errors(self, device: str, fs_type: str) -> int:
+    def fs_errors(self, device: str, fs_type: FsType | None) -> int:
         return self.fs_error_counts.get(device, 0)
 
     def give_group(self, root: str, gid: int) -> None:

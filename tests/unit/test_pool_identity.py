@@ -24,7 +24,7 @@ from driver.records import RECORD_XATTR, ImageRecord, PoolRecord, RecordError
 from driver.storage import identity
 from driver.storage.image import ImagePool
 from driver.storage.store import Store, StoreDamaged, verify
-from tests.conftest import REPO
+from harness import REPO
 from tests.unit.conftest import build_ctx
 from tests.unit.fakes import FakeHost
 
@@ -56,9 +56,12 @@ def test_image_record_round_trip_and_refusals(controller: ControllerCore) -> Non
         {**data, "formatted": 1},
         {**data, "sector_size": 100},
         {**data, "parameters": {"a": 1}},
+        {**data, "fs_type": "vfat"},
     ):
         with pytest.raises(RecordError):
             ImageRecord.from_json(json.dumps(broken))
+    block = ImageRecord.from_json(json.dumps({**data, "access_type": "block", "fs_type": ""}))
+    assert block.volume().fs_type is None
     with pytest.raises(RecordError):
         ImageRecord.from_json(b"\xff\x00")
     with pytest.raises(RecordError):
