@@ -21,11 +21,12 @@ from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.core.rebuild import OpenedPool, open_pool_dir
 from driver.core.reconcile import reconcile
+from driver.core.vacwatch import AttributesWatch, KubeClusterView
 from driver.csi.controller import ControllerServicer
 from driver.csi.identity import IdentityServicer
 from driver.csi.interceptors import CallInterceptor
 from driver.csi.node import NodeServicer
-from driver.errors import InvalidArgument
+from driver.errors import InvalidArgument, Unavailable
 from driver.host.exec import SubprocessRunner
 from driver.host.fs import Filesystems
 from driver.host.loop import LoopManager
@@ -141,6 +142,7 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     pool: PoolContext | None = None
     controller: ControllerCore | None = None
     limits: IoLimitsCore | None = None
+    view: KubeClusterView | None = None
     opened: OpenedPool | None = None
     backups: Backups | None = None
     kind, where = parse_endpoint(cfg.endpoint)
@@ -173,6 +175,14 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
         controller = ControllerCore(pool, backups, cfg.backup_cluster_id)
         node = NodeCore(pool)
         limits = node.limits
+        if cfg.watch_volume_attributes:
+            try:
+                view = KubeClusterView(cfg.kubeconfig)
+            except Exception as exc:
+                opened.close()
+                raise Unavailable(
+                    f"--watch-volume-attributes: cannot reach the Kubernetes API: {exc}"
+                ) from exc
         csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)
 
         def is_ready() -> bool:
@@ -220,6 +230,11 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
         _start_store_backups(pool, cfg.store_backup_interval, running.stopping)
     if limits is not None:
         _start_limit_reapply(limits, running.stopping)
+    if limits is not None and view is not None:
+        watch = AttributesWatch(limits, view)
+        threading.Thread(
+            target=watch.run, args=(running.stopping,), name="vac-watch", daemon=True
+        ).start()
     return running
 
 

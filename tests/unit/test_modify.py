@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -13,6 +16,7 @@ from driver import validation
 from driver.core.controller import ControllerCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
+from driver.core.vacwatch import AttributesWatch
 from driver.errors import InvalidArgument, NotFound
 from driver.host import cgroups
 from driver.host.mountinfo import MountEntry
@@ -307,3 +311,74 @@ def test_io_hierarchy_prefers_v1_blkio_then_v2_io(tmp_path: os.PathLike[str]) ->
     with open(os.path.join(unified, "cgroup.controllers"), "w", encoding="ascii") as fh:
         fh.write("hugetlb\n")  # a hybrid host whose blkio is on v1
     assert cgroups.io_hierarchy([cpu, v2]) is None
+
+
+# --- the node's PersistentVolume watch (controller mode -> node) -------------------------------
+class FakeView:
+    def __init__(self, classes: dict[str, dict[str, str]], pvs: list[dict[str, Any]]) -> None:
+        self.classes = classes
+        self.pvs = pvs
+        self.class_reads: list[str] = []
+
+    def list_volumes(self) -> tuple[list[dict[str, Any]], str]:
+        return self.pvs, "1"
+
+    def watch_volumes(self, resource_version: str, seconds: int) -> Iterator[dict[str, Any]]:
+        return iter(())
+
+    def class_parameters(self, name: str) -> dict[str, str] | None:
+        self.class_reads.append(name)
+        return self.classes.get(name)
+
+
+def _pv(handle: str, vac: str, driver: str = "stowage.csi.io") -> dict[str, Any]:
+    return {"spec": {"csi": {"driver": driver, "volumeHandle": handle},
+                     "volumeAttributesClassName": vac}}
+
+
+def test_watch_applies_the_class_csi_resizer_recorded(
+    controller: ControllerCore,
+    node: NodeCore,
+    ctx: PoolContext,
+    host: FakeHost,
+    staging: str,
+    target: str,
+) -> None:
+    v = make(controller)
+    host.pod_cgroups[POD] = 1
+    node.publish(v.id, staging, target, RW, False, pod_uid=POD)
+    view = FakeView(
+        {"slow": {RIOPS: "1000"}, "bad": {RIOPS: "0"}},
+        [
+            _pv(v.id, "slow"),
+            _pv("v-" + "e" * 32, "slow"),  # another node's volume
+            _pv(v.id, "slow", driver="other.csi.io"),
+            _pv("pvc-not-ours", "slow"),
+        ],
+    )
+    watch = AttributesWatch(node.limits, view)
+    assert watch.sync() == "1"
+    assert host.io_limits[(POD, DEV)] == IoLimits(read_iops=1000)
+    vol = ctx.store.get_volume(v.id)
+    assert vol is not None and vol.mutable_parameters == {RIOPS: "1000"}
+    assert watch.handle(_pv(v.id, "slow")) and view.class_reads == ["slow"]  # read once
+    assert not watch.handle(_pv(v.id, "missing"))
+    assert not watch.handle(_pv(v.id, "bad"))  # refused: nothing changes
+    vol = ctx.store.get_volume(v.id)
+    assert vol is not None and vol.mutable_parameters == {RIOPS: "1000"}
+
+
+def test_watch_keeps_going_after_api_errors(controller: ControllerCore, node: NodeCore) -> None:
+    calls = []
+
+    class Failing(FakeView):
+        def list_volumes(self) -> tuple[list[dict[str, Any]], str]:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("connection refused")
+            stopping.set()
+            return [], "2"
+
+    stopping = threading.Event()
+    AttributesWatch(node.limits, Failing({}, []), retry=0.0).run(stopping)
+    assert len(calls) == 2
