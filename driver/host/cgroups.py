@@ -37,8 +37,9 @@ from driver.model import IoLimits
 
 log = logging.getLogger(__name__)
 
-#: How deep below the hierarchy's root a pod's cgroup may be (kubepods/burstable/pod<uid> is 3).
-MAX_POD_DEPTH = 4
+#: How deep below the hierarchy's root a pod's cgroup may be (kubepods/burstable/pod<uid> is 3;
+#: a kubelet --cgroup-root adds levels).
+MAX_POD_DEPTH = 5
 _V1_FILES = (
     ("read_iops", "blkio.throttle.read_iops_device"),
     ("write_iops", "blkio.throttle.write_iops_device"),
