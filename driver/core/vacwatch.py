@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 from driver import DRIVER_NAME, ids
 from driver.core.modify import IoLimitsCore
-from driver.errors import StowageError
+from driver.errors import Aborted, StowageError
 
 log = logging.getLogger(__name__)
 
 #: After a failed list or watch, wait this long before listing again.
 RETRY_SECONDS = 5.0
+#: A volume busy with another call (ABORTED) is tried this many times, RETRY_SECONDS / 5 apart.
+BUSY_ATTEMPTS = 5
 #: A watch ends after this long and is started again from a fresh list (a resync).
 WATCH_SECONDS = 300
 
@@ -78,13 +81,20 @@ class AttributesWatch:
                             volume_id, name)
                 return False
             self._classes[name] = params
-        try:
-            self.limits.modify(volume_id, params)
-        except StowageError as exc:  # the next event or resync retries
-            log.warning("volume %s: could not apply VolumeAttributesClass %s: %s",
-                        volume_id, name, exc)
-            return False
-        return True
+        for attempt in range(BUSY_ATTEMPTS):
+            try:
+                self.limits.modify(volume_id, params)
+                return True
+            except Aborted:  # another call holds the volume (a publish): soon done
+                if attempt + 1 < BUSY_ATTEMPTS:
+                    time.sleep(self.retry / 5)
+            except StowageError as exc:  # the next event or resync retries
+                log.warning("volume %s: could not apply VolumeAttributesClass %s: %s",
+                            volume_id, name, exc)
+                return False
+        log.warning("volume %s: busy; VolumeAttributesClass %s is applied at the next resync",
+                    volume_id, name)
+        return False
 
     def sync(self) -> str:
         """Apply every PersistentVolume's class; the resourceVersion to watch from."""

@@ -382,3 +382,16 @@ def test_watch_keeps_going_after_api_errors(controller: ControllerCore, node: No
     stopping = threading.Event()
     AttributesWatch(node.limits, Failing({}, []), retry=0.0).run(stopping)
     assert len(calls) == 2
+
+
+def test_watch_waits_for_a_busy_volume(
+    controller: ControllerCore, node: NodeCore, ctx: PoolContext
+) -> None:
+    v = make(controller)
+    view = FakeView({"slow": {RIOPS: "1000"}}, [])
+    watch = AttributesWatch(node.limits, view, retry=0.0)
+    with ctx.locks.hold(v.id):  # another call holds the volume for the whole retry budget
+        assert not watch.handle(_pv(v.id, "slow"))
+    assert watch.handle(_pv(v.id, "slow"))
+    vol = ctx.store.get_volume(v.id)
+    assert vol is not None and vol.mutable_parameters == {RIOPS: "1000"}
