@@ -44,6 +44,7 @@ def modify_request(volume_id: str, mutable: Mapping[str, str]) -> None:
 class IoLimitsCore:
     def __init__(self, ctx: PoolContext) -> None:
         self.ctx = ctx
+        self._reported: set[tuple[str, str]] = set()  # (volume, problem) logged by reapply
 
     def modify(self, volume_id: str, mutable: Mapping[str, str]) -> Volume:
         """ControllerModifyVolume on the node that holds the volume. Everything is checked
@@ -102,6 +103,8 @@ class IoLimitsCore:
                 if vol is None or staging is None or not vol.mutable_parameters:
                     continue
                 written += self.apply(vol.id, vol.mutable_parameters, staging.device, pub.pod_uid)
-            except StowageError as exc:
-                log.warning("could not re-apply the I/O limits of %s: %s", pub.volume_id, exc)
+            except StowageError as exc:  # every 5 s: said once per volume and problem
+                if (pub.volume_id, str(exc)) not in self._reported:
+                    self._reported.add((pub.volume_id, str(exc)))
+                    log.warning("could not re-apply the I/O limits of %s: %s", pub.volume_id, exc)
         return written
