@@ -56,6 +56,16 @@ def rows_for(r: dict[str, Any]) -> list[Row]:
                                  d["1"]["median_s"], "s"))
                 rows.append(_row("snapshots", f"{kind} 100 GiB (ext4 pool, full copy)",
                                  d["100"]["median_s"], "s"))
+    io = r.get("iolimits")
+    if io:
+        limit = io["limit_iops"]
+        for name, p in io["profiles"].items():
+            # Within 15% of the limit, as the e2e check asks of a pod.
+            rows.append(_row("iolimits", f"{name} under a {limit:,} IOPS limit", p["limited"],
+                             "IOPS", "<=", limit * 1.15))
+            rows.append(_row("iolimits", f"{name} limited / limit", p["limited"] / limit, "x",
+                             ">=", 0.85))
+            rows.append(_row("iolimits", f"{name} unlimited", p["unlimited"], "IOPS"))
     cp = r.get("control")
     if cp:
         st, pe = cp["stowage"], cp["peer"]

@@ -105,6 +105,24 @@ class Volume:
     parameters: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     sector_size: int = 4096  # logical sector size of its loop device; fixed for life
+    # Its mutable parameters (I/O limits) as validation.merge_mutable_parameters normalised
+    # them; changed by ControllerModifyVolume.
+    mutable_parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IoLimits:
+    """A volume's I/O limits, applied to its loop device in the cgroups of the pods using it.
+    0 means unlimited."""
+
+    read_iops: int = 0
+    write_iops: int = 0
+    read_bps: int = 0
+    write_bps: int = 0
+
+    @property
+    def unlimited(self) -> bool:
+        return not (self.read_iops or self.write_iops or self.read_bps or self.write_bps)
 
 
 @dataclass(frozen=True)
@@ -171,6 +189,7 @@ class Publication:
     target: str
     readonly: bool
     access_mode: AccessMode
+    pod_uid: str = ""  # from volume_context with podInfoOnMount; where I/O limits are applied
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,7 @@ class ImageRecord:
     source_id: str = ""
     parameters: dict[str, str] = field(default_factory=dict)
     format: int = RECORD_FORMAT
+    mutable_parameters: dict[str, str] = field(default_factory=dict)  # volumes: I/O limits
 
     # --- from and to the domain model ------------------------------------------------------
     @staticmethod
@@ -126,6 +127,7 @@ class ImageRecord:
             source_kind=v.source.kind if v.source else "",
             source_id=v.source.id if v.source else "",
             parameters=dict(v.parameters),
+            mutable_parameters=dict(v.mutable_parameters),
         )
 
     @staticmethod
@@ -147,6 +149,7 @@ class ImageRecord:
             parameters=dict(self.parameters),
             created_at=self.created_at,
             sector_size=self.sector_size,
+            mutable_parameters=dict(self.mutable_parameters),
         )
 
     def snapshot(self) -> Snapshot:
@@ -208,11 +211,8 @@ class ImageRecord:
         source_kind = data.get("source_kind", "") or ""
         if source_kind not in ("", "snapshot", "volume"):
             raise RecordError(f"unknown source kind {source_kind!r}")
-        params = data.get("parameters", {}) or {}
-        if not isinstance(params, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in params.items()
-        ):
-            raise RecordError("parameters must map strings to strings")
+        params = _string_map(data, "parameters")
+        mutable = _string_map(data, "mutable_parameters")
         return ImageRecord(
             kind=kind,
             id=object_id,
@@ -226,6 +226,17 @@ class ImageRecord:
             pool_uuid=_require(data, "pool_uuid", str),
             source_kind=source_kind,
             source_id=str(data.get("source_id", "") or ""),
-            parameters=dict(params),
+            parameters=params,
             format=RECORD_FORMAT,
+            mutable_parameters=mutable,
         )
+
+
+def _string_map(data: dict[str, Any], key: str) -> dict[str, str]:
+    """An optional field mapping strings to strings (absent in older records: empty)."""
+    value = data.get(key, {}) or {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise RecordError(f"{key} must map strings to strings")
+    return dict(value)

@@ -90,10 +90,14 @@ class ControllerCore:
         source: ContentSource | None,
         requisite: Sequence[Segment] = (),
         preferred: Sequence[Segment] = (),
+        mutable: Mapping[str, str] | None = None,
     ) -> Volume:
+        """`mutable` holds the mutable parameters (I/O limits) of the claim's
+        VolumeAttributesClass, kept with the volume (driver.core.modify)."""
         validation.check_string("name", name)
         validation.check_capabilities(caps)
         validation.check_parameters(parameters)
+        mutable_parameters = validation.merge_mutable_parameters({}, mutable or {})
         access, fs_type = validation.fs_type_for(caps, parameters)
         if (requisite or preferred) and not self._reachable([*requisite, *preferred]):
             raise ResourceExhausted(
@@ -162,6 +166,7 @@ class ControllerCore:
                 parameters=dict(parameters),
                 created_at=time.time(),
                 sector_size=sector_size,
+                mutable_parameters=mutable_parameters,
             )
             op = {None: "create-volume", "snapshot": "restore-volume", "volume": "clone-volume"}[
                 source.kind if source else None

@@ -7,6 +7,7 @@ import os
 
 from driver import faults, validation
 from driver.core import sizing
+from driver.core.modify import IoLimitsCore
 from driver.core.pool import PoolContext
 from driver.errors import (
     AlreadyExists,
@@ -15,6 +16,7 @@ from driver.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    StowageError,
 )
 from driver.host import fs as host_fs
 from driver.host import mountinfo
@@ -44,6 +46,7 @@ _GROW_SLACK = 64 * 1024 * 1024
 class NodeCore:
     def __init__(self, ctx: PoolContext) -> None:
         self.ctx = ctx
+        self.limits = IoLimitsCore(ctx)
 
     # --- helpers ------------------------------------------------------------------------------
     def _path(self, field: str, value: str) -> str:
@@ -300,8 +303,12 @@ class NodeCore:
         cap: Capability,
         readonly: bool,
         pool_uuid: str = "",
+        pod_uid: str = "",
     ) -> None:
+        """`pod_uid` is the pod the kubelet publishes for (podInfoOnMount): the volume's I/O
+        limits go into its cgroups (driver.core.modify)."""
         validation.require_volume_id(volume_id)
+        validation.check_pod_uid(pod_uid)
         staging_path = self._path("staging_target_path", staging_path)
         target = self._path("target_path", target)
         if target == staging_path or target.startswith(staging_path + "/"):
@@ -364,9 +371,13 @@ class NodeCore:
                     self.ctx.host.give_group(target, int(cap.mount_group))
             faults.hit("publish:bound")
             self.ctx.store.put_publication(
-                Publication(volume_id, target, readonly, cap.access_mode)
+                Publication(volume_id, target, readonly, cap.access_mode, pod_uid)
             )
             faults.hit("publish:recorded")
+            try:
+                self.limits.apply(volume_id, vol.mutable_parameters, staging.device, pod_uid)
+            except StowageError as exc:  # the pod runs; reconciliation applies them later
+                log.warning("volume %s: I/O limits not applied yet: %s", volume_id, exc)
             log.info("published %s at %s (readonly=%s)", volume_id, target, readonly)
 
     def _clear_unrecorded(self, target: str, device: str) -> None:

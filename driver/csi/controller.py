@@ -1,8 +1,9 @@
 """CSI Controller service, one implementation for every mode: validate -> core -> convert.
 
 With a pool (modes `all` and `node`) it serves everything; without one (mode `controller`) it
-serves only ControllerExpandVolume, which is answered from the request's own fields by the same
-code in every mode, and advertises nothing else. There is no ControllerPublish/Unpublish:
+serves only ControllerExpandVolume and ControllerModifyVolume, answered from the request's own
+fields (the node that holds the volume grows it, or applies the new parameters), and advertises
+nothing else. There is no ControllerPublish/Unpublish:
 Stowage volumes are node-local and need no attach (CSIDriver `attachRequired: false`, see
 docs/design.md).
 """
@@ -13,13 +14,15 @@ import grpc
 
 from csi_proto import csi_pb2, csi_pb2_grpc
 from driver.core.controller import ControllerCore, VolumeStatus, expand_request
+from driver.core.modify import IoLimitsCore, modify_request
 from driver.csi import convert
 from driver.errors import Unimplemented
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
 
-# Served without a pool, so in every mode.
-POOLLESS_CAPABILITIES = (_RPC.EXPAND_VOLUME,)
+# Served without a pool, so in every mode (controller mode answers from the request; the node
+# holding the volume grows it, or applies the modified parameters: docs/design.md).
+POOLLESS_CAPABILITIES = (_RPC.EXPAND_VOLUME, _RPC.MODIFY_VOLUME)
 CAPABILITIES = (
     _RPC.CREATE_DELETE_VOLUME,
     _RPC.LIST_VOLUMES,
@@ -36,9 +39,10 @@ CAPABILITIES = (
 
 
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, core: ControllerCore | None) -> None:
-        """`core` is None in controller mode, which has no pool."""
+    def __init__(self, core: ControllerCore | None, limits: IoLimitsCore | None = None) -> None:
+        """`core` and `limits` are None in controller mode, which has no pool."""
         self._core = core
+        self._limits = limits
 
     def _pool(self, method: str) -> ControllerCore:
         if self._core is None:
@@ -69,6 +73,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             ),
             requisite=convert.segments(req.requisite),
             preferred=convert.segments(req.preferred),
+            mutable=dict(request.mutable_parameters),
         )
         return csi_pb2.CreateVolumeResponse(
             volume=convert.volume(vol, core.ctx.node_id, core.ctx.pool_uuid)
@@ -209,7 +214,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerModifyVolumeResponse:
-        raise Unimplemented("ControllerModifyVolume is not supported yet")
+        mutable = dict(request.mutable_parameters)
+        if self._limits is None:
+            modify_request(request.volume_id, mutable)
+        else:
+            self._limits.modify(request.volume_id, mutable)
+        return csi_pb2.ControllerModifyVolumeResponse()
 
 
 def _no_attach(method: str) -> Unimplemented:

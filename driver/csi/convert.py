@@ -11,6 +11,7 @@ from driver import (
     CONTEXT_ACCESS_TYPE,
     CONTEXT_FS_TYPE,
     CONTEXT_NODE,
+    CONTEXT_POD_UID,
     CONTEXT_POOL_UUID,
     TOPOLOGY_KEY,
 )
@@ -107,6 +108,11 @@ def volume_context(vol: Volume, node_id: str, pool_uuid: str = "") -> dict[str, 
 def pool_uuid(volume_context: Mapping[str, str]) -> str:
     """The pool a volume context names ("" for volumes made before pools had an identity)."""
     return volume_context.get(CONTEXT_POOL_UUID, "")
+
+
+def pod_uid(volume_context: Mapping[str, str]) -> str:
+    """The pod a NodePublishVolume is for, with CSIDriver podInfoOnMount ("" without)."""
+    return volume_context.get(CONTEXT_POD_UID, "")
 
 
 def timestamp(seconds: float) -> Timestamp:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from driver.host.mountinfo import MountEntry
-from driver.model import FsType
+from driver.model import FsType, IoLimits
 
 
 @dataclass(frozen=True)
@@ -41,4 +41,10 @@ class Host(Protocol):
 
     def give_group(self, root: str, gid: int) -> None:
         """VOLUME_MOUNT_GROUP: group ownership and group write access under `root`."""
+        ...
+
+    def set_io_limits(self, pod_uid: str, device: str, limits: IoLimits) -> int:
+        """ModifyVolume: limit I/O to block device `device` from pod `pod_uid` (unlimited
+        fields lift their limit). Returns how many cgroups were written, 0 when the pod has no
+        cgroup on this node (yet). driver.host.cgroups says where and why."""
         ...

@@ -83,6 +83,7 @@ class VolumeBackend(Protocol):
         size: int | None = None,
         formatted: bool | None = None,
         fs_type: FsType | None = None,  # None: unchanged
+        mutable_parameters: dict[str, str] | None = None,
     ) -> None: ...
 
     def expand(self, volume_id: str, size: int) -> None: ...

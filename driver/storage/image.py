@@ -355,9 +355,10 @@ class ImagePool:
         size: int | None = None,
         formatted: bool | None = None,
         fs_type: FsType | None = None,
+        mutable_parameters: dict[str, str] | None = None,
     ) -> None:
-        """Change fields of an image's record (expansion, first format). An image without a
-        record (made before records existed) is left alone: start-up writes its record."""
+        """Change fields of an image's record (expansion, first format, ModifyVolume). An image
+        without a record (made before records existed) is left alone: start-up writes its record."""
         try:
             old = self.read_record(object_id)
         except RecordError:
@@ -369,6 +370,9 @@ class ImagePool:
             size=old.size if size is None else size,
             formatted=old.formatted if formatted is None else formatted,
             fs_type=old.fs_type if fs_type is None else str(fs_type),
+            mutable_parameters=(
+                old.mutable_parameters if mutable_parameters is None else dict(mutable_parameters)
+            ),
         )
         if new != old:
             self.write_record(new)

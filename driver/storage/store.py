@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS volumes (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, size INTEGER NOT NULL,
     access_type TEXT NOT NULL, fs_type TEXT NOT NULL, formatted INTEGER NOT NULL,
     source_kind TEXT, source_id TEXT, parameters TEXT NOT NULL, created_at REAL NOT NULL,
-    sector_size INTEGER NOT NULL
+    sector_size INTEGER NOT NULL, mutable_parameters TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, source_volume_id TEXT NOT NULL,
@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS stagings (
 );
 CREATE TABLE IF NOT EXISTS publications (
     target TEXT PRIMARY KEY, volume_id TEXT NOT NULL, readonly INTEGER NOT NULL,
-    access_mode INTEGER NOT NULL
+    access_mode INTEGER NOT NULL, pod_uid TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS publications_volume ON publications (volume_id);
 CREATE TABLE IF NOT EXISTS backups (
@@ -77,6 +77,30 @@ CREATE TABLE IF NOT EXISTS journal (
 -- Written by versions with ControllerPublish (before the attach-free Controller); unused since.
 DROP TABLE IF EXISTS attachments;
 """
+# Columns added after the first release: (table, column, definition). A store made before them
+# gets them at open (ALTER TABLE ... ADD COLUMN); a read-only open reads their defaults.
+_ADDED_COLUMNS = (
+    ("volumes", "mutable_parameters", "TEXT NOT NULL DEFAULT '{}'"),
+    ("publications", "pod_uid", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+def _column(row: sqlite3.Row, name: str, default: str) -> str:
+    """An added column's value; its default in a store opened read-only before it was added."""
+    try:
+        return str(row[name])
+    except IndexError:
+        return default
+
+
+def _publication(r: sqlite3.Row) -> Publication:
+    return Publication(
+        r["volume_id"],
+        r["target"],
+        bool(r["readonly"]),
+        AccessMode(r["access_mode"]),
+        _column(r, "pod_uid", ""),
+    )
 
 
 def _volume(row: sqlite3.Row) -> Volume:
@@ -92,6 +116,7 @@ def _volume(row: sqlite3.Row) -> Volume:
         parameters=json.loads(row["parameters"]),
         created_at=row["created_at"],
         sector_size=row["sector_size"],
+        mutable_parameters=json.loads(_column(row, "mutable_parameters", "{}")),
     )
 
 
@@ -119,12 +144,6 @@ def _staging(r: sqlite3.Row) -> Staging:
         FsType.stored(r["fs_type"]),
         bool(r["readonly"]),
         tuple(json.loads(r["mount_flags"])),
-    )
-
-
-def _publication(r: sqlite3.Row) -> Publication:
-    return Publication(
-        r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
     )
 
 
@@ -158,7 +177,7 @@ class _Batch:
         self.error: sqlite3.Error | None = None
 
 
-_INSERT_VOLUME = "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_VOLUME = "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 _INSERT_SNAPSHOT = "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)"
 
 
@@ -181,6 +200,7 @@ def _volume_row(v: Volume) -> tuple[object, ...]:
         json.dumps(v.parameters, sort_keys=True),
         v.created_at,
         v.sector_size,
+        json.dumps(v.mutable_parameters, sort_keys=True),
     )
 
 
@@ -300,6 +320,10 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            for table, column, definition in _ADDED_COLUMNS:
+                have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
@@ -484,6 +508,13 @@ class Store:
                 (_fs_text(fs_type), volume_id),
             )
 
+    def set_mutable_parameters(self, volume_id: str, mutable: dict[str, str]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE volumes SET mutable_parameters = ? WHERE id = ?",
+                (json.dumps(mutable, sort_keys=True), volume_id),
+            )
+
     def remove_volume(self, volume_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
@@ -652,8 +683,8 @@ class Store:
     def put_publication(self, p: Publication) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO publications VALUES (?,?,?,?)",
-                (p.target, p.volume_id, int(p.readonly), int(p.access_mode)),
+                "INSERT OR REPLACE INTO publications VALUES (?,?,?,?,?)",
+                (p.target, p.volume_id, int(p.readonly), int(p.access_mode), p.pod_uid),
             )
 
     def remove_publication(self, target: str) -> None:

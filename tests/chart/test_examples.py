@@ -7,6 +7,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
+from driver import validation
+
 from . import util
 
 FILES = sorted(util.EXAMPLES.glob("*.yaml"))
@@ -27,6 +29,7 @@ def test_example_inventory() -> None:
         "Service",
         "StatefulSet",
         "VolumeSnapshot",
+        "VolumeAttributesClass",
     }, kinds
     assert (util.EXAMPLES / "README.md").is_file()
     readme = (util.EXAMPLES / "README.md").read_text()
@@ -41,6 +44,10 @@ def test_example_is_valid(path) -> None:
     assert docs
     for doc in docs:
         try:
+            # VolumeAttributesClass is storage.k8s.io/v1 from Kubernetes 1.34.
+            if doc["kind"] == "VolumeAttributesClass":
+                util.validate_any(doc, tuple(v for v in util.K8S_VERSIONS if v >= "1.34"))
+                continue
             util.validate_any(doc)
         except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
             raise AssertionError(
@@ -75,6 +82,9 @@ def test_examples_reference_what_exists(render) -> None:
     for pod in util.by_kind(docs, "Pod"):
         for vol in pod["spec"].get("volumes", []):
             assert vol["persistentVolumeClaim"]["claimName"] in pvcs, pod["metadata"]["name"]
+    for vac in util.by_kind(docs, "VolumeAttributesClass"):
+        assert vac["driverName"] == "stowage.csi.io"
+        validation.merge_mutable_parameters({}, vac["parameters"])  # the driver accepts them
 
 
 def test_block_example_uses_volume_devices() -> None:

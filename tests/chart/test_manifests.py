@@ -160,6 +160,7 @@ KNOWN_FLAGS = {
         "log-format",
         "max-volumes-per-node",
         "reserved-bytes",
+        "watch-volume-attributes",
     },
 }
 

@@ -26,6 +26,8 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
         # claim informer; Update to take ownership in node-deployment mode and for finalizers
         ("cluster", "", "persistentvolumeclaims", ("get", "list", "watch", "update")),
         ("cluster", "storage.k8s.io", "storageclasses", ("get", "list", "watch")),
+        # a claim with a VolumeAttributesClass: Get, its parameters become mutable_parameters
+        ("cluster", "storage.k8s.io", "volumeattributesclasses", ("get",)),
         # client-go record.EventSinkImpl: Create, then Patch for repeated events
         ("cluster", "", "events", ("create", "patch")),
         # restore: Get; source-protection finalizer: Update; orphan sweep: List/Watch
@@ -69,12 +71,19 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
     ],
     "node-driver-registrar": [],  # talks to kubelet's plugin socket only
     "livenessprobe": [],  # talks to the CSI socket only
-    # the driver, --mode node: no Kubernetes API access
-    "stowage-node": [],
+    # the driver, --mode node --watch-volume-attributes (driver/core/vacwatch.py): list and
+    # watch PVs, get the VolumeAttributesClass a volume of its pool names
+    "stowage-node": [
+        ("cluster", "", "persistentvolumes", ("list", "watch")),
+        ("cluster", "storage.k8s.io", "volumeattributesclasses", ("get",)),
+    ],
     # the driver, --mode controller: answers from the request, no Kubernetes API access
     "stowage-controller": [],
-    # external-resizer v2.2.x (no MODIFY_VOLUME capability -> no volumeattributesclasses)
+    # external-resizer v2.2.x; MODIFY_VOLUME advertised, so its modify controller runs: a
+    # VolumeAttributesClass informer (deploy/kubernetes/rbac.yaml grants get, list, watch),
+    # PV patch (the new class) and claim status patch, already needed for resizing
     "csi-resizer": [
+        ("cluster", "storage.k8s.io", "volumeattributesclasses", ("get", "list", "watch")),
         ("cluster", "", "persistentvolumes", ("get", "list", "watch", "patch")),
         ("cluster", "", "persistentvolumeclaims", ("get", "list", "watch")),
         ("cluster", "", "persistentvolumeclaims/status", ("patch",)),

@@ -112,6 +112,8 @@ class Cluster:
     # (the veth appears only when the node starts), serves a certificate for this one, admits
     # kubelets (NodeRestriction) and a kube-scheduler runs. "" = loopback only, no kubelet.
     node_address: str = ""
+    # The node driver's credentials (its chart ServiceAccount) for --watch-volume-attributes.
+    node_driver_kubeconfig: str = ""
 
     # --- paths ------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -533,17 +535,23 @@ def fake_node(e: E2E, _stack: contextlib.ExitStack) -> None:
 
 
 def start_node_driver(cluster: Cluster) -> None:
+    """As the chart's DaemonSet runs it: with --watch-volume-attributes (ModifyVolume), as the
+    node ServiceAccount."""
     os.makedirs(os.path.dirname(cluster.node_socket), exist_ok=True)
-    cluster.run("driver-node", driver_argv("node", cluster.node_socket, cluster.pool_dir))
+    argv = driver_argv("node", cluster.node_socket, cluster.pool_dir)
+    if cluster.node_driver_kubeconfig:
+        argv += ["--watch-volume-attributes", f"--kubeconfig={cluster.node_driver_kubeconfig}"]
+    cluster.run("driver-node", argv)
     probe = Client("unix://" + cluster.node_socket)
     probe.wait_ready(60)
     probe.close()
 
 
 def start_drivers(e: E2E) -> None:
-    """Stowage in node mode (on the pool) and controller mode (no credentials: it reads
-    nothing from the API)."""
+    """Stowage in node mode (on the pool, watching PersistentVolumes as the node
+    ServiceAccount) and controller mode (no credentials: it reads nothing from the API)."""
     cluster = e.cluster
+    cluster.node_driver_kubeconfig = e.sa_kubeconfig(cluster.service_account("node"))
     start_node_driver(cluster)
     os.makedirs(os.path.dirname(cluster.controller_socket), exist_ok=True)
     cluster.run("driver-controller", driver_argv("controller", cluster.controller_socket))

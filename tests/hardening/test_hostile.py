@@ -756,7 +756,7 @@ def _copy(req: Message) -> Message:
 
 def _removed_rpc_cases() -> None:
     """No attach: ControllerPublish/Unpublish are UNIMPLEMENTED (and not advertised) whatever
-    they carry; ControllerModifyVolume is not served yet."""
+    they carry."""
     c = "not-served"
     ids: tuple[tuple[str, Callable[[World], str]], ...] = (
         ("valid", lambda w: w.idle),
@@ -782,15 +782,78 @@ def _removed_rpc_cases() -> None:
             ),
             UNIMPLEMENTED,
         )
-    case(
-        c,
-        "modify",
-        "ControllerModifyVolume",
-        lambda w: csi_pb2.ControllerModifyVolumeRequest(
-            volume_id=w.idle, mutable_parameters={"iops": "1"}
-        ),
-        UNIMPLEMENTED,
-    )
+
+
+# --- 1c. mutable parameters (ModifyVolume, issue 18) -------------------------------------------
+
+RIOPS = "stowage.csi.io/read-iops"
+WBPS = "stowage.csi.io/write-bps"
+BAD_MUTABLE: dict[str, dict[str, str]] = {
+    "zero": {RIOPS: "0"},
+    "negative": {RIOPS: "-100"},
+    "not-a-number": {RIOPS: "fast"},
+    "fraction": {RIOPS: "1.5"},
+    "exponent": {RIOPS: "1e3"},
+    "empty-value": {RIOPS: ""},
+    "padded": {RIOPS: " 100"},
+    "absurd-iops": {RIOPS: "10000001"},
+    "huge-number": {RIOPS: "9" * 40},
+    "absurd-bps": {WBPS: "2Ti"},
+    "tiny-bps": {WBPS: "100"},
+    "bps-millis": {WBPS: "50m"},
+    "unknown-key": {"XXX_FakeKey": "XXX_FakeValue"},
+    "immutable-fstype": {"fsType": "xfs"},
+    "immutable-preallocate": {"preallocate": "true"},
+    "good-and-bad": {RIOPS: "100", WBPS: "-1"},
+    "huge-map": {RIOPS: "1" * 5000},
+}
+
+
+def _mutable_cases() -> None:
+    """ControllerModifyVolume and CreateVolume's mutable_parameters: every refusal is exact and
+    changes nothing (the volume's row and record keep their parameters)."""
+    c = "mutable"
+    for key, params in BAD_MUTABLE.items():
+        case(
+            c,
+            key,
+            "ControllerModifyVolume",
+            lambda w, p=params: csi_pb2.ControllerModifyVolumeRequest(
+                volume_id=w.idle, mutable_parameters=p
+            ),
+            INVALID,
+        )
+    for key, params in (("zero", BAD_MUTABLE["zero"]), ("unknown", BAD_MUTABLE["unknown-key"])):
+        case(
+            c,
+            key,
+            "CreateVolume",
+            lambda w, p=params: _with_mutable(create_req(), p),
+            INVALID,
+        )
+    good = {RIOPS: "1000"}
+    for key, vid, code in (
+        ("dotdot", lambda w: "../../etc", NOT_FOUND),
+        ("empty-id", lambda w: "", INVALID),
+        ("unknown-volume", lambda w: "v-" + "0" * 32, NOT_FOUND),
+        ("snapshot-id", lambda w: w.snap, NOT_FOUND),
+    ):
+        case(
+            c,
+            key,
+            "ControllerModifyVolume",
+            lambda w, v=vid: csi_pb2.ControllerModifyVolumeRequest(
+                volume_id=v(w), mutable_parameters=good
+            ),
+            code,
+        )
+
+
+def _with_mutable(
+    req: csi_pb2.CreateVolumeRequest, mutable: dict[str, str]
+) -> csi_pb2.CreateVolumeRequest:
+    req.mutable_parameters.update(mutable)
+    return req
 
 
 # --- 2. names -------------------------------------------------------------------------------------
@@ -1749,6 +1812,7 @@ def _secret_cases() -> None:
 
 _id_cases()
 _removed_rpc_cases()
+_mutable_cases()
 _name_cases()
 _capacity_cases()
 _cap_cases()

@@ -19,7 +19,7 @@ from driver.host.exec import DEFAULT_TIMEOUT, Result
 from driver.host.fs import Filesystems
 from driver.host.mountinfo import MountEntry
 from driver.host.system import SystemHost
-from driver.model import FsType
+from driver.model import FsType, IoLimits
 from driver.storage.locks import KeyedLocks
 
 Handler = Callable[[list[str]], "tuple[int, str, str] | Result"]
@@ -100,6 +100,8 @@ class FakeHost:
     block_devices: dict[str, int] = field(default_factory=dict)  # device node -> rdev
     fs_error_counts: dict[str, int] = field(default_factory=dict)  # device -> kernel counter
     groups_given: list[tuple[str, int]] = field(default_factory=list)
+    pod_cgroups: dict[str, int] = field(default_factory=dict)  # pod UID -> its cgroups
+    io_limits: dict[tuple[str, str], IoLimits] = field(default_factory=dict)  # (pod, dev)
     signatures: dict[str, str] = field(default_factory=dict)  # device -> fs type
     image_signatures: dict[str, str] = field(default_factory=dict)  # backing file -> fs type
     blkid_error: int = 0  # non-zero: blkid exits with this status
@@ -209,6 +211,14 @@ class FakeHost:
 
     def give_group(self, root: str, gid: int) -> None:
         self.groups_given.append((root, gid))
+
+    def set_io_limits(self, pod_uid: str, device: str, limits: IoLimits) -> int:
+        """Records the limits per (pod, device); a pod in `pod_cgroups` has that many cgroups,
+        any other none (not started)."""
+        count = self.pod_cgroups.get(pod_uid, 0)
+        if count:
+            self.io_limits[(pod_uid, device)] = limits
+        return count
 
     def top(self, target: str) -> MountEntry | None:
         at = [m for m in self.mount_table if m.mount_point == os.path.normpath(target)]

@@ -14,6 +14,7 @@ import pytest
 from driver import flags
 from driver.cli import parse
 from driver.core.controller import ControllerCore
+from driver.core.modify import IoLimitsCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.core.rebuild import open_pool_dir, rebuild_pool_dir
@@ -184,7 +185,14 @@ def _pool_with_volumes(host: FakeHost, root: str) -> tuple[PoolContext, list[str
     opened = open_pool_dir(root)
     ctx = build_ctx(host, opened.store, opened.backend, pool_uuid=opened.identity.uuid)
     c = ControllerCore(ctx)
-    vols = [c.create_volume(f"v{i}", [RW], CapacityRange(MiB), {}, None).id for i in range(3)]
+    # I/O limits given at creation (v0) and by ModifyVolume (v1) are in the records too.
+    limit = {"stowage.csi.io/read-iops": "100"}
+    vols = [
+        c.create_volume(f"v{i}", [RW], CapacityRange(MiB), {}, None, mutable=limit if i else {})
+        .id
+        for i in range(3)
+    ]
+    IoLimitsCore(ctx).modify(vols[0], {"stowage.csi.io/write-bps": "1Mi"})
     snap = c.create_snapshot("snap", vols[0], {}).id
     os.close(opened.lock_fd)
     return ctx, [*vols, snap]
@@ -195,6 +203,7 @@ def test_missing_store_is_rebuilt_from_records(host: FakeHost, tmp_path: os.Path
     os.mkdir(root)
     ctx, made = _pool_with_volumes(host, root)
     before = {v.id: v for v in ctx.store.list_volumes()}
+    assert all(v.mutable_parameters for v in before.values())
     ctx.store.close()
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(os.path.join(root, "meta.db" + suffix)):

@@ -117,7 +117,8 @@ def test_rows_of_older_versions_read_as_typed_filesystems(tmp_path: os.PathLike[
     db = sqlite3.connect(path)
     for n, access, fs in ((1, "block", ""), (2, "mount", "xfs")):
         db.execute(
-            "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO volumes (id, name, size, access_type, fs_type, formatted, source_kind,"
+            " source_id, parameters, created_at, sector_size) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (f"v-{n:032x}", f"old-{n}", MiB, access, fs, 1, None, None, "{}", 1.0, 4096),
         )
     db.execute(
