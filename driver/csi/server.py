@@ -20,6 +20,7 @@ from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.core.rebuild import OpenedPool, open_pool_dir
 from driver.core.reconcile import reconcile
+from driver.core.remote import RemoteBackups
 from driver.csi.controller import ControllerServicer
 from driver.csi.identity import IdentityServicer
 from driver.csi.interceptors import CallInterceptor
@@ -141,6 +142,7 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     controller: ControllerCore | None = None
     opened: OpenedPool | None = None
     backups: Backups | None = None
+    remote: RemoteBackups | None = None
     kind, where = parse_endpoint(cfg.endpoint)
     if cfg.serves_pool:
         pool, opened = open_pool(cfg)
@@ -174,12 +176,19 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
         def is_ready() -> bool:
             return ready.is_set() and ctx.backend.healthy() and ctx.store.healthy()
     else:
+        if cfg.backup_targets:  # the node-independent work on backup snapshots (design.md)
+            remote = RemoteBackups.open(
+                cfg.backup_targets,
+                cfg.backup_key_file,
+                cluster_id=cfg.backup_cluster_id,
+                workers=cfg.backup_workers,
+            )
 
         def is_ready() -> bool:
             return ready.is_set()
 
     # Controller mode has no pool: the same servicer then serves what needs none.
-    csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
+    csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(controller, remote), server)
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(ready=is_ready), server)
     if cfg.metrics_address:
         try:
