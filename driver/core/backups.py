@@ -87,6 +87,50 @@ def load_config(
     return targets, key, Credentials.from_env()
 
 
+def open_repositories(
+    specs: Sequence[str], key_file: str, *, cluster_id: str, workers: int = 4, rate_limit: int = 0
+) -> dict[str, Repository]:
+    """One repository per configured target, all sharing one optional rate limit: what node
+    mode (`Backups`) and controller mode (`driver.core.remote`) both open."""
+    targets, key, creds = load_config(specs, key_file)
+    limiter = RateLimiter(rate_limit or None)  # one budget for every target of the process
+    repos = {}
+    for name, target in targets.items():
+        store = Store(target, creds, max_connections=workers + 4, max_attempts=MAX_ATTEMPTS)
+        store.limiter = limiter
+        repos[name] = Repository(store, key, cluster_id=cluster_id, workers=workers)
+    log.info(
+        "backup targets: %s (key ID %s, cluster %s, %d transfers each%s)",
+        ", ".join(f"{t.name}={t.spec}" for t in targets.values()), key.key_id, cluster_id,
+        workers, f", {rate_limit} bytes/s" if rate_limit else "",
+    )
+    return repos
+
+
+def delete_manifest(repo: Repository | None, snapshot_id: str, cluster_id: str) -> None:
+    """Remove a backup's manifest from its target (its chunks are left to `gc`), unless the
+    manifest belongs to another cluster (an imported backup: never deleted from here). `repo`
+    is None when this process lacks the target the ID names: logged, nothing removed."""
+    if repo is None:
+        log.warning(
+            "DeleteSnapshot %s: target %r is not configured here; its manifest, if any, stays "
+            "(stowagectl backup delete removes it)", snapshot_id, ids.backup_target(snapshot_id),
+        )
+        return
+    try:
+        m = repo.show(snapshot_id)
+    except errors.NotFound:
+        return
+    if m.cluster_id != cluster_id:
+        log.warning(
+            "DeleteSnapshot %s: the backup belongs to cluster %r, not %r; only the local "
+            "record is removed, the backup stays", snapshot_id, m.cluster_id, cluster_id,
+        )
+        return
+    repo.delete(snapshot_id)
+    log.info("deleted backup manifest %s from target %s", snapshot_id, repo.store.target.name)
+
+
 def _rfc3339(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -154,18 +198,10 @@ class Backups:
         max_concurrent: int = 2,
         rate_limit: int = 0,
     ) -> Backups:
-        targets, key, creds = load_config(specs, key_file)
-        limiter = RateLimiter(rate_limit or None)  # one budget for every target of the node
-        repos = {}
-        for name, target in targets.items():
-            store = Store(target, creds, max_connections=workers + 4, max_attempts=MAX_ATTEMPTS)
-            store.limiter = limiter
-            repos[name] = Repository(store, key, cluster_id=cluster_id, workers=workers)
-        log.info(
-            "backup targets: %s (key ID %s, cluster %s, %d jobs at once, %d transfers each%s)",
-            ", ".join(f"{t.name}={t.spec}" for t in targets.values()), key.key_id, cluster_id,
-            max_concurrent, workers, f", {rate_limit} bytes/s" if rate_limit else "",
+        repos = open_repositories(
+            specs, key_file, cluster_id=cluster_id, workers=workers, rate_limit=rate_limit
         )
+        log.info("%d backup jobs at once on this node", max_concurrent)
         return cls(ctx, repos, max_concurrent=max_concurrent)
 
     # --- targets ------------------------------------------------------------------------------
@@ -317,28 +353,8 @@ class Backups:
         log.info("dropped the local copy of %s (backup-keep-local: false)", snapshot_id)
 
     def delete_remote(self, snapshot_id: str, cluster_id: str) -> None:
-        """Remove a backup's manifest from its target (its chunks are left to `gc`), unless the
-        manifest belongs to another cluster (an imported backup: never deleted from here)."""
-        repo = self.repo_of(snapshot_id)
-        if repo is None:
-            log.warning(
-                "DeleteSnapshot %s: target %r is not configured on this node; its manifest, if "
-                "any, stays (stowagectl backup delete removes it)",
-                snapshot_id, ids.backup_target(snapshot_id),
-            )
-            return
-        try:
-            m = repo.show(snapshot_id)
-        except errors.NotFound:
-            return
-        if m.cluster_id != cluster_id:
-            log.warning(
-                "DeleteSnapshot %s: the backup belongs to cluster %r, not %r; only the local "
-                "record is removed, the backup stays", snapshot_id, m.cluster_id, cluster_id,
-            )
-            return
-        repo.delete(snapshot_id)
-        log.info("deleted backup manifest %s from target %s", snapshot_id, repo.store.target.name)
+        """Remove a backup's manifest unless another cluster owns it (`delete_manifest`)."""
+        delete_manifest(self.repo_of(snapshot_id), snapshot_id, cluster_id)
 
     # --- restores -----------------------------------------------------------------------------
     def restore(

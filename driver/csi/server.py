@@ -21,6 +21,7 @@ from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.core.rebuild import OpenedPool, open_pool_dir
 from driver.core.reconcile import reconcile
+from driver.core.remote import RemoteBackups
 from driver.core.vacwatch import AttributesWatch, KubeClusterView
 from driver.csi.controller import ControllerServicer
 from driver.csi.identity import IdentityServicer
@@ -145,6 +146,7 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     view: KubeClusterView | None = None
     opened: OpenedPool | None = None
     backups: Backups | None = None
+    remote: RemoteBackups | None = None
     kind, where = parse_endpoint(cfg.endpoint)
     if cfg.serves_pool:
         pool, opened = open_pool(cfg)
@@ -188,13 +190,20 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
         def is_ready() -> bool:
             return ready.is_set() and ctx.backend.healthy() and ctx.store.healthy()
     else:
+        if cfg.backup_targets:  # the node-independent work on backup snapshots (design.md)
+            remote = RemoteBackups.open(
+                cfg.backup_targets,
+                cfg.backup_key_file,
+                cluster_id=cfg.backup_cluster_id,
+                workers=cfg.backup_workers,
+            )
 
         def is_ready() -> bool:
             return ready.is_set()
 
     # Controller mode has no pool: the same servicer then serves what needs none.
     csi_pb2_grpc.add_ControllerServicer_to_server(
-        ControllerServicer(controller, limits), server
+        ControllerServicer(controller, limits, remote), server
     )
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(ready=is_ready), server)
     if cfg.metrics_address:

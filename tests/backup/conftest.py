@@ -4,11 +4,9 @@ started; it is stopped by that PID only, its temporary directory removed even on
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,29 +21,13 @@ import botocore.exceptions
 import pytest
 
 from driver.backup import Credentials, Repository, RepositoryKey, Store, parse_target
+from driver.ctl.s3local import WEED_PORTS, free_port, weed_argv
 
 BIN = os.path.dirname(sys.executable)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ACCESS_KEY = "stowagetestak"
 SECRET_KEY = "stowage-test-secret-key-0123456789"
 KINDS = ["seaweedfs", "rclone"]
-
-
-def free_port() -> int:
-    """A loopback TCP port that is free now, whose +10000 (the gRPC convention of weed) is too."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port + 10000 >= 65536:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair found")
 
 
 @dataclass
@@ -71,26 +53,13 @@ class S3Server:
             return [os.path.join(BIN, "rclone"), "serve", "s3", "--addr",
                     f"127.0.0.1:{self.port}", "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
                     "--config", os.path.join(self.base, "rclone.conf"), data]
-        ids = os.path.join(self.base, "identities.json")
-        with open(ids, "w", encoding="utf-8") as fh:
-            json.dump({"identities": [{
-                "name": "stowage",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }]}, fh)
-        p = self.extra_ports
-        return [os.path.join(BIN, "weed"), "mini", "-dir", data, "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={ids}",
-                f"-master.port={p['master']}", f"-volume.port={p['volume']}",
-                f"-filer.port={p['filer']}", f"-admin.port={p['admin']}",
-                f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
-                f"-webdav.port={p['webdav']}", "-webdav=false",
-                "-master.volumeSizeLimitMB=64", "-master.telemetry=false"]
+        # the same weed mini that `make run` starts (driver/ctl/s3local.py)
+        return weed_argv(self.base, self.port, self.extra_ports, ACCESS_KEY, SECRET_KEY)
 
     def start(self, timeout: float = 90.0) -> None:
         if not self.port:
             self.port = free_port()
-            for name in ("master", "volume", "filer", "admin", "iceberg", "lance", "webdav"):
+            for name in WEED_PORTS:
                 self.extra_ports[name] = free_port()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,

@@ -147,6 +147,9 @@ KNOWN_FLAGS = {
     },
     # the driver's own CLI (driver/cli.py)
     "stowage-csi": {
+        "backup-target",
+        "backup-key-file",
+        "backup-cluster-id",
         "endpoint",
         "mode",
         "node-id",
@@ -396,7 +399,10 @@ def test_controller_and_leader_election(render, name: str) -> None:
     replicas = values_of(name).get("controller", {}).get("replicas", 1)
     assert dep["spec"]["replicas"] == replicas
     cs = util.containers(dep)
-    assert list(cs) == ["stowage-csi", "csi-resizer", "liveness-probe"]
+    backups = bool(values_of(name).get("backup", {}).get("targets"))
+    assert list(cs) == [
+        "stowage-csi", "csi-resizer", *(["csi-snapshotter"] if backups else []), "liveness-probe"
+    ]
     f = util.flags(cs["stowage-csi"])
     assert f["mode"] == "controller"
     assert "pool-dir" not in f and "node-id" not in f

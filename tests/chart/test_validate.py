@@ -114,7 +114,8 @@ def test_rendered_objects_are_valid(render, name: str) -> None:
         used[kind] = used.get(kind, 0) + 1
     assert used["kubernetes"] >= 16, used
     snapshots_on = VALUE_SETS[name].get("volumeSnapshotClass", {}).get("create", True)
-    assert used.get("crd", 0) == (1 if snapshots_on else 0), used
+    backup_class = bool(VALUE_SETS[name].get("backup", {}).get("targets"))
+    assert used.get("crd", 0) == int(snapshots_on) + int(backup_class), used
 
 
 def test_default_render_inventory(render) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from driver import CONTEXT_POD_UID
 from driver.ctl.client import block_cap
-from tests.conftest import wait_for
+from harness import wait_for
 from tests.integration.helpers import MiB
 from tests.podcgroup import PodCgroup, read_iops
 
