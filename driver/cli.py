@@ -121,6 +121,13 @@ def parse(argv: list[str] | None = None) -> Config:
         help="bytes per second shared by this node's backup transfers (a quantity: 50Mi); "
         "0 = unlimited",
     )
+    p.add_argument(
+        "--backup-verify-interval",
+        type=_checked(lambda text: flags.interval(text, minimum=1.0), "duration"),
+        default=0.0,
+        help="re-read and authenticate the newest backup of every volume this often (a "
+        "duration: 24h, 7d); 0 = off",
+    )
     p.add_argument("--version", action="version", version=f"stowage-csi {__version__}")
     a = p.parse_args(argv)
     if a.workers < 1:
@@ -172,6 +179,7 @@ def parse(argv: list[str] | None = None) -> Config:
         backup_workers=a.backup_workers,
         backup_max_concurrent=a.backup_max_concurrent,
         backup_rate_limit=a.backup_rate_limit,
+        backup_verify_interval=a.backup_verify_interval,
     )
 
 

@@ -37,6 +37,7 @@ class Config:
     backup_workers: int = 4  # parallel chunk transfers of one upload or restore
     backup_max_concurrent: int = 2  # uploads and restores running at once on this node
     backup_rate_limit: int = 0  # bytes per second shared by all transfers; 0 = unlimited
+    backup_verify_interval: float = 0.0  # seconds between scrubs of each volume's newest backup
 
     @property
     def serves_pool(self) -> bool:

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import boto3
 import botocore.config
@@ -29,6 +30,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 ACCESS_KEY = "stowagetestak"
 SECRET_KEY = "stowage-test-secret-key-0123456789"
 KINDS = ["seaweedfs", "rclone"]
+PROBE_BUCKET = "stowage-ready-probe"
 
 
 def free_port() -> int:
@@ -102,12 +104,23 @@ class S3Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.kind} exited early:\n{self.log()}")
             try:
-                client.list_buckets()
+                self._probe(client)
                 return
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
                 time.sleep(0.3)
         self.stop()
         raise AssertionError(f"{self.kind} did not become ready:\n{self.log()}")
+
+    @staticmethod
+    def _probe(client: Any) -> None:
+        """Ready means objects can be written and read back: SeaweedFS answers listings before
+        its volume server has registered, and fails reads (InternalError) until then."""
+        buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if PROBE_BUCKET not in buckets:
+            client.create_bucket(Bucket=PROBE_BUCKET)
+        client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+        if client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() != b"ready":
+            raise botocore.exceptions.BotoCoreError()
 
     def stop(self) -> None:
         if self.proc is None:
