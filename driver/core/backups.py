@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -119,6 +119,25 @@ def origin_of(m: Manifest) -> Snapshot:
         ready=True,
         sector_size=m.sector_size,
     )
+
+
+def prune_plan(
+    manifests: Iterable[Manifest], keep_last: int, cluster_id: str, volume: str = ""
+) -> list[Manifest]:
+    """The backups a keep-last-N retention removes: per source volume, every backup owned by
+    `cluster_id` but the newest `keep_last` (by creation time, then ID). Another cluster's
+    backups are neither removed nor counted; `volume` limits the plan to one source volume."""
+    if keep_last < 1:
+        raise errors.InvalidArgument("--keep-last must be at least 1 (0 would remove them all)")
+    by_volume: dict[str, list[Manifest]] = {}
+    for m in manifests:
+        if m.cluster_id == cluster_id and (not volume or m.source_volume_id == volume):
+            by_volume.setdefault(m.source_volume_id, []).append(m)
+    doomed: list[Manifest] = []
+    for _, ms in sorted(by_volume.items()):
+        ms.sort(key=lambda m: (m.created, m.snapshot_id), reverse=True)
+        doomed.extend(ms[keep_last:])
+    return doomed
 
 
 @dataclass

@@ -47,6 +47,17 @@ def add_parser(sub: Any, duration: Any) -> None:
         every = " (default: every backup)" if name == "verify" else ""
         p.add_argument("snapshot", nargs="*" if name == "verify" else None,
                        help="snapshot ID" + every)
+    pr = bk.add_parser(
+        "prune", help="keep the newest N backups of each volume, delete the older manifests"
+    )
+    common(pr)
+    pr.add_argument("--keep-last", type=int, required=True, metavar="N")
+    pr.add_argument("--volume", default="", help="only the backups of this source volume")
+    pr.add_argument(
+        "--cluster-id", default=os.environ.get("STOWAGE_CLUSTER_ID") or "default",
+        help="only backups this cluster owns ($STOWAGE_CLUSTER_ID or 'default', as the driver)",
+    )
+    pr.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     r = bk.add_parser("restore", help="write a backup's image to a file (sparse, verified)")
     common(r)
     r.add_argument("snapshot")
@@ -116,6 +127,22 @@ def main(args: argparse.Namespace, emit: Any) -> int:
     elif args.action == "delete":
         repo.delete(snapshot)
         print(f"deleted backup {snapshot} (its chunks are reclaimed by gc)")
+    elif args.action == "prune":
+        from driver.core.backups import prune_plan
+
+        listed = []
+        for s in repo.list():
+            try:
+                listed.append(repo.show(s.snapshot_id))
+            except errors.NotFound:
+                continue  # deleted since the listing
+        doomed = prune_plan(listed, args.keep_last, args.cluster_id, args.volume)
+        rows = [{"snapshot": m.snapshot_id, "volume": m.source_volume_id, "created": m.created,
+                 "action": "would delete" if args.dry_run else "deleted"} for m in doomed]
+        for m in doomed:
+            if not args.dry_run:
+                repo.delete(m.snapshot_id)
+        emit(rows, rows, ("snapshot", "volume", "created", "action"))
     elif args.action == "gc":
         rep = repo.gc(min_candidate_age=args.min_age)
         emit(vars(rep), None, ())

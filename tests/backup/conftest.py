@@ -209,11 +209,12 @@ RepoFactory = Callable[..., Repository]
 
 def make_repo(server: S3Server, bucket: str, key: RepositoryKey = KEY, *,
               secret: str | None = None, chunk_size: int = 64 << 10, workers: int = 4,
-              max_attempts: int = 2, prefix: str = "pfx/x", **kw: object) -> Repository:
+              max_attempts: int = 2, prefix: str = "pfx/x", cluster_id: str = "cluster-a",
+              **kw: object) -> Repository:
     target = parse_target(f"t1=s3://{bucket}/{prefix}?endpoint={server.endpoint}")
     creds = Credentials(ACCESS_KEY, secret or SECRET_KEY)
     store = Store(target, creds, max_attempts=max_attempts, connect_timeout=2, read_timeout=20)
-    return Repository(store, key, cluster_id="cluster-a", chunk_size=chunk_size,
+    return Repository(store, key, cluster_id=cluster_id, chunk_size=chunk_size,
                       workers=workers, **kw)  # type: ignore[arg-type]
 
 
