@@ -25,7 +25,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from driver import errors, ids
+from driver import errors, faults, ids
 from driver.backup import (
     Credentials,
     Manifest,
@@ -332,6 +332,7 @@ class Backups:
         result = repo.backup(
             backend.snapshot_path(snapshot_id), record, base=base, progress=on_progress
         )
+        faults.hit("backup-upload:manifest-written")
         if store.get_snapshot(snapshot_id) is None:  # deleted while the manifest was written
             repo.delete(snapshot_id)
             return
@@ -470,6 +471,7 @@ class Backups:
             self.metrics.duration.labels("restore").observe(took)
             log.info("restored backup %s (%d bytes) for %s in %.1fs (%s)", snapshot_id, m.size,
                      volume_id, took, rate_text(m.size, took))
+        faults.hit("backup-restore:image-ready")
         finish()
 
     # --- scrub -------------------------------------------------------------------------------

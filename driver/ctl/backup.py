@@ -100,6 +100,9 @@ def _progress(what: str) -> Any:
 
 def main(args: argparse.Namespace, emit: Any) -> int:
     """Run a `backup` action; `emit(data, rows, columns)` prints in the chosen format."""
+    from driver import faults
+
+    faults.configure()  # STOWAGE_FAULTS, as in the driver: the crash tests of gc
     snapshot = args.snapshot if isinstance(getattr(args, "snapshot", None), str) else ""
     repo = _repo(args, snapshot)
     if args.action == "list":

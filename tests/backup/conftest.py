@@ -24,6 +24,7 @@ import botocore.exceptions
 import pytest
 
 from driver.backup import Credentials, Repository, RepositoryKey, Store, parse_target
+from tests.conftest import DriverProcess, Pool, make_pool
 
 BIN = os.path.dirname(sys.executable)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -227,3 +228,32 @@ def repo_factory(s3: S3Server) -> RepoFactory:
         return make_repo(s3, bucket, key, **kw)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def pools() -> Iterator[Callable[[], Pool]]:
+    """Pools made on demand (one per node), all torn down at the end."""
+    assert os.geteuid() == 0, "needs root (loop devices, mkfs, mount)"
+    teardowns: list[Callable[[], None]] = []
+
+    def make() -> Pool:
+        p, teardown = make_pool()
+        teardowns.append(teardown)
+        return p
+
+    try:
+        yield make
+    finally:
+        for t in reversed(teardowns):
+            t()
+
+
+@pytest.fixture
+def drivers() -> Iterator[list[DriverProcess]]:
+    """Driver processes a test started (one per node), stopped by PID at the end."""
+    started: list[DriverProcess] = []
+    try:
+        yield started
+    finally:
+        for d in started:
+            d.stop(signal.SIGKILL if d.proc and d.proc.poll() is None else signal.SIGTERM)

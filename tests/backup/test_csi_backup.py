@@ -21,7 +21,7 @@ from csi_proto import csi_pb2
 from driver.ctl import main as ctl
 from driver.ctl.client import Client, block_cap, mount_cap
 from tests.backup.conftest import KINDS, S3Server, free_port, start_server
-from tests.conftest import DriverProcess, Pool, make_pool
+from tests.conftest import DriverProcess, Pool
 from tests.integration.helpers import MiB, Mounted, sha256, write_random
 
 pytestmark = pytest.mark.root
@@ -42,34 +42,6 @@ def store(request: pytest.FixtureRequest) -> Iterator[S3Server]:
         yield server
     finally:
         teardown()
-
-
-@pytest.fixture
-def pools() -> Iterator[Callable[[], Pool]]:
-    """Pools made on demand (one per node), all torn down at the end."""
-    assert os.geteuid() == 0, "needs root (loop devices, mkfs, mount)"
-    teardowns: list[Callable[[], None]] = []
-
-    def make() -> Pool:
-        p, teardown = make_pool()
-        teardowns.append(teardown)
-        return p
-
-    try:
-        yield make
-    finally:
-        for t in reversed(teardowns):
-            t()
-
-
-@pytest.fixture
-def drivers() -> Iterator[list[DriverProcess]]:
-    started: list[DriverProcess] = []
-    try:
-        yield started
-    finally:
-        for d in started:
-            d.stop(signal.SIGKILL if d.proc and d.proc.poll() is None else signal.SIGTERM)
 
 
 def node(
@@ -142,6 +114,20 @@ def make_data_volume(client: Client, pool: Pool, name: str, mib: int) -> tuple[s
     with Mounted(client, pool.base, vol, fs_type="ext4") as m:
         digest = write_random(os.path.join(m.target, "data"), mib)
     return vol, digest
+
+
+def backed_up(server: S3Server, pools: Callable[[], Pool], drivers: list[DriverProcess],
+              mib: int) -> tuple[str, str, Pool, str, str]:
+    """A volume with `mib` MiB of data on node A, backed up and ready: (bucket, spec, node A's
+    pool, snapshot ID, sha256 of the data file). Node A's driver is left running."""
+    bucket = server.make_bucket()
+    spec = spec_for(server, bucket)
+    pool_a = pools()
+    a = node(pool_a, drivers, spec).start()
+    vol, digest = make_data_volume(a, pool_a, "src", mib)
+    sid = until_ready(a, "snap", vol).snapshot_id
+    a.close()
+    return bucket, spec, pool_a, sid, digest
 
 
 def test_backup_then_restore_on_another_node(store, pools, drivers):
@@ -286,13 +272,8 @@ def test_kill_mid_upload_resumes_at_start(store, pools, drivers):
 
 
 def test_restore_errors_wrong_key_and_damaged_chunk(store, pools, drivers):
-    bucket = store.make_bucket()
-    spec = spec_for(store, bucket)
-    pool_a, pool_b = pools(), pools()
-    a = node(pool_a, drivers, spec).start()
-    vol, _ = make_data_volume(a, pool_a, "src", 4)
-    sid = until_ready(a, "snap", vol).snapshot_id
-    a.close()
+    bucket, spec, pool_a, sid, _ = backed_up(store, pools, drivers, 4)
+    pool_b = pools()
 
     wrong = node(pool_b, drivers, spec, key=KEY_B, node_id="node-b")
     b = wrong.start()
@@ -323,13 +304,8 @@ def test_restore_errors_wrong_key_and_damaged_chunk(store, pools, drivers):
 
 
 def test_slow_restore_answers_in_progress_and_survives_a_restart(store, pools, drivers):
-    bucket = store.make_bucket()
-    spec = spec_for(store, bucket)
-    pool_a, pool_b = pools(), pools()
-    a = node(pool_a, drivers, spec).start()
-    vol, digest = make_data_volume(a, pool_a, "src", 12)
-    sid = until_ready(a, "snap", vol).snapshot_id
-    a.close()
+    bucket, spec, _, sid, digest = backed_up(store, pools, drivers, 12)
+    pool_b = pools()
 
     # Node B restores at 1 MiB/s: longer than the call waits, so the CO is told "in progress".
     slow = node(pool_b, drivers, spec, "--backup-rate-limit", "1Mi", "--backup-workers", "1",
@@ -415,12 +391,15 @@ def test_metrics_and_periodic_verify_find_damage(store, pools, drivers):
     a = d.start()
     vol, _ = make_data_volume(a, pool_a, "src", 4)
     before = time.time()
-    until_ready(a, "snap", vol)
+    sid = until_ready(a, "snap", vol).snapshot_id
     got = scrape(port)
     assert got[f'stowage_backup_last_success_timestamp_seconds{{volume="{vol}"}}'] >= before - 1
     assert got[f'stowage_backup_read_bytes_total{{target="{TARGET}"}}'] >= 4 * MiB
     assert got[f'stowage_backup_uploaded_bytes_total{{target="{TARGET}"}}'] >= MiB
     assert got['stowage_backup_job_duration_seconds_count{kind="upload"}'] == 1
+    # The pool metrics count the local copy kept after the upload (the next backup's base).
+    local = os.stat(os.path.join(pool_a.mount, "snapshots", sid + ".img")).st_blocks * 512
+    assert local >= 4 * MiB and got["stowage_pool_allocated_bytes"] >= local + 4 * MiB
 
     # The scrub verifies the newest backup of the volume, then finds a damaged chunk.
     ok = f'stowage_backup_last_verify_ok{{volume="{vol}"}}'

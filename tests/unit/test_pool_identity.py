@@ -302,7 +302,7 @@ def test_interval_is_off_or_long_enough(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["0.5s", "often", ""])
 def test_bad_intervals(text: str) -> None:
-    with pytest.raises(ValueError, match="too short|duration"):
+    with pytest.raises(ValueError, match=r"too short|duration"):
         flags.interval(text, minimum=1.0)
 
 
