@@ -420,3 +420,28 @@ def test_metrics_and_periodic_verify_find_damage(store, pools, drivers):
     got = scrape(port)
     assert got[f'stowage_backup_last_success_timestamp_seconds{{volume="{vol}"}}'] >= before - 1
     a.close()
+
+
+def test_deleted_files_are_not_carried_into_a_backup(store, pools, drivers):
+    """CreateSnapshot of a backup class trims the mounted filesystem before freezing it: the
+    loop device punches holes in the image where a deleted file was, so it is neither read nor
+    uploaded."""
+    bucket = store.make_bucket()
+    pool_a = pools()
+    port = free_port()
+    d = node(pool_a, drivers, spec_for(store, bucket), "--metrics-address", f"127.0.0.1:{port}")
+    a = d.start()
+    vol = a.create_volume("src", 128 * MiB, mount_cap("ext4")).volume_id
+    with Mounted(a, pool_a.base, vol, fs_type="ext4") as m:
+        write_random(os.path.join(m.target, "big"), 40)
+        os.sync()
+        os.unlink(os.path.join(m.target, "big"))
+        write_random(os.path.join(m.target, "small"), 1)
+        sid = until_ready(a, "snap", vol).snapshot_id  # while mounted: trimmed, then frozen
+    got = scrape(port)
+    assert got[f'stowage_backup_read_bytes_total{{target="{TARGET}"}}'] < 16 * MiB
+    assert got[f'stowage_backup_uploaded_bytes_total{{target="{TARGET}"}}'] < 16 * MiB
+    assert f"trimmed {vol} before its snapshot" in d.log()
+    local = os.path.join(pool_a.mount, "snapshots", sid + ".img")
+    assert os.stat(local).st_blocks * 512 < 16 * MiB  # the pool does not hold it either
+    a.close()
