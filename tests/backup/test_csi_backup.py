@@ -9,9 +9,11 @@ import os
 import signal
 import socket
 import sqlite3
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -20,7 +22,7 @@ import pytest
 from csi_proto import csi_pb2
 from driver.ctl import main as ctl
 from driver.ctl.client import Client, block_cap, mount_cap
-from tests.backup.conftest import KINDS, S3Server, free_port, start_server
+from tests.backup.conftest import KINDS, SECRET_KEY, S3Server, free_port, start_server
 from tests.conftest import DriverProcess, Pool
 from tests.integration.helpers import MiB, Mounted, sha256, write_random
 
@@ -69,6 +71,16 @@ def code_of(fn: Callable[[], Any]) -> grpc.StatusCode | None:
     except grpc.RpcError as exc:
         return exc.code()  # type: ignore[no-any-return]
     return None
+
+
+def failed_code(client: Client, vol: str) -> grpc.StatusCode | None:
+    """The code the CO's (retried) CreateSnapshot reports once the upload has failed."""
+    end = time.monotonic() + 60
+    code = None
+    while code is None and time.monotonic() < end:
+        code = code_of(lambda: client.create_snapshot("snap", vol, PARAMS))
+        time.sleep(0.3)
+    return code
 
 
 def until_ready(client: Client, name: str, vol: str, timeout: float = 120.0,
@@ -231,13 +243,7 @@ def test_unreachable_store_is_reported_then_resumed_after_restart(store, pools, 
     d = node(pool_a, drivers, spec_for(store, bucket, dead))
     a = d.start()
     vol, _ = make_data_volume(a, pool_a, "src", 4)
-    assert not a.create_snapshot("snap", vol, PARAMS).ready_to_use
-    end = time.monotonic() + 60
-    code = None
-    while code is None and time.monotonic() < end:
-        code = code_of(lambda: a.create_snapshot("snap", vol, PARAMS))
-        time.sleep(0.3)
-    assert code is grpc.StatusCode.UNAVAILABLE  # reported, never swallowed
+    assert failed_code(a, vol) is grpc.StatusCode.UNAVAILABLE  # reported, never swallowed
     a.close()
     d.stop()
     # The same target reachable again: the failed upload restarts on the next call.
@@ -348,13 +354,7 @@ def test_access_denied_is_reported_with_its_code(store, pools, drivers):
     d.env = {"AWS_SECRET_ACCESS_KEY": "not-the-secret-0123456789"}
     a = d.start()
     vol, _ = make_data_volume(a, pool_a, "src", 1)
-    assert not a.create_snapshot("snap", vol, PARAMS).ready_to_use
-    end = time.monotonic() + 60
-    code = None
-    while code is None and time.monotonic() < end:
-        code = code_of(lambda: a.create_snapshot("snap", vol, PARAMS))
-        time.sleep(0.3)
-    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert failed_code(a, vol) is grpc.StatusCode.PERMISSION_DENIED
     assert "not-the-secret" not in d.log()
     a.close()
 
@@ -445,3 +445,54 @@ def test_deleted_files_are_not_carried_into_a_backup(store, pools, drivers):
     local = os.path.join(pool_a.mount, "snapshots", sid + ".img")
     assert os.stat(local).st_blocks * 512 < 16 * MiB  # the pool does not hold it either
     a.close()
+
+
+class _FullStore(BaseHTTPRequestHandler):
+    """An S3 endpoint whose disk is full: reads find nothing, every write is refused (507)."""
+
+    def _answer(self, status: int, code: str) -> None:
+        body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>m</Message></Error>"
+        data = b"" if self.command == "HEAD" else body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._answer(404, "NoSuchKey")
+
+    def do_HEAD(self) -> None:
+        self._answer(404, "NoSuchKey")
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer(507, "InsufficientStorage")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_missing_bucket_and_full_store_answer_their_codes(store, pools, drivers):
+    pool_a = pools()
+    d = node(pool_a, drivers, f"{TARGET}=s3://no-such-bucket-{os.getpid()}/csi"
+             f"?endpoint={store.endpoint}")
+    a = d.start()
+    vol, _ = make_data_volume(a, pool_a, "src", 1)
+    assert failed_code(a, vol) is grpc.StatusCode.FAILED_PRECONDITION
+    a.close()
+    d.stop()
+
+    full = ThreadingHTTPServer(("127.0.0.1", 0), _FullStore)
+    t = threading.Thread(target=full.serve_forever, daemon=True)
+    t.start()
+    try:
+        d.extra[1] = f"{TARGET}=s3://bucket/csi?endpoint=http://127.0.0.1:{full.server_address[1]}"
+        a = d.start()
+        assert failed_code(a, vol) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        a.close()
+    finally:
+        full.shutdown()
+        full.server_close()
+        t.join()
+    assert SECRET_KEY not in d.log() and KEY_A not in d.log()
