@@ -21,6 +21,7 @@ import pytest
 
 from csi_proto import csi_pb2
 from driver.ctl import main as ctl
+from driver.ctl.backup import upload_status
 from driver.ctl.client import Client, block_cap, mount_cap
 from tests.backup.conftest import KINDS, SECRET_KEY, S3Server, free_port, start_server
 from tests.conftest import DriverProcess, Pool
@@ -264,6 +265,13 @@ def test_kill_mid_upload_resumes_at_start(store, pools, drivers):
     sid = a.create_snapshot("snap", vol, PARAMS).snapshot_id
     time.sleep(3)  # some chunks are up, most are not
     assert manifests(store, bucket) == []
+    # The operator sees the upload's progress from the node's records, the driver running.
+    end = time.monotonic() + 30
+    while (row := upload_status(pool_a.mount)[0])["done"] == 0 and time.monotonic() < end:
+        time.sleep(0.3)  # the driver writes the progress every few seconds
+    assert row["snapshot"] == sid and row["phase"] == "uploading"
+    assert 0 < row["done"] < row["total"] == 128 * MiB and 0 < row["percent"] < 100
+    assert ctl.main(["backup", "status", "--pool-dir", pool_a.mount]) == 0
     a.close()
     d.stop(signal.SIGKILL)
     d.extra = d.extra[:6]  # no rate limit now
