@@ -19,6 +19,7 @@ import pytest
 
 from driver import faults
 from driver.backup import SnapshotRecord
+from driver.ctl import local
 from driver.ctl import main as ctl
 from driver.ctl.client import Client, mount_cap
 from tests.backup.conftest import REPO_ROOT, S3Server, make_repo, start_server
@@ -144,6 +145,12 @@ def killed_at(d: DriverProcess, point: str) -> None:
     assert f"fault point {point.split('@', maxsplit=1)[0]} reached" in d.log()
 
 
+def assert_pool_consistent(pool: Pool) -> None:
+    """`stowagectl check`: records, images, loops and mounts agree (no orphan image)."""
+    found = local.check(pool.mount)
+    assert found.ok, "stowagectl check found problems:\n" + "\n".join(found.problems)
+
+
 def start_crashing(d: DriverProcess, point: str) -> Client:
     d.env = {"STOWAGE_FAULTS": point}
     try:
@@ -178,6 +185,7 @@ def test_kill_9_in_upload_then_co_retries(seaweed: S3Server, pools: Callable[[],
     image = os.path.join(pool_a.base, "dr.img")
     assert ctl.main(["backup", "restore", sid, "--to", image, *creds]) == 0
     assert sha256(image) == sha256(os.path.join(pool_a.mount, "snapshots", sid + ".img"))
+    assert_pool_consistent(pool_a)
     a.close()
 
 
@@ -201,6 +209,7 @@ def test_kill_9_in_restore_then_co_retries(seaweed: S3Server, pools: Callable[[]
     assert not os.listdir(os.path.join(pool_b.mount, "restoring"))
     with Mounted(b, pool_b.base, restored.volume_id, fs_type="ext4") as m:
         assert sha256(os.path.join(m.target, "data")) == digest
+    assert_pool_consistent(pool_b)
     b.close()
 
 
