@@ -133,6 +133,13 @@ def parse(argv: list[str] | None = None) -> Config:
         default="",
         help="with --watch-volume-attributes: a kubeconfig file; empty = in-cluster credentials",
     )
+    p.add_argument(
+        "--backup-verify-interval",
+        type=_checked(lambda text: flags.interval(text, minimum=1.0), "duration"),
+        default=0.0,
+        help="re-read and authenticate the newest backup of every volume this often (a "
+        "duration: 24h, 7d); 0 = off",
+    )
     p.add_argument("--version", action="version", version=f"stowage-csi {__version__}")
     a = p.parse_args(argv)
     if a.workers < 1:
@@ -190,6 +197,7 @@ def parse(argv: list[str] | None = None) -> Config:
         backup_rate_limit=a.backup_rate_limit,
         watch_volume_attributes=a.watch_volume_attributes,
         kubeconfig=a.kubeconfig,
+        backup_verify_interval=a.backup_verify_interval,
     )
 
 

@@ -41,6 +41,7 @@ class Config:
     # (driver.core.vacwatch), with in-cluster credentials or this kubeconfig.
     watch_volume_attributes: bool = False
     kubeconfig: str = ""
+    backup_verify_interval: float = 0.0  # seconds between scrubs of each volume's newest backup
 
     @property
     def serves_pool(self) -> bool:

@@ -90,7 +90,27 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-POINTS: frozenset[str] = frozenset(p for pts in OPERATIONS.values() for p in pts)
+# The backup jobs' fault points (docs/backup.md): uploads and restores run in the driver's
+# background jobs, the garbage collector in `stowagectl backup gc`. tests/backup/test_kill.py
+# walks this table the way the crash suite walks OPERATIONS.
+BACKUP_OPERATIONS: dict[str, tuple[str, ...]] = {
+    "backup-upload": (
+        "backup-upload:chunk-stored",  # a chunk is in the store, the manifest is not
+        "backup-upload:manifest-written",  # durable in the target, not yet recorded as done
+    ),
+    "backup-restore": (
+        "backup-restore:chunk-written",  # some chunks are in the partial image
+        "backup-restore:image-ready",  # whole image verified, the volume not yet recorded
+    ),
+    "backup-gc": (
+        "backup-gc:marked",  # candidate list written
+        "backup-gc:chunk-deleted",  # a sweep midway: some candidates deleted, the list stays
+    ),
+}
+
+POINTS: frozenset[str] = frozenset(
+    p for table in (OPERATIONS, BACKUP_OPERATIONS) for pts in table.values() for p in pts
+)
 
 
 @dataclass

@@ -170,6 +170,7 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
                     workers=cfg.backup_workers,
                     max_concurrent=cfg.backup_max_concurrent,
                     rate_limit=cfg.backup_rate_limit,
+                    metrics=metrics.backup,
                 )
             except BaseException:
                 opened.close()
@@ -235,6 +236,7 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     running = Running(server, (kind, where), pool, ready, opened, backups=backups)
     if backups is not None:
         backups.resume()
+        backups.start_scrub(cfg.backup_verify_interval)
     if pool is not None and cfg.store_backup_interval > 0:
         _start_store_backups(pool, cfg.store_backup_interval, running.stopping)
     if limits is not None:

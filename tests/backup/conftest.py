@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import boto3
 import botocore.config
@@ -22,12 +23,14 @@ import pytest
 
 from driver.backup import Credentials, Repository, RepositoryKey, Store, parse_target
 from driver.ctl.s3local import WEED_PORTS, free_port, weed_argv
+from harness import DriverProcess, Pool, make_pool
 
 BIN = os.path.dirname(sys.executable)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ACCESS_KEY = "stowagetestak"
 SECRET_KEY = "stowage-test-secret-key-0123456789"
 KINDS = ["seaweedfs", "rclone"]
+PROBE_BUCKET = "stowage-ready-probe"
 
 
 @dataclass
@@ -71,12 +74,23 @@ class S3Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.kind} exited early:\n{self.log()}")
             try:
-                client.list_buckets()
+                self._probe(client)
                 return
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
                 time.sleep(0.3)
         self.stop()
         raise AssertionError(f"{self.kind} did not become ready:\n{self.log()}")
+
+    @staticmethod
+    def _probe(client: Any) -> None:
+        """Ready means objects can be written and read back: SeaweedFS answers listings before
+        its volume server has registered, and fails reads (InternalError) until then."""
+        buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if PROBE_BUCKET not in buckets:
+            client.create_bucket(Bucket=PROBE_BUCKET)
+        client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+        if client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() != b"ready":
+            raise botocore.exceptions.BotoCoreError()
 
     def stop(self) -> None:
         if self.proc is None:
@@ -165,11 +179,12 @@ RepoFactory = Callable[..., Repository]
 
 def make_repo(server: S3Server, bucket: str, key: RepositoryKey = KEY, *,
               secret: str | None = None, chunk_size: int = 64 << 10, workers: int = 4,
-              max_attempts: int = 2, prefix: str = "pfx/x", **kw: object) -> Repository:
+              max_attempts: int = 2, prefix: str = "pfx/x", cluster_id: str = "cluster-a",
+              **kw: object) -> Repository:
     target = parse_target(f"t1=s3://{bucket}/{prefix}?endpoint={server.endpoint}")
     creds = Credentials(ACCESS_KEY, secret or SECRET_KEY)
     store = Store(target, creds, max_attempts=max_attempts, connect_timeout=2, read_timeout=20)
-    return Repository(store, key, cluster_id="cluster-a", chunk_size=chunk_size,
+    return Repository(store, key, cluster_id=cluster_id, chunk_size=chunk_size,
                       workers=workers, **kw)  # type: ignore[arg-type]
 
 
@@ -182,3 +197,32 @@ def repo_factory(s3: S3Server) -> RepoFactory:
         return make_repo(s3, bucket, key, **kw)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def pools() -> Iterator[Callable[[], Pool]]:
+    """Pools made on demand (one per node), all torn down at the end."""
+    assert os.geteuid() == 0, "needs root (loop devices, mkfs, mount)"
+    teardowns: list[Callable[[], None]] = []
+
+    def make() -> Pool:
+        p, teardown = make_pool()
+        teardowns.append(teardown)
+        return p
+
+    try:
+        yield make
+    finally:
+        for t in reversed(teardowns):
+            t()
+
+
+@pytest.fixture
+def drivers() -> Iterator[list[DriverProcess]]:
+    """Driver processes a test started (one per node), stopped by PID at the end."""
+    started: list[DriverProcess] = []
+    try:
+        yield started
+    finally:
+        for d in started:
+            d.stop(signal.SIGKILL if d.proc and d.proc.poll() is None else signal.SIGTERM)

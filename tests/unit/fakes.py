@@ -290,6 +290,10 @@ class RecordingFilesystems(Filesystems):
         os.close(os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY))  # as the real one does
         return mount_point in self.left_frozen
 
+    def trim(self, mount_point: str) -> int | None:  # type: ignore[override]
+        self.events.append(("trim", mount_point))
+        return 0
+
     @contextlib.contextmanager  # type: ignore[override]
     def frozen(self, mount_point: str) -> Iterator[None]:
         self.events.append(("freeze", mount_point))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import types
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from driver.errors import CommandFailed, FailedPrecondition, Internal, InvalidArgument
 from driver.host import fs as fs_module
 from driver.host import mountinfo
-from driver.host.fs import FIFREEZE, FITHAW, Filesystems
+from driver.host.fs import FIFREEZE, FITHAW, FITRIM, Filesystems
 from driver.host.loop import LoopManager
 from driver.host.mounter import Mounter
 from driver.model import FsType
@@ -178,6 +179,34 @@ def test_frozen_failure_is_internal_and_does_not_thaw(
     with pytest.raises(Internal), Filesystems.frozen(str(tmp_path)):
         ran.append(1)
     assert calls == [FIFREEZE] and ran == []
+
+
+def test_trim_reports_bytes_and_tolerates_devices_without_discard(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, int, int]] = []
+
+    def trims(fd: int, op: int, arg: bytearray, mutate: bool) -> None:
+        assert op == FITRIM and mutate
+        seen.append(struct.unpack("=QQQ", arg))
+        arg[8:16] = struct.pack("=Q", 12345)  # the kernel writes back what it trimmed
+
+    monkeypatch.setattr(fs_module, "fcntl", types.SimpleNamespace(ioctl=trims))
+    assert Filesystems.trim(str(tmp_path)) == 12345
+    assert seen == [(0, (1 << 64) - 1, 0)]  # the whole filesystem
+
+    def unsupported(fd: int, op: int, arg: bytearray, mutate: bool) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(fs_module, "fcntl", types.SimpleNamespace(ioctl=unsupported))
+    assert Filesystems.trim(str(tmp_path)) is None
+
+    def broken(fd: int, op: int, arg: bytearray, mutate: bool) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(fs_module, "fcntl", types.SimpleNamespace(ioctl=broken))
+    with pytest.raises(Internal, match="could not trim"):
+        Filesystems.trim(str(tmp_path))
 
 
 # --- LoopManager ----------------------------------------------------------------------------------

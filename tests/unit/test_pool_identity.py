@@ -303,6 +303,19 @@ def test_bad_durations(text: str) -> None:
 def test_flags_parse() -> None:
     cfg = parse(["--trash-grace", "7d", "--pool-require-mountpoint", "--metrics-address", ":9"])
     assert cfg.trash_grace == 604800 and cfg.pool_require_mountpoint
+    assert cfg.backup_verify_interval == 0  # off unless asked
+    assert parse(["--backup-verify-interval", "1d"]).backup_verify_interval == 86400
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0", 0.0), ("1s", 1.0), ("24h", 86400.0)])
+def test_interval_is_off_or_long_enough(text: str, seconds: float) -> None:
+    assert flags.interval(text, minimum=1.0) == seconds
+
+
+@pytest.mark.parametrize("text", ["0.5s", "often", ""])
+def test_bad_intervals(text: str) -> None:
+    with pytest.raises(ValueError, match=r"too short|duration"):
+        flags.interval(text, minimum=1.0)
 
 
 @pytest.mark.parametrize(
@@ -315,6 +328,8 @@ def test_flags_parse() -> None:
         ["--endpoint", "unix://relative.sock"],
         ["--workers", "0"],
         ["--store-backup-interval", "often"],
+        ["--backup-verify-interval", "daily"],
+        ["--backup-verify-interval", "0.5s"],
     ],
 )
 def test_bad_flag_is_one_line_and_exit_2_before_the_pool_opens(
