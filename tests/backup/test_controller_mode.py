@@ -17,24 +17,29 @@ import pytest
 from csi_proto import csi_pb2
 from driver.ctl.client import Client
 from harness import REPO, Pool, read_log
-from tests.backup.conftest import S3Server
+from tests.backup.conftest import S3Server, start_server
 from tests.backup.test_csi_backup import (
     CLUSTER,
     KEY_A,
     PARAMS,
     code_of,
-    drivers,
     make_data_volume,
     manifests,
     node,
-    pools,
     spec_for,
     until_ready,
-    weed,
 )
 from tests.integration.helpers import MiB
 
-__all__ = ["drivers", "pools", "weed"]
+
+@pytest.fixture(scope="module")
+def weed() -> Iterator[S3Server]:
+    """Controller mode against SeaweedFS (the CSI backup tests cover both servers)."""
+    server, teardown = start_server("seaweedfs")
+    try:
+        yield server
+    finally:
+        teardown()
 pytestmark = pytest.mark.root
 RPC = csi_pb2.ControllerServiceCapability.RPC
 
