@@ -4,7 +4,6 @@ restorable with their bytes; every bad request answered with its code and nothin
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import grpc
 import pytest
@@ -12,15 +11,7 @@ import pytest
 from csi_proto import csi_pb2, csi_pb2_grpc
 from driver.ctl.client import Client, block_cap, mount_cap
 from tests.conftest import DriverProcess, Pool, make_pool
-from tests.integration.helpers import MiB, Mounted, sha256, write_random
-
-
-def _code(call: Callable[[], object]) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return]
-    return grpc.StatusCode.OK
+from tests.integration.helpers import MiB, Mounted, sha256, status_code, write_random
 
 
 def _state(pool: Pool, client: Client) -> tuple[list[str], list[str]]:
@@ -154,7 +145,7 @@ def test_group_snapshot_life_and_bad_requests(pool: Pool, driver: DriverProcess,
             ),
         }
         for what, (call, want) in refused.items():
-            assert _code(call) is want, what
+            assert status_code(call) is want, what
             assert _state(pool, client) == before, what
 
         # Each member restores to its volume's bytes at the moment of the group snapshot.
@@ -176,7 +167,7 @@ def test_group_snapshot_life_and_bad_requests(pool: Pool, driver: DriverProcess,
             )
         )
         assert _state(pool, client) == ([], [])
-        assert _code(
+        assert status_code(
             lambda: groups.DeleteVolumeGroupSnapshot(
                 csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id)
             )
@@ -199,7 +190,7 @@ def test_members_on_two_nodes_are_refused(pool: Pool, driver: DriverProcess, cli
             before = (_state(pool, client), _state(other, client_b))
             for node in (client, client_b):
                 stub = csi_pb2_grpc.GroupControllerStub(node.channel)
-                code = _code(
+                code = status_code(
                     lambda stub=stub: stub.CreateVolumeGroupSnapshot(
                         csi_pb2.CreateVolumeGroupSnapshotRequest(
                             name="both", source_volume_ids=[a, b]
@@ -227,7 +218,8 @@ def test_killed_mid_group_leaves_no_half_group(pool: Pool, crash: str):
     try:
         req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="g", source_volume_ids=vols)
         stub = csi_pb2_grpc.GroupControllerStub(client.channel)
-        assert _code(lambda: stub.CreateVolumeGroupSnapshot(req)) is grpc.StatusCode.UNAVAILABLE
+        crashed = status_code(lambda: stub.CreateVolumeGroupSnapshot(req))
+        assert crashed is grpc.StatusCode.UNAVAILABLE
         client.close()
         drv.stop()
         drv.env = {}

@@ -10,13 +10,12 @@ import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 
-import grpc
 import pytest
 
 from csi_proto import csi_pb2, csi_pb2_grpc
 from driver.ctl.client import Client, block_cap
 from tests.conftest import DriverProcess, Pool, make_pool
-from tests.integration.helpers import MiB, Mounted, sha256
+from tests.integration.helpers import MiB, Mounted, sha256, status_code
 
 SIZE = 64 * MiB
 
@@ -29,13 +28,6 @@ def fs_pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
     finally:
         teardown()
 
-
-def _code(call: Callable[[], object]) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return]
-    return grpc.StatusCode.OK
 
 
 def _ranges(stream: Iterable[object], capacity: int) -> list[tuple[int, int]]:
@@ -170,5 +162,5 @@ def _run(pool: Pool, client: Client) -> None:
     }
     before = sorted(os.listdir(snap_dir))
     for what, (call, want) in refused.items():
-        assert _code(call).name == want, what
+        assert status_code(call).name == want, what
     assert sorted(os.listdir(snap_dir)) == before
