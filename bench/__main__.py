@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench import control, datapath, peer, rebuild, scale, snapshots
+from bench import control, datapath, metadata, peer, rebuild, scale, snapshots
 from bench.env import REPO, Driver, Env
 from bench.report import Row, plot, print_table, rows_for
 
@@ -73,7 +73,7 @@ def _sigterm(signum: int, frame: object) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="short runs, smaller scale (< 3 min)")
-    ap.add_argument("--only", default="datapath,snapshots,control,scale,rebuild",
+    ap.add_argument("--only", default="datapath,snapshots,metadata,control,scale,rebuild",
                     help="comma-separated sections")
     ap.add_argument("--preallocate", action="store_true",
                     help="data-path volumes with preallocate=true (default: sparse, as the "
@@ -133,6 +133,9 @@ def main() -> int:
                 env, c4, [1 * GiB, 100 * GiB], mode.ext4_repeats, "ext4", log)
             c4.close()
             d4.stop()
+        if "metadata" in sections:
+            log("snapshot metadata (GetMetadataDelta)")
+            result["metadata"] = metadata.run(env, client, pool, [1 * GiB, 100 * GiB], 25, log)
         if "control" in sections:
             log("control path")
             p = peer.build()

@@ -56,6 +56,13 @@ def rows_for(r: dict[str, Any]) -> list[Row]:
                                  d["1"]["median_s"], "s"))
                 rows.append(_row("snapshots", f"{kind} 100 GiB (ext4 pool, full copy)",
                                  d["100"]["median_s"], "s"))
+    md = r.get("metadata")
+    if md:
+        small, big = md["1"]["delta_median_s"], md["100"]["delta_median_s"]
+        rows.append(_row("snapshot metadata", "GetMetadataDelta 100 GiB / 1 GiB, 1 % changed",
+                         big / small, "x", "<=", 1.5))
+        rows.append(_row("snapshot metadata", "GetMetadataDelta 100 GiB, 1 % changed", big, "s"))
+        rows.append(_row("snapshot metadata", "GetMetadataDelta 1 GiB, 1 % changed", small, "s"))
     cp = r.get("control")
     if cp:
         st, pe = cp["stowage"], cp["peer"]
