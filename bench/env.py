@@ -8,6 +8,7 @@ are signalled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,12 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 
 from csi_proto import csi_pb2
-from driver.ctl.client import Client, probe_ready
+from driver.ctl.client import Client, block_cap, probe_ready
 from driver.host import mountinfo
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
@@ -197,3 +199,20 @@ def wait_probe(endpoint: str, proc: subprocess.Popen[bytes], deadline: float) ->
                     time.sleep(0.01)
         time.sleep(0.01)
     raise TimeoutError(f"{endpoint} not ready after {deadline:.0f}s")
+
+
+@contextlib.contextmanager
+def published_block(env: Env, client: Client, volume_id: str, *where: str) -> Iterator[str]:
+    """Stage and publish a volume as a block device under env.path(*where); its device path,
+    taken down again afterwards."""
+    cap = block_cap()
+    stage, pub = env.path(where[0], "stage", *where[1:]), env.path(where[0], "pub", *where[1:])
+    os.makedirs(os.path.dirname(stage), exist_ok=True)
+    os.makedirs(os.path.dirname(pub), exist_ok=True)
+    client.stage(volume_id, stage, cap)
+    client.publish(volume_id, stage, pub, cap)
+    try:
+        yield pub
+    finally:
+        client.unpublish(volume_id, pub)
+        client.unstage(volume_id, stage)

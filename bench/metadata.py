@@ -7,14 +7,13 @@ ratio should stay near 1."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
-from bench.env import Env, PoolDir
+from bench.env import Env, PoolDir, published_block
 from bench.stats import median
 from csi_proto import csi_pb2, csi_pb2_grpc
 from driver.backup import extents
@@ -23,21 +22,6 @@ from driver.ctl.client import Client, block_cap
 GiB = 1 << 30
 RANGES = 64  # changed ranges per step, whatever the size: the same extent count
 ALIGN = 64 << 10
-
-
-@contextlib.contextmanager
-def _published(env: Env, client: Client, volume_id: str, tag: str) -> Iterator[str]:
-    cap = block_cap()
-    stage, pub = env.path("cbt", "stage", tag), env.path("cbt", "pub", tag)
-    os.makedirs(os.path.dirname(stage), exist_ok=True)
-    os.makedirs(os.path.dirname(pub), exist_ok=True)
-    client.stage(volume_id, stage, cap)
-    client.publish(volume_id, stage, pub, cap)
-    try:
-        yield pub
-    finally:
-        client.unpublish(volume_id, pub)
-        client.unstage(volume_id, stage)
 
 
 def _scatter(device: str, size: int, rng: random.Random) -> int:
@@ -86,7 +70,7 @@ def run(
     for size in sizes:
         tag = f"{size // GiB}g"
         vid = client.create_volume(f"cbt-{tag}", size, block_cap()).volume_id
-        with _published(env, client, vid, tag) as dev:
+        with published_block(env, client, vid, "cbt", tag) as dev:
             _scatter(dev, size, rng)
             base = client.create_snapshot(f"cbt-base-{tag}", vid).snapshot_id
             written = _scatter(dev, size, rng)
