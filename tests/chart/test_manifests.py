@@ -537,6 +537,7 @@ def test_namespace_is_the_release_namespace(render) -> None:
             "CSIDriver",
             "StorageClass",
             "VolumeSnapshotClass",
+            "VolumeGroupSnapshotClass",
             "ClusterRole",
             "ClusterRoleBinding",
             "CustomResourceDefinition",
@@ -546,3 +547,28 @@ def test_namespace_is_the_release_namespace(render) -> None:
             assert doc["metadata"]["namespace"] == "storage", doc["metadata"]
         for subject in doc.get("subjects", []):
             assert subject["namespace"] == "storage"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_group_snapshots_are_wired_together(render, name: str) -> None:
+    """volumeGroupSnapshots.enabled turns on the CSIVolumeGroupSnapshot gate of csi-snapshotter
+    and the snapshot-controller, the group CRDs and the class together, or none of them."""
+    values = values_of(name)
+    on = values.get("volumeGroupSnapshots", {}).get("enabled", True)
+    docs = render(values)
+    gated = [util.containers(node_ds(docs))["csi-snapshotter"]]
+    for d in docs:
+        if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("snapshot-controller"):
+            gated.append(util.containers(d)["snapshot-controller"])
+    for c in gated:
+        gate = util.flags(c).get("feature-gates")
+        assert gate == ("CSIVolumeGroupSnapshot=true" if on else None), (c["name"], gate)
+    crds = {d["spec"]["group"] for d in util.by_kind(docs, "CustomResourceDefinition")}
+    crds_on = values.get("snapshotCRDs", {}).get("install", True)
+    assert ("groupsnapshot.storage.k8s.io" in crds) == (on and crds_on), crds
+    classes = util.by_kind(docs, "VolumeGroupSnapshotClass")
+    class_on = values.get("volumeGroupSnapshots", {}).get("class", {}).get("create", True)
+    assert len(classes) == int(on and class_on)
+    for cls in classes:
+        assert cls["apiVersion"] == "groupsnapshot.storage.k8s.io/v1"
+        assert cls["driver"] == "stowage.csi.io"

@@ -17,6 +17,29 @@ from .util import VALUE_SETS
 
 Rule = tuple[str, str, str, str]  # (scope, apiGroup, resource, verb)
 
+_G = "groupsnapshot.storage.k8s.io"
+# volumeGroupSnapshots.enabled (the default): external-snapshotter v8.6.0 with
+# --feature-gates=CSIVolumeGroupSnapshot=true, as its deploy/kubernetes RBAC lists them.
+GROUP_SNAPSHOTTER = [
+    ("cluster", _G, "volumegroupsnapshotclasses", ("get", "list", "watch")),
+    ("cluster", _G, "volumegroupsnapshotcontents", ("get", "list", "watch", "update", "patch")),
+    ("cluster", _G, "volumegroupsnapshotcontents/status", ("update", "patch")),
+]
+GROUP_CONTROLLER = [
+    # a group's members become VolumeSnapshots it creates and deletes
+    ("cluster", "snapshot.storage.k8s.io", "volumesnapshots", ("create", "delete")),
+    ("cluster", _G, "volumegroupsnapshotclasses", ("get", "list", "watch")),
+    (
+        "cluster",
+        _G,
+        "volumegroupsnapshotcontents",
+        ("create", "get", "list", "watch", "update", "delete", "patch"),
+    ),
+    ("cluster", _G, "volumegroupsnapshotcontents/status", ("patch",)),
+    ("cluster", _G, "volumegroupsnapshots", ("get", "list", "watch", "update", "patch")),
+    ("cluster", _G, "volumegroupsnapshots/status", ("update", "patch")),
+]
+
 # program -> [(scope, apiGroup, resource, verbs)]
 REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
     # external-provisioner v6.3.0 (--node-deployment --enable-capacity --extra-create-metadata)
@@ -50,7 +73,8 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
         # --capacity-ownerref-level=1: owner.Lookup gets the Pod, takes its controller reference
         ("namespace", "", "pods", ("get",)),
     ],
-    # external-snapshotter v8.6.0 csi-snapshotter --node-deployment (no group snapshots)
+    # external-snapshotter v8.6.0 csi-snapshotter --node-deployment
+    # --feature-gates=CSIVolumeGroupSnapshot=true
     "csi-snapshotter": [
         ("cluster", "", "events", ("create", "patch")),
         ("cluster", "snapshot.storage.k8s.io", "volumesnapshotclasses", ("get", "list", "watch")),
@@ -66,6 +90,7 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
             "volumesnapshotcontents/status",
             ("update", "patch"),
         ),
+        *GROUP_SNAPSHOTTER,
     ],
     "node-driver-registrar": [],  # talks to kubelet's plugin socket only
     "livenessprobe": [],  # talks to the CSI socket only
@@ -108,6 +133,7 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
             ("get", "list", "watch", "update", "patch"),
         ),
         ("cluster", "snapshot.storage.k8s.io", "volumesnapshots/status", ("update", "patch")),
+        *GROUP_CONTROLLER,
         # always --leader-election=true; its events go through the cluster-wide events rule
         ("namespace", "coordination.k8s.io", "leases", ("get", "create", "update")),
     ],
@@ -204,6 +230,12 @@ def test_rbac_is_exactly_what_each_sidecar_needs(render, name: str) -> None:
     for component, leader_election in components.items():
         sa = f"{util.RELEASE}-{component}"
         want = expand(component_programs(docs, component, leader_election))
+        if not values.get("volumeGroupSnapshots", {}).get("enabled", True):
+            want -= {
+                (scope, group, resource, verb)
+                for scope, group, resource, verbs in GROUP_SNAPSHOTTER + GROUP_CONTROLLER
+                for verb in verbs
+            }
         have = granted(docs, sa, ns)
         missing, extra = want - have, have - want
         assert not missing, f"{sa} lacks {sorted(missing)}"
