@@ -118,6 +118,7 @@ def test_rendered_objects_are_valid(render, name: str) -> None:
     classes = int(values.get("volumeSnapshotClass", {}).get("create", True)) + int(
         groups.get("enabled", True) and groups.get("class", {}).get("create", True)
     )
+    classes += int(values.get("snapshotMetadata", {}).get("enabled", False))  # its service
     assert used.get("crd", 0) == classes, used
 
 

@@ -41,6 +41,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "controller-replicas-2": {"controller": {"replicas": 2}},
     "no-group-snapshots": {"volumeGroupSnapshots": {"enabled": False}},
+    "snapshot-metadata": {"snapshotMetadata": {"enabled": True}},
     "metrics-off": {"node": {"metricsAddress": ""}, "controller": {"metricsAddress": ""}},
     "custom-images": {
         "image": {
@@ -257,6 +258,7 @@ CRD_KINDS = {
     "VolumeGroupSnapshot",
     "VolumeGroupSnapshotClass",
     "VolumeGroupSnapshotContent",
+    "SnapshotMetadataService",
 }
 
 
