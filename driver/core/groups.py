@@ -124,7 +124,7 @@ class GroupCore:
                     backend.snapshot(
                         snap.source_volume_id,
                         snap.id,
-                        record=ImageRecord.of_snapshot(snap, self.ctx.pool_uuid),
+                        record=ImageRecord.of_snapshot(snap, self.ctx.pool_uuid, name),
                     )
                     made.append(snap.id)
             faults.hit("create-group:images-ready")

@@ -736,11 +736,26 @@ class Store:
         return int(rows[0]["v"]), int(rows[0]["s"])
 
     # --- rebuild and backup -------------------------------------------------------------------
-    def import_rows(self, volumes: list[Volume], snapshots: list[Snapshot]) -> None:
-        """Insert many volume and snapshot rows in one transaction (the rebuild)."""
+    def import_rows(
+        self,
+        volumes: list[Volume],
+        snapshots: list[Snapshot],
+        groups: dict[str, tuple[str, float]] | None = None,
+    ) -> None:
+        """Insert many volume and snapshot rows in one transaction (the rebuild); `groups`
+        (group ID -> name, creation time) and the snapshots' `group_id` give the groups."""
         with self._tx() as db:
             db.executemany(_INSERT_VOLUME, [_volume_row(v) for v in volumes])
             db.executemany(_INSERT_SNAPSHOT, [_snapshot_row(s) for s in snapshots])
+            known = groups or {}
+            db.executemany(
+                "INSERT INTO groups VALUES (?,?,?)",
+                [(gid, name, at) for gid, (name, at) in known.items()],
+            )
+            db.executemany(
+                "INSERT INTO group_members VALUES (?,?)",
+                [(s.id, s.group_id) for s in snapshots if s.group_id in known],
+            )
 
     def backup_to(self, dest: str) -> None:
         """A consistent copy of the store at `dest` (SQLite online backup, 0600), written

@@ -3,6 +3,7 @@ restorable with their bytes; every bad request answered with its code and nothin
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import grpc
@@ -236,5 +237,45 @@ def test_killed_mid_group_leaves_no_half_group(pool: Pool, crash: str):
         for m in mounted:
             m.client = client
             m.down()
+        client.close()
+        drv.stop()
+
+
+def test_a_store_rebuilt_from_the_records_keeps_the_group(pool: Pool):
+    """meta.db lost: the start-up rebuild reads the members' records, which name their group,
+    so the group answers as before and is still deleted whole."""
+    drv = DriverProcess(pool)
+    client = drv.start()
+    try:
+        vols = [client.create_volume(n, 64 * MiB, block_cap()).volume_id for n in "pq"]
+        stub = csi_pb2_grpc.GroupControllerStub(client.channel)
+        req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="kept", source_volume_ids=vols)
+        group = stub.CreateVolumeGroupSnapshot(req).group_snapshot
+        client.close()
+        assert drv.stop() == 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(pool.mount, "meta.db" + suffix))
+        client = drv.start()
+        assert "rebuilt meta.db" in drv.log()
+        stub = csi_pb2_grpc.GroupControllerStub(client.channel)
+        got = stub.GetVolumeGroupSnapshot(
+            csi_pb2.GetVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id)
+        ).group_snapshot
+        assert sorted(s.snapshot_id for s in got.snapshots) == sorted(
+            s.snapshot_id for s in group.snapshots
+        )
+        assert stub.CreateVolumeGroupSnapshot(req).group_snapshot.group_snapshot_id == (
+            group.group_snapshot_id
+        )  # found by name again
+        member = group.snapshots[0].snapshot_id
+        assert status_code(lambda: client.delete_snapshot(member)) is (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+        stub.DeleteVolumeGroupSnapshot(
+            csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id)
+        )
+        assert _state(pool, client) == ([], [])
+    finally:
         client.close()
         drv.stop()
