@@ -130,9 +130,7 @@ class GroupCore:
             faults.hit("create-group:images-ready")
             store.add_group(group, seq)
         except BaseException:
-            for sid in made:
-                backend.delete_snapshot(sid)
-            store.journal_end(seq)
+            self._undo(made, seq)
             raise
         faults.hit("create-group:recorded")
         log.info(
@@ -143,6 +141,16 @@ class GroupCore:
             name,
         )
         return group
+
+    def _undo(self, made: list[str], seq: int) -> None:
+        """A create that failed (not crashed) removes the images it made and closes its entry.
+        If that fails too, the entry stays open and the next start-up does the same."""
+        try:
+            for sid in made:
+                self.ctx.backend.delete_snapshot(sid)
+            self.ctx.store.journal_end(seq)
+        except Exception:
+            log.exception("could not undo the failed group snapshot; start-up will")
 
     @staticmethod
     def _check_members(group: GroupSnapshot, snapshot_ids: Sequence[str]) -> None:
