@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench import control, datapath, iolimits, peer, rebuild, scale, snapshots
+from bench import control, datapath, iolimits, metadata, peer, rebuild, scale, snapshots
 from bench.env import bench_driver, disk_pool
 from bench.report import Row, plot, print_table, rows_for
 from harness import REPO, Workspace
@@ -74,7 +74,7 @@ def _sigterm(signum: int, frame: object) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="short runs, smaller scale (< 3 min)")
-    ap.add_argument("--only", default="datapath,snapshots,iolimits,control,scale,rebuild",
+    ap.add_argument("--only", default="datapath,snapshots,metadata,iolimits,control,scale,rebuild",
                     help="comma-separated sections")
     ap.add_argument("--preallocate", action="store_true",
                     help="data-path volumes with preallocate=true (default: sparse, as the "
@@ -134,6 +134,9 @@ def main() -> int:
                 env, c4, [1 * GiB, 100 * GiB], mode.ext4_repeats, "ext4", log)
             c4.close()
             d4.stop()
+        if "metadata" in sections:
+            log("snapshot metadata (GetMetadataDelta)")
+            result["metadata"] = metadata.run(env, client, pool, [1 * GiB, 100 * GiB], 25, log)
         if "iolimits" in sections:
             log(f"I/O limits (fio in a pod cgroup, {iolimits.LIMIT} IOPS limit)")
             result["iolimits"] = iolimits.run(

@@ -66,6 +66,13 @@ def rows_for(r: dict[str, Any]) -> list[Row]:
             rows.append(_row("iolimits", f"{name} limited / limit", p["limited"] / limit, "x",
                              ">=", 0.85))
             rows.append(_row("iolimits", f"{name} unlimited", p["unlimited"], "IOPS"))
+    md = r.get("metadata")
+    if md:
+        small, big = md["1"]["delta_median_s"], md["100"]["delta_median_s"]
+        rows.append(_row("snapshot metadata", "GetMetadataDelta 100 GiB / 1 GiB, 1 % changed",
+                         big / small, "x", "<=", 1.5))
+        rows.append(_row("snapshot metadata", "GetMetadataDelta 100 GiB, 1 % changed", big, "s"))
+        rows.append(_row("snapshot metadata", "GetMetadataDelta 1 GiB, 1 % changed", small, "s"))
     cp = r.get("control")
     if cp:
         st, pe = cp["stowage"], cp["peer"]

@@ -64,6 +64,20 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "image:unlinked",
         "delete-snapshot:image-gone",
     ),
+    "create-group": (
+        "create-group:checked",
+        "create-group:journaled",
+        "create-group:frozen",
+        "image:tmp-written",
+        "create-group:images-ready",
+        "create-group:recorded",
+    ),
+    "delete-group": (
+        "delete-group:checked",
+        "delete-group:unrecorded",
+        "image:unlinked",
+        "delete-group:images-gone",
+    ),
     "node-expand": (
         "node-expand:journaled",
         "node-expand:image-grown",

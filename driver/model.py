@@ -137,6 +137,21 @@ class Snapshot:
     created_at: float
     ready: bool = True
     sector_size: int = 4096
+    group_id: str = ""  # the group snapshot (g-...) it was taken in, "" for a single snapshot
+
+
+@dataclass(frozen=True)
+class GroupSnapshot:
+    """Snapshots of several volumes taken at one point in time (CreateVolumeGroupSnapshot)."""
+
+    id: str
+    name: str
+    created_at: float
+    snapshots: tuple[Snapshot, ...]
+
+    @property
+    def ready(self) -> bool:
+        return all(s.ready for s in self.snapshots)
 
 
 class BackupPhase(enum.StrEnum):

@@ -28,6 +28,10 @@ from driver.model import AccessType, ContentSource, FsType, Snapshot, Volume
 POOL_FORMAT = 1
 RECORD_FORMAT = 1
 RECORD_XATTR = "user.stowage.record"
+# A group snapshot's members carry the group in their records' parameters (snapshots have no
+# other parameters), so a store rebuilt from the records has its groups again.
+GROUP_ID_PARAMETER = "stowage.csi.io/group-snapshot-id"
+GROUP_NAME_PARAMETER = "stowage.csi.io/group-snapshot-name"
 
 class RecordError(ValueError):
     """A record that cannot be read: not JSON, an unknown format, a missing or wrong field."""
@@ -131,9 +135,20 @@ class ImageRecord:
         )
 
     @staticmethod
-    def of_snapshot(s: Snapshot, pool_uuid: str) -> ImageRecord:
+    def of_snapshot(s: Snapshot, pool_uuid: str, group_name: str = "") -> ImageRecord:
+        """`group_name`: the name of the group snapshot `s.group_id` (members only)."""
+        group = (
+            {GROUP_ID_PARAMETER: s.group_id, GROUP_NAME_PARAMETER: group_name}
+            if s.group_id
+            else {}
+        )
         return ImageRecord._of(
-            "snapshot", s, pool_uuid, source_kind="volume", source_id=s.source_volume_id
+            "snapshot",
+            s,
+            pool_uuid,
+            source_kind="volume",
+            source_id=s.source_volume_id,
+            parameters=group,
         )
 
     def volume(self) -> Volume:
@@ -163,7 +178,16 @@ class ImageRecord:
             formatted=self.formatted,
             created_at=self.created_at,
             sector_size=self.sector_size,
+            group_id=self.group[0] if self.group else "",
         )
+
+    @property
+    def group(self) -> tuple[str, str] | None:
+        """(group snapshot ID, its name) for a member of a group snapshot, else None."""
+        gid = self.parameters.get(GROUP_ID_PARAMETER, "")
+        if self.kind != "snapshot" or not ids.is_group_snapshot_id(gid):
+            return None
+        return gid, self.parameters.get(GROUP_NAME_PARAMETER, "")
 
     def manifest_fields(self) -> dict[str, Any]:
         """The fields a backup manifest shares with a snapshot's record, under the manifest's

@@ -150,7 +150,7 @@ class ControllerCore:
             if remote is not None:
                 pass  # thin: a pool that fills up while restoring answers RESOURCE_EXHAUSTED
             elif source is not None:
-                self._require_copy_room(source.id)
+                self.require_copy_room(source.id)
             elif size > (free := self.ctx.backend.usage().available_bytes):
                 raise ResourceExhausted(
                     f"the pool on {self.ctx.node_id} has {free} bytes free; "
@@ -184,7 +184,7 @@ class ControllerCore:
             elif source.kind == "snapshot":
                 self.ctx.backend.restore_snapshot(source.id, vol.id, size, record=record)
             else:
-                with self._quiesced(source.id, op):
+                with self.quiesced(source.id, op):
                     self.ctx.backend.clone_volume(source.id, vol.id, size, record=record)
             faults.hit(op + ":image-ready")
             self.ctx.store.add_volume(vol)
@@ -192,17 +192,17 @@ class ControllerCore:
             log.info("created volume %s (%s, %d bytes) as %s", vol.id, access.value, size, name)
             return vol
 
-    def _require_copy_room(self, origin_id: str) -> None:
+    def require_copy_room(self, *origin_ids: str) -> None:
         """A reflink copy costs nothing now, but each block later rewritten in either copy needs
-        a new one (and a full copy needs them at once). Refuse a copy the pool could not absorb
-        having all of its origin's data rewritten: otherwise a snapshot on a nearly full pool
+        a new one (and a full copy needs them at once). Refuse copies the pool could not absorb
+        having all of their origins' data rewritten: otherwise a snapshot on a nearly full pool
         turns the origin's next overwrites into write errors."""
-        need = self.ctx.backend.allocated_bytes(origin_id)
+        need = sum(self.ctx.backend.allocated_bytes(i) for i in origin_ids)
         free = self.ctx.backend.usage().available_bytes
         if need > free:
             raise ResourceExhausted(
-                f"{origin_id} holds {need} bytes of data; the pool on {self.ctx.node_id} has "
-                f"{free} bytes free, too little to keep a copy of it writable"
+                f"{', '.join(origin_ids)} hold {need} bytes of data; the pool on "
+                f"{self.ctx.node_id} has {free} bytes free, too little to keep a copy writable"
             )
 
     def _restore_backup(
@@ -271,7 +271,7 @@ class ControllerCore:
         return existing
 
     @contextlib.contextmanager
-    def _quiesced(self, volume_id: str, op: str, trim: bool = False) -> Iterator[None]:
+    def quiesced(self, volume_id: str, op: str, trim: bool = False) -> Iterator[None]:
         """Freeze the volume's filesystem while its image is copied, if it is mounted here.
         With `trim`, its free space is discarded first (fstrim): deleted files become holes in
         the image and are not carried into a backup."""
@@ -410,7 +410,7 @@ class ControllerCore:
                         f"volume {vol.id} has never been staged: it holds no filesystem to "
                         "back up yet"
                     )
-                self._require_copy_room(vol.id)
+                self.require_copy_room(vol.id)
                 snap = Snapshot(
                     id=ids.new_backup_snapshot_id(target) if target else ids.new_snapshot_id(),
                     name=name,
@@ -423,7 +423,7 @@ class ControllerCore:
                     sector_size=vol.sector_size,
                 )
                 faults.hit("create-snapshot:checked")
-                with self._quiesced(vol.id, "create-snapshot", trim=bool(target)):
+                with self.quiesced(vol.id, "create-snapshot", trim=bool(target)):
                     self.ctx.backend.snapshot(
                         vol.id, snap.id, record=ImageRecord.of_snapshot(snap, self.ctx.pool_uuid)
                     )
@@ -506,6 +506,11 @@ class ControllerCore:
             snap = self.ctx.store.get_snapshot(snapshot_id)
             if snap is None:
                 return
+            if snap.group_id:
+                raise FailedPrecondition(
+                    f"snapshot {snapshot_id} belongs to group snapshot {snap.group_id}; "
+                    "DeleteVolumeGroupSnapshot deletes the group's snapshots together"
+                )
             faults.hit("delete-snapshot:checked")
             self.ctx.store.remove_snapshot(snapshot_id)
             faults.hit("delete-snapshot:unrecorded")

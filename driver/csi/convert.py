@@ -23,6 +23,7 @@ from driver.model import (
     CapacityRange,
     Condition,
     ContentSource,
+    GroupSnapshot,
     Snapshot,
     Volume,
     VolumeStats,
@@ -128,6 +129,16 @@ def snapshot(snap: Snapshot) -> csi_pb2.Snapshot:
         size_bytes=snap.size,
         creation_time=timestamp(snap.created_at),
         ready_to_use=snap.ready,
+        group_snapshot_id=snap.group_id,
+    )
+
+
+def group_snapshot(group: GroupSnapshot) -> csi_pb2.VolumeGroupSnapshot:
+    return csi_pb2.VolumeGroupSnapshot(
+        group_snapshot_id=group.id,
+        snapshots=[snapshot(s) for s in group.snapshots],
+        creation_time=timestamp(group.created_at),
+        ready_to_use=group.ready,
     )
 
 

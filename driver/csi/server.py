@@ -16,6 +16,8 @@ from driver import flags
 from driver.config import Config, Mode
 from driver.core.backups import Backups
 from driver.core.controller import ControllerCore
+from driver.core.groups import GroupCore
+from driver.core.metadata import MetadataCore
 from driver.core.modify import REAPPLY_INTERVAL, IoLimitsCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
@@ -24,8 +26,10 @@ from driver.core.reconcile import reconcile
 from driver.core.remote import RemoteBackups
 from driver.core.vacwatch import AttributesWatch, KubeClusterView
 from driver.csi.controller import ControllerServicer
+from driver.csi.groups import GroupControllerServicer
 from driver.csi.identity import IdentityServicer
 from driver.csi.interceptors import CallInterceptor
+from driver.csi.metadata import SnapshotMetadataServicer
 from driver.csi.node import NodeServicer
 from driver.errors import InvalidArgument, Unavailable
 from driver.host.exec import SubprocessRunner
@@ -187,6 +191,12 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
                     f"--watch-volume-attributes: cannot reach the Kubernetes API: {exc}"
                 ) from exc
         csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)
+        csi_pb2_grpc.add_GroupControllerServicer_to_server(
+            GroupControllerServicer(GroupCore(controller)), server
+        )
+        csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(
+            SnapshotMetadataServicer(MetadataCore(pool)), server
+        )
 
         def is_ready() -> bool:
             return ready.is_set() and ctx.backend.healthy() and ctx.store.healthy()
@@ -206,7 +216,9 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     csi_pb2_grpc.add_ControllerServicer_to_server(
         ControllerServicer(controller, limits, remote), server
     )
-    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(ready=is_ready), server)
+    csi_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityServicer(ready=is_ready, pool=pool is not None), server
+    )
     if cfg.metrics_address:
         try:
             metrics.serve(cfg.metrics_address)  # before the socket: a busy port leaves none

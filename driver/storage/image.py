@@ -416,7 +416,9 @@ class ImagePool:
         a = os.path.join(self._trash, ".reflink-probe-a")
         b = os.path.join(self._trash, ".reflink-probe-b")
         try:
-            with open(os.open(a, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600), "wb") as fa:
+            # FICLONE reads its source: a write-only source fails with EBADF on every
+            # filesystem, which once made every pool look reflink-less (full copies).
+            with open(os.open(a, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600), "r+b") as fa:
                 fa.write(b"\0" * 4096)
                 fa.flush()
                 with open(os.open(b, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600), "wb") as fb:

@@ -29,6 +29,7 @@ from driver.model import (
     BackupState,
     ContentSource,
     FsType,
+    GroupSnapshot,
     PendingRestore,
     Publication,
     Snapshot,
@@ -70,6 +71,13 @@ CREATE TABLE IF NOT EXISTS restores (
     name TEXT PRIMARY KEY, volume_id TEXT NOT NULL UNIQUE, snapshot_id TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS groups (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_members (
+    snapshot_id TEXT PRIMARY KEY, group_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS group_members_group ON group_members (group_id);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, key TEXT NOT NULL,
     payload TEXT NOT NULL, started_at REAL NOT NULL
@@ -132,6 +140,7 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
         created_at=row["created_at"],
         sector_size=row["sector_size"],
         ready=not ids.is_backup_snapshot_id(row["id"]) or row["phase"] == BackupPhase.DONE,
+        group_id=row["group_id"] or "",
     )
 
 
@@ -147,9 +156,12 @@ def _staging(r: sqlite3.Row) -> Staging:
     )
 
 
-# Snapshots with the phase of their upload (NULL for local snapshots).
+# Snapshots with the phase of their upload (NULL for local snapshots) and their group (NULL for
+# a single snapshot).
 _SNAPSHOTS = (
-    "SELECT s.*, b.phase AS phase FROM snapshots s LEFT JOIN backups b ON b.snapshot_id = s.id"
+    "SELECT s.*, b.phase AS phase, m.group_id AS group_id FROM snapshots s"
+    " LEFT JOIN backups b ON b.snapshot_id = s.id"
+    " LEFT JOIN group_members m ON m.snapshot_id = s.id"
 )
 
 
@@ -216,6 +228,14 @@ def _snapshot_row(s: Snapshot) -> tuple[object, ...]:
         s.created_at,
         s.sector_size,
     )
+
+
+def _journal_insert(db: sqlite3.Connection, op: str, key: str, payload: dict[str, Any]) -> int:
+    cur = db.execute(
+        "INSERT INTO journal (op, key, payload, started_at) VALUES (?,?,?,?)",
+        (op, key, json.dumps(payload, sort_keys=True), time.time()),
+    )
+    return int(cur.lastrowid or 0)
 
 
 class StoreDamaged(Unavailable):
@@ -557,6 +577,45 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
             db.execute("DELETE FROM backups WHERE snapshot_id = ?", (snapshot_id,))
+            db.execute("DELETE FROM group_members WHERE snapshot_id = ?", (snapshot_id,))
+
+    # --- group snapshots ----------------------------------------------------------------------
+    def add_group(self, g: GroupSnapshot, journal_seq: int) -> None:
+        """Record a group snapshot and every member snapshot, and close the journal entry that
+        made their images, in one transaction: the whole group is recorded or none of it."""
+        with self._tx() as db:
+            db.executemany(_INSERT_SNAPSHOT, [_snapshot_row(s) for s in g.snapshots])
+            db.execute("INSERT INTO groups VALUES (?,?,?)", (g.id, g.name, g.created_at))
+            db.executemany(
+                "INSERT INTO group_members VALUES (?,?)", [(s.id, g.id) for s in g.snapshots]
+            )
+            db.execute("DELETE FROM journal WHERE seq = ?", (journal_seq,))
+
+    def remove_group(self, g: GroupSnapshot, op: str, payload: dict[str, Any]) -> int:
+        """Remove a group snapshot and its members' rows and open a journal entry (`op`,
+        `payload`: the images still to unlink) in one transaction; returns the entry's seq."""
+        with self._tx() as db:
+            for s in g.snapshots:
+                db.execute("DELETE FROM snapshots WHERE id = ?", (s.id,))
+                db.execute("DELETE FROM group_members WHERE snapshot_id = ?", (s.id,))
+            db.execute("DELETE FROM group_members WHERE group_id = ?", (g.id,))
+            db.execute("DELETE FROM groups WHERE id = ?", (g.id,))
+            return _journal_insert(db, op, g.id, payload)
+
+    def _group(self, rows: list[sqlite3.Row]) -> GroupSnapshot | None:
+        if not rows:
+            return None
+        gid = rows[0]["id"]
+        members = self._all(_SNAPSHOTS + " WHERE m.group_id = ? ORDER BY s.id", (gid,))
+        return GroupSnapshot(
+            gid, rows[0]["name"], rows[0]["created_at"], tuple(_snapshot(r) for r in members)
+        )
+
+    def group(self, group_id: str) -> GroupSnapshot | None:
+        return self._group(self._all("SELECT * FROM groups WHERE id = ?", (group_id,)))
+
+    def group_by_name(self, name: str) -> GroupSnapshot | None:
+        return self._group(self._all("SELECT * FROM groups WHERE name = ?", (name,)))
 
     # --- backups: upload state of backup snapshots, restores under way ----------------------
     def backup(self, snapshot_id: str) -> BackupState | None:
@@ -694,11 +753,7 @@ class Store:
     # --- journal ----------------------------------------------------------------------------------
     def journal_begin(self, op: str, key: str, payload: dict[str, Any]) -> int:
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO journal (op, key, payload, started_at) VALUES (?,?,?,?)",
-                (op, key, json.dumps(payload, sort_keys=True), time.time()),
-            )
-            return int(cur.lastrowid or 0)
+            return _journal_insert(db, op, key, payload)
 
     def journal_end(self, seq: int) -> None:
         with self._tx() as db:
@@ -722,11 +777,26 @@ class Store:
         return int(rows[0]["v"]), int(rows[0]["s"])
 
     # --- rebuild and backup -------------------------------------------------------------------
-    def import_rows(self, volumes: list[Volume], snapshots: list[Snapshot]) -> None:
-        """Insert many volume and snapshot rows in one transaction (the rebuild)."""
+    def import_rows(
+        self,
+        volumes: list[Volume],
+        snapshots: list[Snapshot],
+        groups: dict[str, tuple[str, float]] | None = None,
+    ) -> None:
+        """Insert many volume and snapshot rows in one transaction (the rebuild); `groups`
+        (group ID -> name, creation time) and the snapshots' `group_id` give the groups."""
         with self._tx() as db:
             db.executemany(_INSERT_VOLUME, [_volume_row(v) for v in volumes])
             db.executemany(_INSERT_SNAPSHOT, [_snapshot_row(s) for s in snapshots])
+            known = groups or {}
+            db.executemany(
+                "INSERT INTO groups VALUES (?,?,?)",
+                [(gid, name, at) for gid, (name, at) in known.items()],
+            )
+            db.executemany(
+                "INSERT INTO group_members VALUES (?,?)",
+                [(s.id, s.group_id) for s in snapshots if s.group_id in known],
+            )
 
     def backup_to(self, dest: str) -> None:
         """A consistent copy of the store at `dest` (SQLite online backup, 0600), written

@@ -28,6 +28,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "snapshotCRDs": {"install": False},
         "snapshotController": {"enabled": False},
         "volumeSnapshotClass": {"create": False},
+        "volumeGroupSnapshots": {"class": {"create": False}},
     },
     "custom-pool": {
         "node": {
@@ -51,6 +52,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "volumeSnapshotClass": {"target": "dr", "deletionPolicy": "Retain"},
         }
     },
+    "no-group-snapshots": {"volumeGroupSnapshots": {"enabled": False}},
+    "snapshot-metadata": {"snapshotMetadata": {"enabled": True}},
     "metrics-off": {"node": {"metricsAddress": ""}, "controller": {"metricsAddress": ""}},
     "custom-images": {
         "image": {
@@ -229,6 +232,15 @@ CEL_RULES = {
         ("volumeSnapshotContentName" in v) != ("persistentVolumeClaimName" in v)
     ),
     "size(self) > 0": lambda v: len(v) > 0,
+    # groupsnapshot.storage.k8s.io (external-snapshotter v8.6.0)
+    "(has(self.volumeHandles) && !has(self.groupSnapshotHandles)) || "
+    "(!has(self.volumeHandles) && has(self.groupSnapshotHandles))": lambda v: (
+        ("volumeHandles" in v) != ("groupSnapshotHandles" in v)
+    ),
+    "(has(self.selector) && !has(self.volumeGroupSnapshotContentName)) || "
+    "(!has(self.selector) && has(self.volumeGroupSnapshotContentName))": lambda v: (
+        ("selector" in v) != ("volumeGroupSnapshotContentName" in v)
+    ),
 }
 
 
@@ -258,7 +270,15 @@ def crd_validate(doc: dict) -> None:
     assert name and len(name) <= 253, f"bad metadata.name {name!r}"
 
 
-CRD_KINDS = {"VolumeSnapshot", "VolumeSnapshotClass", "VolumeSnapshotContent"}
+CRD_KINDS = {
+    "VolumeSnapshot",
+    "VolumeSnapshotClass",
+    "VolumeSnapshotContent",
+    "VolumeGroupSnapshot",
+    "VolumeGroupSnapshotClass",
+    "VolumeGroupSnapshotContent",
+    "SnapshotMetadataService",
+}
 
 
 def validate_any(doc: dict, versions: tuple[str, ...] = K8S_VERSIONS) -> str:
