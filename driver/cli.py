@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import fields
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -173,32 +174,17 @@ def parse(argv: list[str] | None = None) -> Config:
             p.error(
                 f"backup target(s) {names} need --backup-key-file: backups are always encrypted"
             )
-    return Config(
-        endpoint=a.endpoint,
-        mode=Mode(a.mode),
-        node_id=a.node_id,
-        pool_dir=os.path.abspath(a.pool_dir),
-        metrics_address=a.metrics_address,
-        log_level=a.log_level,
-        log_format=a.log_format,
-        max_volumes_per_node=a.max_volumes_per_node,
-        reserved_bytes=a.reserved_bytes,
-        loop_sector_size=a.loop_sector_size,
-        shutdown_grace=a.shutdown_grace,
-        workers=a.workers,
-        trash_grace=a.trash_grace,
-        pool_require_mountpoint=a.pool_require_mountpoint,
-        store_backup_interval=a.store_backup_interval,
-        backup_targets=tuple(a.backup_target),
-        backup_key_file=a.backup_key_file,
-        backup_cluster_id=a.backup_cluster_id,
-        backup_workers=a.backup_workers,
-        backup_max_concurrent=a.backup_max_concurrent,
-        backup_rate_limit=a.backup_rate_limit,
-        watch_volume_attributes=a.watch_volume_attributes,
-        kubeconfig=a.kubeconfig,
-        backup_verify_interval=a.backup_verify_interval,
-    )
+    # Every Config field is the flag of the same name; these are converted on the way.
+    converted = {
+        "mode": Mode(a.mode),
+        "pool_dir": os.path.abspath(a.pool_dir),
+        "backup_targets": tuple(a.backup_target),
+    }
+    names = {f.name for f in fields(Config)}
+    given = {n: getattr(a, n) for n in names - converted.keys() if hasattr(a, n)}
+    if names - given.keys() - converted.keys():  # a field added without its flag
+        raise AssertionError(f"no flag for {sorted(names - given.keys() - converted.keys())}")
+    return Config(**given, **converted)
 
 
 def main(argv: list[str] | None = None) -> int:
