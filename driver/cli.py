@@ -10,8 +10,8 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import fields
 from collections.abc import Callable
+from dataclasses import fields
 from typing import NoReturn
 
 from driver import DRIVER_NAME, __version__, faults, flags, logs
