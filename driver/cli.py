@@ -180,10 +180,10 @@ def parse(argv: list[str] | None = None) -> Config:
         "pool_dir": os.path.abspath(a.pool_dir),
         "backup_targets": tuple(a.backup_target),
     }
-    names = {f.name for f in fields(Config)}
-    given = {n: getattr(a, n) for n in names - converted.keys() if hasattr(a, n)}
-    if names - given.keys() - converted.keys():  # a field added without its flag
-        raise AssertionError(f"no flag for {sorted(names - given.keys() - converted.keys())}")
+    wanted = {f.name for f in fields(Config)} - converted.keys()
+    given = {n: getattr(a, n) for n in wanted if hasattr(a, n)}
+    if wanted - given.keys():  # a field added without its flag
+        raise AssertionError(f"no flag for {sorted(wanted - given.keys())}")
     return Config(**given, **converted)
 
 
