@@ -43,6 +43,8 @@ def test_targets_key_credentials_and_cluster_reach_both_drivers(render, kind, co
     assert f["backup-target"] == "\n".join(want)
     assert f["backup-key-file"] == f"{KEY_DIR}/backup.key"
     assert f["backup-cluster-id"] == "prod-eu1"
+    # the scrub runs where the volumes are: nodes only (controller mode has no pool)
+    assert f.get("backup-verify-interval") == ("24h" if component == "node" else None)
     env = {e["name"]: e for e in driver["env"]}
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "stowage-s3", "key": name}

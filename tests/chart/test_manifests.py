@@ -167,6 +167,7 @@ KNOWN_FLAGS = {
         "backup-target",
         "backup-key-file",
         "backup-cluster-id",
+        "backup-verify-interval",
         "endpoint",
         "mode",
         "node-id",

@@ -49,6 +49,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "credentialsSecret": "stowage-s3",
             "keySecret": "stowage-backup-key",
             "clusterId": "prod-eu1",
+            "verifyInterval": "24h",
             "volumeSnapshotClass": {"target": "dr", "deletionPolicy": "Retain"},
         }
     },
