@@ -345,6 +345,18 @@ class Repository:
             time.sleep(0.5)
             now += 0.5
 
+    def _present_chunks(self, limit: int) -> set[str] | None:
+        """The IDs of the chunks the target holds, or None when there are more than `limit`.
+        Safe to rely on for the whole backup: the garbage collector deletes only candidates
+        (which the caller loaded before) and never sweeps while this backup's marker is fresh
+        and older than the candidate list."""
+        out: set[str] = set()
+        for o in self.store.list("chunks/"):
+            out.add(o.key.rsplit("/", 1)[-1])
+            if len(out) > limit:
+                return None
+        return out
+
     def _manifest(self, snapshot_id: str) -> Manifest:
         try:
             blob = self.store.get(manifest_key_name(snapshot_id))
@@ -462,6 +474,14 @@ class Repository:
             base_snapshot_id=bm.snapshot_id if bm is not None else None,
         )
         result = BackupResult(manifest, mode)
+        # Which chunks the target holds: one LIST page names 1,000 chunks, a HEAD one; list when
+        # that costs fewer requests than a HEAD per chunk to read (it also spares the server).
+        to_read = sum(
+            1 for off in range(0, size, cs)
+            if (alloc is None or _overlaps(alloc, alloc_starts, off, off + cs))
+            and (changed is None or _overlaps(changed, changed_starts, off, off + cs))
+        )
+        present = self._present_chunks(limit=to_read * 1000) if to_read else None
         stats_lock = threading.Lock()
         entries: list[ChunkRef] = []
         done = 0
@@ -498,7 +518,9 @@ class Repository:
             name = chunk_key_name(cid)
             if cid in candidates:
                 relies_on(cid)  # claimed; uploaded again below
-            elif cid in known or self.store.head(name) is not None:
+            elif cid in known or (
+                cid in present if present is not None else self.store.head(name) is not None
+            ):
                 return "reused", ref
             blob = seal_chunk(self.key, cid, data)
             self.store.put(name, blob)
