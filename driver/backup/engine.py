@@ -3,7 +3,11 @@ garbage. A library with a small typed API; the CSI core calls it (docs/backup-fo
 
 Data path: a thread pool runs read -> zero check -> keyed BLAKE3 -> zstd -> AES-GCM -> upload
 per chunk; those steps run in native code that releases the GIL, so two cores stay busy. At most
-`2 * workers` chunks are in flight, which bounds memory.
+`2 * workers` chunks are in flight, which bounds memory. Chunks that need no read (holes,
+unchanged since the base) never enter the pool. Whether a chunk is already stored comes from one
+listing of `chunks/` when that takes fewer requests than a HEAD per chunk to read. A restore's
+checkpoints (fsync, then the state file) run on their own thread while downloads go on.
+Figures: docs/performance.md, "Backups".
 """
 
 from __future__ import annotations
@@ -296,15 +300,27 @@ class Repository:
     # ---- helpers ---------------------------------------------------------------------------
 
     def _pipeline(
-        self, items: Iterable[T], fn: Callable[[T], Any], on_done: Callable[[T, Any], None]
+        self,
+        items: Iterable[T],
+        fn: Callable[[T], Any],
+        on_done: Callable[[T, Any], None],
+        shortcut: Callable[[T], Any] | None = None,
     ) -> None:
         """fn(item) on the pool with at most 2 * workers in flight; on_done in the caller's
-        thread, in submission order. The first error cancels what has not started and raises."""
+        thread, in submission order. The first error cancels what has not started and raises.
+        `shortcut(item)`, when given, runs in the caller's thread first: a result other than
+        None is the item's result without a trip through the pool (holes, unchanged chunks)."""
         with ThreadPoolExecutor(self.workers, thread_name_prefix="backup") as pool:
             window: collections.deque[tuple[T, Future[Any]]] = collections.deque()
             try:
                 for item in items:
-                    window.append((item, pool.submit(fn, item)))
+                    quick = shortcut(item) if shortcut is not None else None
+                    if quick is not None:
+                        fut: Future[Any] = Future()
+                        fut.set_result(quick)
+                    else:
+                        fut = pool.submit(fn, item)
+                    window.append((item, fut))
                     if len(window) >= 2 * self.workers:
                         it, fut = window.popleft()
                         on_done(it, fut.result())
@@ -494,7 +510,8 @@ class Repository:
                 return False  # re-upload: the sweep may have removed it
             return True
 
-        def work(off: int) -> tuple[str, ChunkRef]:
+        def unread(off: int) -> tuple[str, ChunkRef] | None:
+            """A chunk that needs no read: a hole, or unchanged since the base."""
             length = min(cs, size - off)
             if alloc is not None and not _overlaps(alloc, alloc_starts, off, off + length):
                 return "hole", ChunkRef(off, length, None)
@@ -506,6 +523,10 @@ class Repository:
                     and not _overlaps(changed, changed_starts, off, off + length)
                 ) and (b.id is None or relies_on(b.id)):
                     return ("hole" if b.id is None else "reused"), b
+            return None
+
+        def work(off: int) -> tuple[str, ChunkRef]:
+            length = min(cs, size - off)
             data = os.pread(fd, length, off)
             if len(data) != length:
                 raise errors.Internal(f"short read from {image_path} at {off}")
@@ -541,7 +562,7 @@ class Repository:
             if progress is not None:
                 progress(Progress("backup", done, size, result.uploaded_bytes))
 
-        self._pipeline(range(0, size, cs), work, on_done)
+        self._pipeline(range(0, size, cs), work, on_done, shortcut=unread)
         # Runs of holes become one entry each: a sparse 10 GiB image has a small manifest.
         for ref in entries:
             prev = manifest.chunks[-1] if manifest.chunks else None
@@ -604,11 +625,14 @@ class Repository:
             progressed = sum(c.length for c in m.chunks if c.id is None or c.offset in done)
             pending: list[int] = []
             last_save = time.monotonic()
+            # Checkpoints (fsync, then record the chunks written before it) run on their own
+            # thread, so downloads go on while the disk catches up; one at a time.
+            checkpointer = ThreadPoolExecutor(1, thread_name_prefix="restore-checkpoint")
+            checkpoint: Future[None] | None = None
 
-            def save() -> None:
+            def save(batch: list[int]) -> None:
                 os.fsync(fd)
-                done.update(pending)
-                pending.clear()
+                done.update(batch)
                 self._save_state(state_path, ident, snapshot_id, done)
 
             def fetch(c: ChunkRef) -> int:
@@ -629,22 +653,34 @@ class Repository:
             transferred = 0
 
             def on_done(c: ChunkRef, n: int) -> None:
-                nonlocal progressed, transferred, last_save
+                nonlocal progressed, transferred, last_save, checkpoint
                 pending.append(c.offset)
                 progressed += c.length
                 transferred += n
-                if time.monotonic() - last_save > self.checkpoint_interval or len(pending) >= 256:
-                    save()
+                due = time.monotonic() - last_save > self.checkpoint_interval or len(pending) >= 256
+                if due and (checkpoint is None or checkpoint.done()):
+                    if checkpoint is not None:
+                        checkpoint.result()  # a failed checkpoint fails the restore
+                    checkpoint = checkpointer.submit(save, pending.copy())
+                    pending.clear()
                     last_save = time.monotonic()
                 if progress is not None:
                     progress(Progress("restore", progressed, total, transferred))
 
             try:
-                self._pipeline(todo, fetch, on_done)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    save()
-                raise
+                try:
+                    self._pipeline(todo, fetch, on_done)
+                    if checkpoint is not None:
+                        checkpoint.result()
+                except BaseException:
+                    if checkpoint is not None:
+                        with contextlib.suppress(Exception):
+                            checkpoint.result()
+                    with contextlib.suppress(OSError):
+                        save(pending)
+                    raise
+            finally:
+                checkpointer.shutdown(wait=True)
             os.fsync(fd)
         finally:
             os.close(fd)
