@@ -23,8 +23,8 @@ help:
 	@echo "make image            the Stowage OCI image without a container engine (.image/)"
 	@echo "make test-image       root, slow: two image builds give one digest; it runs"
 	@echo "make test-hostile     the hostile input corpus (root): bad IDs, names, sizes, flags, paths, secrets"
-	@echo "make bench            root: data path, snapshots, control path, scale, backup vs restic (~40 min)"
-	@echo "make bench-quick      the same, short runs and smaller scale (< 3 min)"
+	@echo "make bench            root: data path, snapshots, control path, scale, backup vs restic (~35 min)"
+	@echo "make bench-quick      the same, short runs and smaller scale (< 5 min)"
 
 deps:
 	@tests/tools/install-deps.sh
