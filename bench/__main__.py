@@ -165,8 +165,8 @@ def main() -> int:
             result["rebuild"] = rebuild.run(env, mode.scale_volumes, log)
         if "backup" in sections:
             log("backup: stowage and restic into the same S3 store")
-            result["backup"] = backup.run(env, env.make_pool("pool-backup", "xfs"), mode.backup,
-                                          log)
+            bpool = env.make_pool("pool-backup", "xfs")
+            result["backup"] = backup.run(env.base, bpool.mount, mode.backup, log)
     except BaseException as exc:  # noqa: BLE001 - recorded, cleaned up, then re-raised
         failed = exc
         log(f"bench interrupted: {exc!r}")

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.env import Env, PoolDir
 from driver.backup import Credentials, Repository, RepositoryKey, parse_target
 from driver.backup.engine import SnapshotRecord
 from driver.backup.extents import reflink
@@ -228,7 +227,7 @@ class ResticTool:
 
     name = "restic"
 
-    def __init__(self, env: Env, server: S3Server, bucket: str, vol: str) -> None:
+    def __init__(self, base: str, server: S3Server, bucket: str, vol: str) -> None:
         self.server, self.bucket, self.vol = server, bucket, vol
         self.environ = {
             **os.environ,
@@ -236,7 +235,7 @@ class ResticTool:
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
             "RESTIC_PASSWORD": "stowage-bench",
             "RESTIC_REPOSITORY": f"s3:{server.endpoint}/{bucket}/restic",
-            "RESTIC_CACHE_DIR": env.path("restic-cache"),
+            "RESTIC_CACHE_DIR": os.path.join(base, "restic-cache"),
         }
         self.run("init")
 
@@ -285,14 +284,17 @@ class ResticTool:
         return os.path.join(dest_dir, self.vol.lstrip("/"))
 
 
-def run(env: Env, pool: PoolDir, settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
-    """The backup section. Phases alternate between the tools (Stowage first, then restic, per
-    phase) so that both see the same machine at about the same time."""
+def run(base: str, pool_mount: str, settings: Settings, log: Callable[[str], None]
+        ) -> dict[str, Any]:
+    """The backup section in the bench's temporary directory `base`, the volume on the XFS pool
+    mounted at `pool_mount` (both made, and cleaned up, by the caller). Phases alternate between
+    the tools (Stowage first, then restic, per phase) so that both see the same machine at about
+    the same time."""
     out: dict[str, Any] = {"settings": dict(settings.__dict__), "skipped": []}
-    free = shutil.disk_usage(env.base).free
+    free = shutil.disk_usage(base).free
     out["free_bytes"] = free
     if free < settings.free_needed:
-        msg = (f"backup section skipped: {free / GiB:.1f} GiB free under {env.base}, it needs "
+        msg = (f"backup section skipped: {free / GiB:.1f} GiB free under {base}, it needs "
                f"{settings.free_needed / GiB:.0f} GiB (volume, snapshots, restores and both "
                "tools' stores)")
         log("  " + msg)
@@ -306,7 +308,7 @@ def run(env: Env, pool: PoolDir, settings: Settings, log: Callable[[str], None])
         out["skipped"].append(msg)
     rng = random.Random(16)  # noqa: S311 - reproducible layout, not secrets
     size = settings.volume
-    work = os.path.join(pool.mount, "backup-bench")
+    work = os.path.join(pool_mount, "backup-bench")
     os.makedirs(work)
     vol = os.path.join(work, "volume.img")
     log(f"  writing the volume image ({size / GiB:.0f} GiB)")
@@ -315,14 +317,14 @@ def run(env: Env, pool: PoolDir, settings: Settings, log: Callable[[str], None])
     out["volume"] = {"size": size, "written": written, "data_bytes": data_bytes,
                      "write_s": t_write}
     log(f"    {data_bytes / GiB:.2f} GiB written in {t_write:.0f} s")
-    server = _Weed("seaweedfs", env.path("weed"))
+    server = _Weed("seaweedfs", os.path.join(base, "weed"))
     os.makedirs(server.base)
     try:
         server.start()
         bucket = server.make_bucket()
         tools: list[Ours | ResticTool] = [Ours(server, bucket, vol, work, settings)]
         if have_restic:
-            tools.append(ResticTool(env, server, bucket, vol))
+            tools.append(ResticTool(base, server, bucket, vol))
         res: dict[str, dict[str, Any]] = {t.name: {"version": t.version()} for t in tools}
         out["tools"] = res
         for phase in ("full", "incremental", "unchanged", "restore"):
