@@ -23,8 +23,8 @@ help:
 	@echo "make image            the Stowage OCI image without a container engine (.image/)"
 	@echo "make test-image       root, slow: two image builds give one digest; it runs"
 	@echo "make test-hostile     the hostile input corpus (root): bad IDs, names, sizes, flags, paths, secrets"
-	@echo "make bench            root: data path, snapshots, control path, scale vs targets (~20 min)"
-	@echo "make bench-quick      the same, short runs and smaller scale (< 3 min)"
+	@echo "make bench            root: data path, snapshots, control path, scale, backup vs restic (~35 min)"
+	@echo "make bench-quick      the same, short runs and smaller scale (< 5 min)"
 
 deps:
 	@tests/tools/install-deps.sh
@@ -87,6 +87,8 @@ run: deps
 
 bench-deps: deps
 	@command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio; }
+	@command -v restic >/dev/null || { apt-get update -qq && apt-get install -y -qq restic; } || \
+	  echo "restic could not be installed: make bench skips the restic comparison"
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[dev,bench]'
 
 bench: bench-deps

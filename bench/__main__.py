@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench import control, datapath, iolimits, metadata, peer, rebuild, scale, snapshots
+from bench import backup, control, datapath, iolimits, metadata, peer, rebuild, scale, snapshots
 from bench.env import bench_driver, disk_pool
 from bench.report import Row, plot, print_table, rows_for
 from harness import REPO, Workspace
@@ -37,17 +37,18 @@ class Mode:
     scale_volumes: int
     scale_staged: int
     scale_repeats: int
+    backup: backup.Settings
 
 
 def modes(preallocate: bool) -> dict[str, Mode]:
     return {
         "full": Mode(
             "full", datapath.Settings(1 * GiB, 20.0, 2.0, 3, preallocate), 5, 5, [1, 16, 64],
-            256, 3, 10.0, 10, 1000, 500, 3,
+            256, 3, 10.0, 10, 1000, 500, 3, backup.FULL,
         ),
         "quick": Mode(
             "quick", datapath.Settings(256 << 20, 1.5, 0.5, 3, preallocate), 5, 3, [1, 16, 64],
-            64, 3, 2.0, 3, 200, 100, 3,
+            64, 3, 2.0, 3, 200, 100, 3, backup.QUICK,
         ),
     }
 
@@ -74,7 +75,8 @@ def _sigterm(signum: int, frame: object) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="short runs, smaller scale (< 3 min)")
-    ap.add_argument("--only", default="datapath,snapshots,metadata,iolimits,control,scale,rebuild",
+    ap.add_argument("--only",
+                    default="datapath,snapshots,metadata,iolimits,control,scale,rebuild,backup",
                     help="comma-separated sections")
     ap.add_argument("--preallocate", action="store_true",
                     help="data-path volumes with preallocate=true (default: sparse, as the "
@@ -115,7 +117,7 @@ def main() -> int:
                           "loop_sector_size": 4096, "backing": "sparse file on " + env.base}
         drv = bench_driver(pool, "driver", *args.driver_arg)
         client = drv.start()
-        if sections == ["rebuild"]:  # the rebuild makes its own pool
+        if set(sections) <= {"rebuild", "backup"}:  # these make their own pools
             client.close()
             drv.stop()
         if "datapath" in sections:
@@ -170,6 +172,10 @@ def main() -> int:
         if "rebuild" in sections:
             log(f"store rebuild ({mode.scale_volumes} volumes)")
             result["rebuild"] = rebuild.run(env, mode.scale_volumes, log)
+        if "backup" in sections:
+            log("backup: stowage and restic into the same S3 store")
+            bpool = disk_pool(env, "pool-backup", "xfs")
+            result["backup"] = backup.run(env.base, bpool.mount, mode.backup, log)
     except BaseException as exc:  # noqa: BLE001 - recorded, cleaned up, then re-raised
         failed = exc
         log(f"bench interrupted: {exc!r}")

@@ -111,6 +111,60 @@ def rows_for(r: dict[str, Any]) -> list[Row]:
         rows.append(_row("rebuild", f"pool rebuild, {rb['volumes']} volumes (stowagectl, wall)",
                          rb["wall_s"], "s", "<=", 10.0))
         rows.append(_row("rebuild", "  of which the rebuild itself", rb["rebuild_s"], "s"))
+    rows.extend(_backup_rows(r.get("backup")))
+    return rows
+
+
+def _backup_rows(b: dict[str, Any] | None) -> list[Row]:
+    """Stowage's backup engine against restic on the same image and store (bench/backup.py)."""
+    if not b or "tools" not in b:
+        return []
+    rows: list[Row] = []
+    st, rs = b["tools"].get("stowage", {}), b["tools"].get("restic", {})
+    vol = b["volume"]["size"]
+    MiB = 1 << 20
+    gib = f"{vol / (1 << 30):.0f} GiB"
+
+    def both(phase: str, key: str, label: str, unit: str, scale: float = 1.0) -> None:
+        for who, d in (("stowage", st), ("restic", rs)):
+            if phase in d:
+                rows.append(_row("backup", f"{label} ({who})", d[phase][key] / scale, unit))
+
+    if "full" in st:
+        both("full", "MiB_s", f"full backup, {b['volume']['data_bytes'] / (1 << 30):.1f} GiB "
+             f"data of {gib}", "MiB/s")
+        both("full", "s", "full backup time", "s")
+        ratio = st["full"].get("compression_ratio_compressible")
+        if ratio:
+            rows.append(_row("backup", "compression on compressible data (stowage)", ratio, "x"))
+        both("full", "stored_bytes", "stored after full backup", "MiB", MiB)
+    if "full" in st and "full" in rs:
+        rows.append(_row("backup", "full backup MiB/s stowage / restic",
+                         st["full"]["MiB_s"] / rs["full"]["MiB_s"], "x", ">=", 1.0))
+    if "incremental" in st:
+        inc = st["incremental"]
+        rows.append(_row("backup", f"1% rewritten: read / volume ({inc['mode']}, stowage)",
+                         100 * inc["read_bytes"] / vol, "%", "<=", 2.0))
+        rows.append(_row("backup", "1% rewritten: uploaded / volume (stowage)",
+                         100 * inc["uploaded_bytes"] / vol, "%", "<=", 2.0))
+        both("incremental", "read_bytes", "1% rewritten: read", "MiB", MiB)
+        both("incremental", "uploaded_bytes", "1% rewritten: uploaded", "MiB", MiB)
+        both("incremental", "s", "1% rewritten: backup time", "s")
+        if "incremental" in rs:
+            rows.append(_row("backup", "1% rewritten: restic time / stowage time",
+                             rs["incremental"]["s"] / inc["s"], "x", ">=", 10.0))
+    if "unchanged" in st:
+        rows.append(_row("backup", "no change: backup time (stowage)", st["unchanged"]["s"], "s",
+                         "<", 2.0))
+        rows.append(_row("backup", "no change: read (stowage)",
+                         st["unchanged"]["read_bytes"] / MiB, "MiB", "<", 1.0))
+        if "unchanged" in rs:
+            rows.append(_row("backup", "no change: backup time (restic)", rs["unchanged"]["s"],
+                             "s"))
+    both("restore", "MiB_s", "restore", "MiB/s")
+    if "restore" in st and "restore" in rs:
+        rows.append(_row("backup", "restore MiB/s stowage / restic",
+                         st["restore"]["MiB_s"] / rs["restore"]["MiB_s"], "x", ">=", 1.0))
     return rows
 
 
