@@ -51,11 +51,14 @@ from dataclasses import dataclass, field
 import grpc
 
 from csi_proto import csi_pb2
+from driver.core.check import Findings
+from driver.ctl import local
 from driver.ctl import pool as devpool
 from driver.ctl.client import Client, probe_ready
 from driver.host import mountinfo
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
+from driver.host.system import SystemHost
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,6 +77,10 @@ class Pool:
     device: str  # the loop device
     direct_io: bool  # whether the loop device does direct I/O (the kernel may refuse it)
     workspace: Workspace = field(repr=False, compare=False)
+
+    def check(self) -> Findings:
+        """`stowagectl check` of the pool, on this host's mount table and loop devices."""
+        return local.check(self.mount, SystemHost(), self.workspace.loops)
 
 
 class Workspace:

@@ -266,24 +266,35 @@ class Store:
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise self._map(exc, key, "upload to") from exc
 
+    # A body cut off mid-stream (the server dropped the connection, or replaced the object while
+    # it was being read: rclone's file backend does) is not retried by botocore, which retries
+    # only until the response headers: the whole GET is tried again, a few times.
+    STREAM_ATTEMPTS = 4
+
+    def _get(self, key: str) -> tuple[bytes, float]:
+        for attempt in range(1, self.STREAM_ATTEMPTS + 1):
+            try:
+                resp = self._c.get_object(Bucket=self.target.bucket, Key=self.target.key(key))
+                body: bytes = resp["Body"].read()
+            except botocore.exceptions.ResponseStreamingError as exc:
+                if attempt < self.STREAM_ATTEMPTS:
+                    time.sleep(0.05 * 2**attempt)
+                    continue
+                raise self._map(exc, key, "download from") from exc
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                raise self._map(exc, key, "download from") from exc
+            modified: datetime = resp["LastModified"]
+            return body, modified.timestamp()
+        raise AssertionError("unreachable")
+
     def get(self, key: str) -> bytes:
-        try:
-            resp = self._c.get_object(Bucket=self.target.bucket, Key=self.target.key(key))
-            body: bytes = resp["Body"].read()
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise self._map(exc, key, "download from") from exc
+        body, _ = self._get(key)
         self.limiter.take(len(body))
         return body
 
     def get_with_time(self, key: str) -> tuple[bytes, float]:
         """The object's body and its server modification time, from one GET."""
-        try:
-            resp = self._c.get_object(Bucket=self.target.bucket, Key=self.target.key(key))
-            body: bytes = resp["Body"].read()
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise self._map(exc, key, "download from") from exc
-        modified: datetime = resp["LastModified"]
-        return body, modified.timestamp()
+        return self._get(key)
 
     def head(self, key: str) -> ObjectInfo | None:
         """The object's size and modification time, None when it does not exist."""

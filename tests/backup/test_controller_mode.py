@@ -108,8 +108,8 @@ def test_controller_mode_serves_backup_snapshots_of_a_gone_node(
             csi_pb2.ControllerGetCapabilitiesRequest()
         ).capabilities
     }
-    assert caps == {RPC.EXPAND_VOLUME, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS,
-                    RPC.GET_SNAPSHOT}
+    assert caps == {RPC.EXPAND_VOLUME, RPC.MODIFY_VOLUME, RPC.CREATE_DELETE_SNAPSHOT,
+                    RPC.LIST_SNAPSHOTS, RPC.GET_SNAPSHOT}
     # what csi-snapshotter asks for a pre-provisioned content: ListSnapshots by ID
     by_id = csi_pb2.ListSnapshotsRequest(snapshot_id=snap.snapshot_id)
     listed = ctrl.controller.ListSnapshots(by_id)

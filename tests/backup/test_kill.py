@@ -19,7 +19,6 @@ import pytest
 
 from driver import faults
 from driver.backup import SnapshotRecord
-from driver.ctl import local
 from driver.ctl import main as ctl
 from driver.ctl.client import Client, mount_cap
 from tests.backup.conftest import REPO_ROOT, S3Server, make_repo, start_server
@@ -147,7 +146,7 @@ def killed_at(d: DriverProcess, point: str) -> None:
 
 def assert_pool_consistent(pool: Pool) -> None:
     """`stowagectl check`: records, images, loops and mounts agree (no orphan image)."""
-    found = local.check(pool.mount)
+    found = pool.check()
     assert found.ok, "stowagectl check found problems:\n" + "\n".join(found.problems)
 
 

@@ -91,6 +91,26 @@ class _SlowDown(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
+    # GET: the body is cut off (headers promise more than is sent, the connection closes) while
+    # cuts_left > 0, as when a server drops a connection or replaces the object mid-read.
+    cuts_left = 0
+    gets = 0
+    BODY = b"the whole object"
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        cls.gets += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(cls.BODY)))
+        self.send_header("Last-Modified", "Thu, 03 Dec 2026 04:00:00 GMT")
+        self.end_headers()
+        if cls.cuts_left > 0:
+            cls.cuts_left -= 1
+            self.wfile.write(cls.BODY[:4])
+            self.close_connection = True
+            return
+        self.wfile.write(cls.BODY)
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -116,6 +136,19 @@ def test_slowdown_is_retried_with_backoff(slowdown_server: str) -> None:
     with pytest.raises(errors.Unavailable, match="SlowDown"):
         store(slowdown_server, attempts=2).put("k", b"data")
     assert _SlowDown.puts == 2
+
+
+def test_a_body_cut_off_is_fetched_again(slowdown_server: str) -> None:
+    """botocore retries only until the headers; the store retries a GET whose body broke off,
+    and after its attempts answers UNAVAILABLE (retryable), never a short object."""
+    s = store(slowdown_server)
+    _SlowDown.cuts_left, _SlowDown.gets = 2, 0
+    assert s.get("k") == _SlowDown.BODY
+    assert _SlowDown.gets == 3
+    _SlowDown.cuts_left, _SlowDown.gets = 99, 0
+    with pytest.raises(errors.Unavailable):
+        s.get_with_time("k")
+    assert _SlowDown.gets == s.STREAM_ATTEMPTS
 
 
 def test_rate_limiter_spaces_transfers(monkeypatch: pytest.MonkeyPatch) -> None:

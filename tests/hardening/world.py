@@ -14,11 +14,9 @@ import grpc
 
 from csi_proto import csi_pb2
 from driver.core.check import Findings
-from driver.ctl import local
 from driver.ctl.client import Client, capability
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
-from driver.host.system import SystemHost
 from harness import DriverProcess, Pool, make_pool
 from tests.integration.helpers import MiB, sha256, write_random
 
@@ -109,7 +107,7 @@ class World:
     # --- invariants -------------------------------------------------------------------------
     def check(self) -> Findings:
         """`stowagectl check` of the pool, on this host's mount table and loop devices."""
-        return local.check(self.pool.mount, SystemHost(), LoopManager(SubprocessRunner()))
+        return self.pool.check()
 
     def check_invariants(self) -> None:
         found = self.check()
