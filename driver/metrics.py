@@ -3,6 +3,7 @@ the off-node backups' traffic, durations, failures and per-volume freshness (doc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -111,19 +112,21 @@ class BackupMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.read_bytes = Counter(
-            "stowage_backup_read_bytes", "Bytes read from snapshot images by uploads.",
-            ["target"], registry=r,
+        per_target = functools.partial(Counter, labelnames=["target"], registry=r)
+        per_volume = functools.partial(Gauge, labelnames=["volume"], registry=r)
+        self.read_bytes = per_target(
+            "stowage_backup_read_bytes", "Bytes read from snapshot images by uploads."
         )
-        self.uploaded_bytes = Counter(
+        self.uploaded_bytes = per_target(
             "stowage_backup_uploaded_bytes",
             "Bytes sent to the object store by uploads (after dedup, compression, encryption).",
-            ["target"], registry=r,
         )
-        self.downloaded_bytes = Counter(
-            "stowage_backup_downloaded_bytes",
-            "Bytes fetched from the object store by restores.",
-            ["target"], registry=r,
+        self.downloaded_bytes = per_target(
+            "stowage_backup_downloaded_bytes", "Bytes fetched from the object store by restores."
+        )
+        self.damaged_chunks = per_target(
+            "stowage_backup_verify_damaged_chunks",
+            "Chunks a verify found missing or failing authentication.",
         )
         self.duration = Histogram(
             "stowage_backup_job_duration_seconds",
@@ -135,28 +138,21 @@ class BackupMetrics:
             "Failed backup jobs by kind and error (an upload retried later counts each time).",
             ["kind", "code"], registry=r,
         )
-        self.damaged_chunks = Counter(
-            "stowage_backup_verify_damaged_chunks",
-            "Chunks a verify found missing or failing authentication.", ["target"], registry=r,
-        )
-        self.last_success = Gauge(
-            "stowage_backup_last_success_timestamp_seconds",
-            "When the newest backup of a volume became durable (Unix time).",
-            ["volume"], registry=r,
-        )
-        self.last_verify = Gauge(
-            "stowage_backup_last_verify_timestamp_seconds",
-            "When the newest backup of a volume was last verified (Unix time).",
-            ["volume"], registry=r,
-        )
-        self.last_verify_ok = Gauge(
-            "stowage_backup_last_verify_ok",
-            "1 when the last verify of a volume's newest backup found every chunk intact, else 0.",
-            ["volume"], registry=r,
-        )
         self.in_progress = Gauge(
             "stowage_backup_jobs_running", "Backup jobs running now by kind.", ["kind"],
             registry=r,
+        )
+        self.last_success = per_volume(
+            "stowage_backup_last_success_timestamp_seconds",
+            "When the newest backup of a volume became durable (Unix time).",
+        )
+        self.last_verify = per_volume(
+            "stowage_backup_last_verify_timestamp_seconds",
+            "When the newest backup of a volume was last verified (Unix time).",
+        )
+        self.last_verify_ok = per_volume(
+            "stowage_backup_last_verify_ok",
+            "1 when the last verify of a volume's newest backup found every chunk intact, else 0.",
         )
 
 

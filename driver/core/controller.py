@@ -308,12 +308,26 @@ class ControllerCore:
                 raise FailedPrecondition(
                     f"volume {volume_id} is still staged or published on {self.ctx.node_id}"
                 )
-            faults.hit("delete-volume:checked")
-            self.ctx.store.remove_volume(volume_id)
-            faults.hit("delete-volume:unrecorded")
-            self.ctx.backend.delete_volume(volume_id)
-            faults.hit("delete-volume:image-gone")
-            log.info("deleted volume %s (%s)", volume_id, vol.name)
+            store, backend = self.ctx.store, self.ctx.backend
+            self._forget("volume", volume_id, vol.name, store.remove_volume, backend.delete_volume)
+
+    def _forget(
+        self,
+        kind: str,
+        object_id: str,
+        name: str,
+        remove_row: Callable[[str], None],
+        remove_image: Callable[[str], None],
+    ) -> None:
+        """Delete a checked volume or snapshot, under its lock: the row first, then the image.
+        A crash in between leaves an image without a row, which start-up moves to trash; never
+        a row without its image."""
+        faults.hit(f"delete-{kind}:checked")
+        remove_row(object_id)
+        faults.hit(f"delete-{kind}:unrecorded")
+        remove_image(object_id)
+        faults.hit(f"delete-{kind}:image-gone")
+        log.info("deleted %s %s (%s)", kind, object_id, name)
 
     def _volume(self, volume_id: str) -> Volume:
         vol = self.ctx.store.get_volume(volume_id)
@@ -511,12 +525,10 @@ class ControllerCore:
                     f"snapshot {snapshot_id} belongs to group snapshot {snap.group_id}; "
                     "DeleteVolumeGroupSnapshot deletes the group's snapshots together"
                 )
-            faults.hit("delete-snapshot:checked")
-            self.ctx.store.remove_snapshot(snapshot_id)
-            faults.hit("delete-snapshot:unrecorded")
-            self.ctx.backend.delete_snapshot(snapshot_id)
-            faults.hit("delete-snapshot:image-gone")
-            log.info("deleted snapshot %s (%s)", snapshot_id, snap.name)
+            store, backend = self.ctx.store, self.ctx.backend
+            self._forget(
+                "snapshot", snapshot_id, snap.name, store.remove_snapshot, backend.delete_snapshot
+            )
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot:
         validation.require_snapshot_id(snapshot_id)

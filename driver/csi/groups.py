@@ -12,6 +12,10 @@ from driver.csi import convert
 _RPC = csi_pb2.GroupControllerServiceCapability.RPC
 
 CAPABILITIES = (_RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT,)
+# The answer never changes: built once.
+_CAPABILITIES = csi_pb2.GroupControllerGetCapabilitiesResponse(
+    capabilities=[csi_pb2.GroupControllerServiceCapability(rpc=_RPC(type=t)) for t in CAPABILITIES]
+)
 
 
 class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
@@ -21,11 +25,7 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
     def GroupControllerGetCapabilities(
         self, request: csi_pb2.GroupControllerGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GroupControllerGetCapabilitiesResponse:
-        return csi_pb2.GroupControllerGetCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.GroupControllerServiceCapability(rpc=_RPC(type=t)) for t in CAPABILITIES
-            ]
-        )
+        return _CAPABILITIES
 
     def CreateVolumeGroupSnapshot(
         self, request: csi_pb2.CreateVolumeGroupSnapshotRequest, context: grpc.ServicerContext

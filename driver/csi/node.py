@@ -19,6 +19,10 @@ CAPABILITIES = (
     _RPC.SINGLE_NODE_MULTI_WRITER,
     _RPC.VOLUME_MOUNT_GROUP,
 )
+# The answer never changes: built once.
+_CAPABILITIES = csi_pb2.NodeGetCapabilitiesResponse(
+    capabilities=[csi_pb2.NodeServiceCapability(rpc=_RPC(type=t)) for t in CAPABILITIES]
+)
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):
@@ -28,12 +32,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeGetCapabilities(
         self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetCapabilitiesResponse:
-        return csi_pb2.NodeGetCapabilitiesResponse(
-            capabilities=[
-                csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=t))
-                for t in CAPABILITIES
-            ]
-        )
+        return _CAPABILITIES
 
     def NodeGetInfo(
         self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
