@@ -595,6 +595,8 @@ class Backups:
                     error=f"backup target {st.target!r} is no longer configured on this node",
                 )
                 continue
+            if st.phase is BackupPhase.FAILED:  # the CO's next call sees "in progress", not it
+                store.set_backup(st.snapshot_id, BackupPhase.PENDING)
             self.start_upload(st.snapshot_id)
             queued += 1
         if queued:

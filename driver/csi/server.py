@@ -236,6 +236,9 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
             os.umask(old)
     else:
         server.add_insecure_port(where)
+    if backups is not None:
+        # Before the first call: a failure from before the restart is cleared, not answered.
+        backups.resume()
     server.start()
     ready.set()
     log.info(
@@ -247,7 +250,6 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     )
     running = Running(server, (kind, where), pool, ready, opened, backups=backups)
     if backups is not None:
-        backups.resume()
         backups.start_scrub(cfg.backup_verify_interval)
     if pool is not None and cfg.store_backup_interval > 0:
         _start_store_backups(pool, cfg.store_backup_interval, running.stopping)
