@@ -37,6 +37,7 @@ NAMESPACE = "stowage-system"
 RELEASE = "stw"
 NODE = "e2e-node"
 SNAP_GROUP, SNAP_VERSION = "snapshot.storage.k8s.io", "v1"
+SERVICE_CIDR, SERVICE_IP = "10.96.0.0/16", "10.96.0.1"  # the `kubernetes` Service's ClusterIP
 
 
 def free_port() -> int:
@@ -59,7 +60,9 @@ def make_certs(d: str, address: str = "", nodes: tuple[str, ...] = ()) -> None:
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
         "-keyout", p("ca.key"), "-out", p("ca.crt"), "-subj", "/CN=stowage-e2e-ca",
     )  # fmt: skip
-    sans = "IP:127.0.0.1,DNS:localhost" + (f",IP:{address}" if address else "")
+    sans = "IP:127.0.0.1,DNS:localhost"
+    if address:  # and the `kubernetes` Service, which the node's pods reach it through
+        sans += f",IP:{address},IP:{SERVICE_IP},DNS:kubernetes.default.svc"
     client_auth = "extendedKeyUsage=clientAuth\n"
     for name, subj, ext in (
         (
@@ -195,8 +198,17 @@ class Cluster:
                 f"--service-account-key-file={c('sa.pub')}",
                 f"--service-account-signing-key-file={c('sa.key')}",
                 "--authorization-mode=Node,RBAC",
-                *(["--enable-admission-plugins=NodeRestriction"] if with_node else []),
-                "--service-cluster-ip-range=10.96.0.0/16",
+                *(
+                    [
+                        "--enable-admission-plugins=NodeRestriction",
+                        # kubectl exec/logs: the kubelet trusts this CA (Node client_ca_file)
+                        f"--kubelet-client-certificate={c('admin.crt')}",
+                        f"--kubelet-client-key={c('admin.key')}",
+                    ]
+                    if with_node
+                    else []
+                ),
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
