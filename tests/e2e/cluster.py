@@ -204,6 +204,7 @@ class Cluster:
                         # kubectl exec/logs: the kubelet trusts this CA (Node client_ca_file)
                         f"--kubelet-client-certificate={c('admin.crt')}",
                         f"--kubelet-client-key={c('admin.key')}",
+                        "--kubelet-preferred-address-types=InternalIP",  # no DNS for nodes
                     ]
                     if with_node
                     else []

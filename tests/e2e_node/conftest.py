@@ -205,6 +205,11 @@ class World:
         wait(self.registered, 180, "the DaemonSet pod Ready and Stowage registered again")
 
 
+def read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
 def _pod_ready(p: client.V1Pod) -> bool:
     conds = p.status.conditions or []
     return any(c.type == "Ready" and c.status == "True" for c in conds)

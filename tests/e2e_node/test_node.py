@@ -26,7 +26,7 @@ from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
 from tests.e2e.cluster import DRIVER, E2E, NODE, SNAP_GROUP, SNAP_VERSION, TOPOLOGY_KEY, wait
 from tests.e2e.node import BUSYBOX_IMAGE
-from tests.e2e_node.conftest import NS, World
+from tests.e2e_node.conftest import NS, World, read_text
 
 STS, CLAIM = "web", "data-web-0"
 STS_CREATED: dict[str, float] = {}  # monotonic time the StatefulSet (and so its claim) was made
@@ -325,7 +325,7 @@ def test_node_reboot_keeps_the_data_on_the_right_device(sts: World) -> None:
     old_driver_logs = set(sts.driver_log_files())
     sts.reboot()
     after = sts_ready(sts, exclude=old_logs)
-    since = "".join(_read(f) for f in sts.driver_log_files() if f not in old_driver_logs)
+    since = "".join(read_text(f) for f in sts.driver_log_files() if f not in old_driver_logs)
     for step in ("staged", "published"):  # by the restarted kubelet, on the restarted driver
         assert f"{step} {vid}" in since, step
     assert e.core.read_namespaced_pod("web-0", NS).metadata.uid == uid  # restarted, not recreated
@@ -389,11 +389,6 @@ def test_expansion_while_the_pod_runs_is_seen_by_the_pod(sts: World) -> None:
     )
     assert not [c for c in claim.status.conditions or [] if c.type.startswith("FileSystemResize")]
     assert phase(e, "web-0") == "Running"
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return fh.read()
 
 
 def _lines(path: str) -> list[str]:
