@@ -3,9 +3,10 @@ deploy/examples/README.md walks through them (issue 17).
 
 Every step is the README's own command (`kubectl apply -f …`, `kubectl get`, `kubectl exec …
 cat /data/log.txt`, `kubectl patch pvc`, `kubectl delete -f .`), checked for what the README says
-it shows. One departure: this machine's sandbox withholds CAP_SYS_RESOURCE, without which the
-kernel refuses to grow a mounted ext4 (EXT4_IOC_RESIZE_FS), so the expansion walkthrough is run
-on the StatefulSet's xfs claim instead of the ext4 `stowage-data`; everything else is verbatim.
+it shows. Two departures: `kubectl delete -f .` gets `--grace-period=1` (the examples' shells
+ignore SIGTERM and would take their 30 s each), and the expansion walkthrough runs on the
+StatefulSet's xfs claim instead of the ext4 `stowage-data`: this machine's sandbox withholds
+CAP_SYS_RESOURCE, without which the kernel refuses to grow a mounted ext4 (EXT4_IOC_RESIZE_FS).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def test_examples_as_the_readme_walks_through_them(world: World) -> None:
     assert running(w, "stowage-web-0")
 
     # Clean up: Delete-class claims free their space, Retain classes keep their PVs
-    w.kubectl("delete", "-f", EXAMPLES + "/", "--wait=true", "--timeout=180s")
+    # (--grace-period=1: the examples' shells ignore SIGTERM, 30 s each otherwise)
+    w.kubectl("delete", "-f", EXAMPLES + "/", "--grace-period=1", "--wait=true", "--timeout=180s")
     for p in get(w, "pvc", "-l", "app=stowage-web")["items"]:  # a StatefulSet's claims stay
         w.kubectl("delete", "pvc", p["metadata"]["name"])
     retained = {"stowage-block"}

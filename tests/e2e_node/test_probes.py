@@ -1,8 +1,10 @@
 """The chart's probes on the DaemonSet pod do their job (issue 17, item 5).
 
-- A hung driver: `STOWAGE_FAULTS=probe:answering@3=hang` (driver/faults.py) makes every CSI
-  Probe from the third on block for good. The livenessprobe sidecar's /healthz then fails, and
-  the kubelet restarts the driver container through the chart's liveness probe.
+- A hung driver: `STOWAGE_FAULTS=probe:answering@12=hang` (driver/faults.py) makes every CSI
+  Probe from the twelfth on block for good: the sidecars' start-up Probes and the startup and
+  readiness probes pass first (the pod is Ready), then the driver hangs, the livenessprobe
+  sidecar's /healthz fails, and the kubelet restarts the driver container through the chart's
+  liveness probe.
 - A pool whose volumes directory is gone under the running driver: Probe answers not ready, and
   the readiness probe makes the pod NotReady within 30 s; back when the directory is.
 - A damaged store: SQLite keeps serving a running driver from its WAL and cache, so the damage
@@ -56,7 +58,7 @@ def test_a_hung_driver_is_restarted_by_the_kubelet_through_the_liveness_probe(
 ) -> None:
     w = world
     w.kubectl("-n", NAMESPACE, "set", "env", DAEMONSET, "-c", "stowage-csi",
-              "STOWAGE_FAULTS=probe:answering@3=hang")  # fmt: skip
+              "STOWAGE_FAULTS=probe:answering@12=hang")  # fmt: skip
     try:
         wait(
             lambda: any(
@@ -67,6 +69,7 @@ def test_a_hung_driver_is_restarted_by_the_kubelet_through_the_liveness_probe(
             "the rolled pod with the fault armed",
         )
         pod = w.node_pod().metadata.name
+        wait(lambda: w.ready("node"), 120, "the armed pod Ready before the hang")
         wait(lambda: driver_status(w).restart_count >= 1, 300,
              "the kubelet to restart the hung driver")  # fmt: skip
         events = w.e.core.list_namespaced_event(
@@ -113,10 +116,15 @@ def test_a_damaged_store_keeps_the_restarted_driver_not_ready(world: World) -> N
     started = time.monotonic()
     took = not_ready_after(w, started, 30, "store damaged, driver restarted")
     assert took <= 30
-    wait(lambda: driver_status(w).restart_count > restarts + 0 and driver_status(w).last_state
-         .terminated, 120, "the restarted driver to exit")  # fmt: skip
-    message = driver_status(w).last_state.terminated.message or ""
-    assert "metadata store" in message and "pool rebuild" in message, message
+
+    def refused() -> str:
+        st = driver_status(w)
+        ended = st.state.terminated or st.last_state.terminated
+        msg = (ended and ended.message) or ""
+        return msg if st.restart_count > restarts and "metadata store" in msg else ""
+
+    message = wait(refused, 120, "the restarted driver to refuse the store")
+    assert "pool rebuild" in message, message
     assert not driver_status(w).ready
     # the documented recovery: stowagectl pool rebuild, then the driver starts again
     rebuilt = subprocess.run(
