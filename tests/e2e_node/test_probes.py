@@ -128,7 +128,8 @@ def test_a_damaged_store_keeps_the_restarted_driver_not_ready(world: World) -> N
     assert not driver_status(w).ready
     # the documented recovery: stowagectl pool rebuild, then the driver starts again
     rebuilt = subprocess.run(
-        [sys.executable, "-m", "driver.ctl", "pool", "rebuild", "--pool-dir", w.e.cluster.pool_dir],
+        [os.path.join(os.path.dirname(sys.executable), "stowagectl"), "pool", "rebuild",
+         "--pool-dir", w.e.cluster.pool_dir],
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
