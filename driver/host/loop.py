@@ -3,8 +3,8 @@
 sysfs names a loop's backing file by its path as seen from the reader's root. A file opened in a
 mount namespace that is gone (the node plugin's container before a restart or an upgrade: it
 attached the loop through its own bind mount of the pool) is named by its path below the root
-of the mount it was opened through (`/volumes/v-….img`). Such a path is resolved again through the mounts of
-this namespace, confirmed by the device and inode the kernel reports for the loop
+of the mount it was opened through (`/volumes/v-….img`). Such a path is resolved again through
+the mounts of this namespace, confirmed by the device and inode the kernel reports for the loop
 (LOOP_GET_STATUS64), so a restarted driver still finds the loops of its volumes.
 """
 
