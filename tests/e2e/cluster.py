@@ -1,13 +1,14 @@
 """A Kubernetes control plane and Stowage with the real CSI sidecars, all as local processes.
 
 etcd and kube-apiserver listen on loopback with certificates made for this run (with
-`node_address`, the apiserver also serves a kubelet in a network namespace, and a kube-scheduler
-runs); the chart (rendered by helm, not copied) supplies the CRDs, RBAC, CSIDriver,
-StorageClasses and even the DaemonSet and Deployments, whose pods stay Pending (or, for the
-DaemonSet on a real node, cannot start) but give the sidecars a real owner for
-CSIStorageCapacity. Each sidecar runs with the arguments of its chart container and
-authenticates with a token of its chart ServiceAccount. Everything lives under one temporary
-directory and is stopped by PID. `stowage_world` is the session of both e2e tiers.
+`node_address`, the apiserver also serves a kubelet in a network namespace and the node's pods
+through the `kubernetes` Service, and a kube-scheduler runs: the node tier, tests/e2e_node,
+which installs the chart with helm and runs Stowage as its pods). In the control-plane tier
+(`stowage_world`) the chart (rendered by helm, not copied) supplies the CRDs, RBAC, CSIDriver,
+StorageClasses and even the DaemonSet and Deployments, whose pods stay Pending but give the
+sidecars a real owner for CSIStorageCapacity. Each sidecar runs with the arguments of its chart
+container and authenticates with a token of its chart ServiceAccount. Everything lives under
+one temporary directory and is stopped by PID.
 """
 
 from __future__ import annotations
@@ -566,25 +567,20 @@ def start_drivers(e: E2E) -> None:
 
 
 @contextlib.contextmanager
-def stowage_world(
-    join: Callable[[E2E, contextlib.ExitStack], None],
-    node_address: str = "",
-    chart_values: Callable[[Cluster], tuple[str, ...]] = lambda _c: (),
-) -> Iterator[E2E]:
+def stowage_world(join: Callable[[E2E, contextlib.ExitStack], None]) -> Iterator[E2E]:
     """A pool, the control plane with the chart, both driver modes, then `join` (which makes
-    the node known: fake_node, or a real kubelet that registers the driver; it pushes its own
-    teardown on the stack, which runs first), then every sidecar. Torn down even on failure:
-    processes by PID, mounts, loops and the temporary directory."""
+    the node known: fake_node; it may push its own teardown on the stack, which runs first),
+    then every sidecar. Torn down even on failure: processes by PID, mounts, loops and the
+    temporary directory."""
     pool, teardown = make_pool("xfs", 64 << 30)
     cluster = Cluster(
-        pool.base, os.environ["STOWAGE_E2E_BIN"], os.environ["STOWAGE_HELM"], pool.mount,
-        node_address=node_address,
-    )  # fmt: skip
+        pool.base, os.environ["STOWAGE_E2E_BIN"], os.environ["STOWAGE_HELM"], pool.mount
+    )
     with contextlib.ExitStack() as stack:
         stack.callback(teardown)
         stack.callback(lambda: print("\n--- e2e logs kept until teardown in", cluster.path("logs")))
         stack.callback(cluster.stop_all)
-        e = bring_up(cluster, *chart_values(cluster))
+        e = bring_up(cluster)
         stack.callback(e.node.close)
         start_drivers(e)
         join(e, stack)
