@@ -105,8 +105,10 @@ def test_examples_as_the_readme_walks_through_them(world: World) -> None:
     assert running(w, "stowage-web-0")
 
     # Clean up: Delete-class claims free their space, Retain classes keep their PVs
-    # (--grace-period=1: the examples' shells ignore SIGTERM, 30 s each otherwise)
-    w.kubectl("delete", "-f", EXAMPLES + "/", "--grace-period=1", "--wait=true", "--timeout=180s")
+    # (--grace-period=1: the examples' shells ignore SIGTERM, 30 s each otherwise;
+    # --ignore-not-found: examples this walkthrough does not apply, such as backups)
+    w.kubectl("delete", "-f", EXAMPLES + "/", "--grace-period=1", "--ignore-not-found",
+              "--wait=true", "--timeout=180s")  # fmt: skip
     for p in get(w, "pvc", "-l", "app=stowage-web")["items"]:  # a StatefulSet's claims stay
         w.kubectl("delete", "pvc", p["metadata"]["name"])
     retained = {"stowage-block"}
