@@ -42,7 +42,7 @@ check-generated: deps
 	done; echo "generated code matches csi_proto/csi.proto"
 
 lint: deps
-	$(VENV)/bin/ruff check driver tests bench deploy
+	$(VENV)/bin/ruff check driver tests bench harness deploy
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy deploy/image tests/e2e/livenessprobe.py tests/e2e/registrar.py
 	$(VENV)/bin/lint-imports

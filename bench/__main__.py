@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench import control, datapath, peer, rebuild, scale, snapshots
-from bench.env import REPO, Driver, Env
+from bench import control, datapath, iolimits, metadata, peer, rebuild, scale, snapshots
+from bench.env import bench_driver, disk_pool
 from bench.report import Row, plot, print_table, rows_for
+from harness import REPO, Workspace
 
 GiB = 1 << 30
 
@@ -73,7 +74,7 @@ def _sigterm(signum: int, frame: object) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="short runs, smaller scale (< 3 min)")
-    ap.add_argument("--only", default="datapath,snapshots,control,scale,rebuild",
+    ap.add_argument("--only", default="datapath,snapshots,metadata,iolimits,control,scale,rebuild",
                     help="comma-separated sections")
     ap.add_argument("--preallocate", action="store_true",
                     help="data-path volumes with preallocate=true (default: sparse, as the "
@@ -105,15 +106,15 @@ def main() -> int:
                               capture_output=True, text=True, check=False).stdout.strip(),
         "driver_args": args.driver_arg,
     }
-    env = Env()
+    env = Workspace("stowage-bench-")
     log(f"bench ({mode.name}) in {env.base}")
     failed: BaseException | None = None
     try:
-        pool = env.make_pool("pool", "xfs")
+        pool = disk_pool(env, "pool", "xfs")
         result["pool"] = {"fs": "xfs reflink=1", "loop_direct_io": pool.direct_io,
                           "loop_sector_size": 4096, "backing": "sparse file on " + env.base}
-        drv = Driver(env, pool, "driver", *args.driver_arg)
-        client, _ = drv.start()
+        drv = bench_driver(pool, "driver", *args.driver_arg)
+        client = drv.start()
         if sections == ["rebuild"]:  # the rebuild makes its own pool
             client.close()
             drv.stop()
@@ -126,13 +127,20 @@ def main() -> int:
                 "xfs": snapshots.run(env, client, [1 * GiB, 10 * GiB, 100 * GiB],
                                      mode.snap_repeats, "xfs", log),
             }
-            ext4 = env.make_pool("pool-ext4", "ext4")
-            d4 = Driver(env, ext4, "driver-ext4", *args.driver_arg)
-            c4, _ = d4.start()
+            ext4 = disk_pool(env, "pool-ext4", "ext4")
+            d4 = bench_driver(ext4, "driver-ext4", *args.driver_arg)
+            c4 = d4.start()
             result["snapshots"]["ext4"] = snapshots.run(
                 env, c4, [1 * GiB, 100 * GiB], mode.ext4_repeats, "ext4", log)
             c4.close()
             d4.stop()
+        if "metadata" in sections:
+            log("snapshot metadata (GetMetadataDelta)")
+            result["metadata"] = metadata.run(env, client, pool, [1 * GiB, 100 * GiB], 25, log)
+        if "iolimits" in sections:
+            log(f"I/O limits (fio in a pod cgroup, {iolimits.LIMIT} IOPS limit)")
+            result["iolimits"] = iolimits.run(
+                env, client, min(mode.dp.runtime, 10.0), mode.dp.rounds, log)
         if "control" in sections:
             log("control path")
             p = peer.build()
@@ -152,9 +160,9 @@ def main() -> int:
         drv.stop()
         if "scale" in sections:
             log(f"scale ({mode.scale_volumes} volumes, {mode.scale_staged} staged)")
-            spool = env.make_pool("pool-scale", "xfs")
-            sd = Driver(env, spool, "driver-scale", *args.driver_arg)
-            sc, _ = sd.start()
+            spool = disk_pool(env, "pool-scale", "xfs")
+            sd = bench_driver(spool, "driver-scale", *args.driver_arg)
+            sc = sd.start()
             result["scale"], sc = scale.run(env, sd, sc, mode.scale_volumes, mode.scale_staged,
                                             mode.scale_repeats, log)
             sc.close()
@@ -167,7 +175,10 @@ def main() -> int:
         log(f"bench interrupted: {exc!r}")
     finally:
         log("cleaning up")
-        result["cleanup"] = env.cleanup()
+        try:
+            result["cleanup"] = env.cleanup()
+        except RuntimeError as exc:
+            result["cleanup"] = [str(exc)]
         for note in result["cleanup"]:
             log("  " + note)
     result["wall_s"] = time.monotonic() - started

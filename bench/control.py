@@ -11,9 +11,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.env import Env
 from bench.stats import median, percentile
 from driver.ctl.client import Client, block_cap, mount_cap
+from harness import Workspace
 
 GiB = 1 << 30
 
@@ -120,7 +120,7 @@ def run(clients: dict[str, Client], levels: list[int], n: int, rounds: int, seco
     return out
 
 
-def stage_publish(env: Env, client: Client, per_kind: int, log: Any) -> dict[str, Any]:
+def stage_publish(env: Workspace, client: Client, per_kind: int, log: Any) -> dict[str, Any]:
     """NodeStage+NodePublish latency (first stage of a new volume, so mkfs included) and the
     matching NodeUnpublish+NodeUnstage, for ext4, xfs and block."""
     out: dict[str, Any] = {}

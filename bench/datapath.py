@@ -9,9 +9,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from bench.env import Env, PoolDir
 from bench.stats import median, ratio
 from driver.ctl.client import Client, block_cap, mount_cap
+from harness import Pool, Workspace
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def loop_settings(device: str) -> dict[str, str]:
     return out
 
 
-def run(env: Env, client: Client, pool: PoolDir, s: Settings, log: Any) -> dict[str, Any]:
+def run(env: Workspace, client: Client, pool: Pool, s: Settings, log: Any) -> dict[str, Any]:
     vol_size = s.file_size + (320 << 20)
     files: dict[str, str] = {}
     devices: dict[str, dict[str, str]] = {"pool": loop_settings(pool.device)}

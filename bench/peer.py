@@ -8,8 +8,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from bench.env import REPO, Env, wait_probe
 from driver.ctl.client import Client
+from harness import REPO, Workspace, wait_ready
 
 
 @dataclass
@@ -30,7 +30,7 @@ def build() -> Peer:
     return Peer(kind, binary, time.monotonic() - t0, res.stderr.strip())
 
 
-def start(env: Env, peer: Peer) -> tuple[Client, int]:
+def start(env: Workspace, peer: Peer) -> tuple[Client, int]:
     endpoint = "unix://" + env.path("peer.sock")
     state = env.path("peer-state")
     proc = env.spawn(
@@ -38,5 +38,4 @@ def start(env: Env, peer: Peer) -> tuple[Client, int]:
          "--drivername=hostpath.csi.k8s.io"],
         "peer.log",
     )
-    wait_probe(endpoint, proc, 60)
-    return Client(endpoint, timeout=300), proc.pid
+    return wait_ready(endpoint, proc, 60), proc.pid

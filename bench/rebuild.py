@@ -12,16 +12,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.env import REPO, Driver, Env
+from bench.env import bench_driver, disk_pool
 from driver.ctl.client import mount_cap
+from harness import REPO, Workspace
 
 MiB = 1 << 20
 
 
-def run(env: Env, volumes: int, log: Any) -> dict[str, Any]:
-    pool = env.make_pool("pool-rebuild", "xfs")
-    drv = Driver(env, pool, "driver-rebuild")
-    client, _ = drv.start()
+def run(env: Workspace, volumes: int, log: Any) -> dict[str, Any]:
+    pool = disk_pool(env, "pool-rebuild", "xfs")
+    drv = bench_driver(pool, "driver-rebuild")
+    client = drv.start()
     cap = mount_cap("ext4")
     with ThreadPoolExecutor(16) as ex:
         list(ex.map(lambda i: client.create_volume(f"rb-{i}", 64 * MiB, cap), range(volumes)))
@@ -46,7 +47,8 @@ def run(env: Env, volumes: int, log: Any) -> dict[str, Any]:
         raise RuntimeError(f"rebuilt {rebuilt} of {volumes} volumes")
     log(f"  rebuilt {rebuilt} volumes: {out['seconds']:.2f} s inside, {wall:.2f} s wall")
     # the driver serves the rebuilt store
-    client, ready_s = drv.start()
+    client = drv.start()
+    ready_s = drv.ready_seconds
     listed = len(client.list_volumes())
     client.close()
     drv.stop()

@@ -56,6 +56,23 @@ def rows_for(r: dict[str, Any]) -> list[Row]:
                                  d["1"]["median_s"], "s"))
                 rows.append(_row("snapshots", f"{kind} 100 GiB (ext4 pool, full copy)",
                                  d["100"]["median_s"], "s"))
+    io = r.get("iolimits")
+    if io:
+        limit = io["limit_iops"]
+        for name, p in io["profiles"].items():
+            # Within 15% of the limit, as the e2e check asks of a pod.
+            rows.append(_row("iolimits", f"{name} under a {limit:,} IOPS limit", p["limited"],
+                             "IOPS", "<=", limit * 1.15))
+            rows.append(_row("iolimits", f"{name} limited / limit", p["limited"] / limit, "x",
+                             ">=", 0.85))
+            rows.append(_row("iolimits", f"{name} unlimited", p["unlimited"], "IOPS"))
+    md = r.get("metadata")
+    if md:
+        small, big = md["1"]["delta_median_s"], md["100"]["delta_median_s"]
+        rows.append(_row("snapshot metadata", "GetMetadataDelta 100 GiB / 1 GiB, 1 % changed",
+                         big / small, "x", "<=", 1.5))
+        rows.append(_row("snapshot metadata", "GetMetadataDelta 100 GiB, 1 % changed", big, "s"))
+        rows.append(_row("snapshot metadata", "GetMetadataDelta 1 GiB, 1 % changed", small, "s"))
     cp = r.get("control")
     if cp:
         st, pe = cp["stowage"], cp["peer"]

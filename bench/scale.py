@@ -8,15 +8,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.env import Driver, Env
 from bench.stats import median
 from driver.ctl.client import Client, block_cap, mount_cap
+from harness import DriverProcess, Workspace
 
 MiB = 1 << 20
 
 
-def run(env: Env, driver: Driver, client: Client, volumes: int, staged: int, repeats: int,
-        log: Any) -> tuple[dict[str, Any], Client]:
+def run(env: Workspace, driver: DriverProcess, client: Client, volumes: int, staged: int,
+        repeats: int, log: Any) -> tuple[dict[str, Any], Client]:
     """Half the volumes are small ext4 filesystems (64 MiB), half raw block; of the staged
     ones half are ext4 (staged: mkfs + mount; published: bind mount) and half block
     (published: the loop device node bound onto a file), like a node running mixed pods."""
@@ -60,8 +60,8 @@ def run(env: Env, driver: Driver, client: Client, volumes: int, staged: int, rep
     for _ in range(repeats):
         client.close()
         driver.stop()
-        client, ready = driver.start()
-        restarts.append(ready)
+        client = driver.start()
+        restarts.append(driver.ready_seconds)
     # Steady state after a restart, once a client has listed everything again.
     client.list_volumes()
     rss_after = driver.rss_bytes()

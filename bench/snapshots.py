@@ -3,40 +3,31 @@ of different sizes, CreateSnapshot and CreateVolume(from volume) timed end to en
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from typing import Any
 
-from bench.env import Env
+from bench.env import published_block
 from bench.stats import median
 from driver.ctl.client import Client, block_cap
+from harness import Workspace
 
 GiB = 1 << 30
 WRITTEN = 256 << 20
 
 
-def _write(env: Env, client: Client, volume_id: str, tag: str) -> None:
+def _write(env: Workspace, client: Client, volume_id: str, tag: str) -> None:
     """Stage and publish as a block device, write 256 MiB of random data, take it down."""
-    cap = block_cap()
-    stage, pub = env.path("snap", "stage", tag), env.path("snap", "pub", tag)
-    os.makedirs(os.path.dirname(stage), exist_ok=True)
-    os.makedirs(os.path.dirname(pub), exist_ok=True)
-    client.stage(volume_id, stage, cap)
-    client.publish(volume_id, stage, pub, cap)
-    try:
+    with published_block(env, client, volume_id, "snap", tag) as pub:
         subprocess.run(
             ["fio", "--name=fill", f"--filename={pub}", f"--size={WRITTEN}", "--rw=write",
              "--bs=1M", "--iodepth=8", "--direct=1", "--ioengine=libaio",
              "--refill_buffers", "--end_fsync=1", "--output=/dev/null"],
             check=True, timeout=600,
         )
-    finally:
-        client.unpublish(volume_id, pub)
-        client.unstage(volume_id, stage)
 
 
-def run(env: Env, client: Client, sizes: list[int], repeats: int, tag: str,
+def run(env: Workspace, client: Client, sizes: list[int], repeats: int, tag: str,
         log: Any) -> dict[str, Any]:
     vols = {}
     for size in sizes:

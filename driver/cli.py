@@ -121,6 +121,25 @@ def parse(argv: list[str] | None = None) -> Config:
         help="bytes per second shared by this node's backup transfers (a quantity: 50Mi); "
         "0 = unlimited",
     )
+    p.add_argument(
+        "--watch-volume-attributes",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="node and all modes: apply the VolumeAttributesClass that csi-resizer records on "
+        "the PersistentVolumes of this pool's volumes (ModifyVolume in a cluster)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default="",
+        help="with --watch-volume-attributes: a kubeconfig file; empty = in-cluster credentials",
+    )
+    p.add_argument(
+        "--backup-verify-interval",
+        type=_checked(lambda text: flags.interval(text, minimum=1.0), "duration"),
+        default=0.0,
+        help="re-read and authenticate the newest backup of every volume this often (a "
+        "duration: 24h, 7d); 0 = off",
+    )
     p.add_argument("--version", action="version", version=f"stowage-csi {__version__}")
     a = p.parse_args(argv)
     if a.workers < 1:
@@ -139,6 +158,10 @@ def parse(argv: list[str] | None = None) -> Config:
         p.error("--backup-workers and --backup-max-concurrent must be at least 1")
     if not _CLUSTER_ID.fullmatch(a.backup_cluster_id):
         p.error("--backup-cluster-id must be 1-63 letters, digits, '.' or '-'")
+    if a.watch_volume_attributes and a.mode == Mode.CONTROLLER.value:
+        p.error("--watch-volume-attributes needs a pool (--mode node or all)")
+    if a.kubeconfig and not a.watch_volume_attributes:
+        p.error("--kubeconfig is only used with --watch-volume-attributes")
     if a.backup_target:
         from driver.backup import parse_targets  # imports boto3: only when configured
 
@@ -172,6 +195,9 @@ def parse(argv: list[str] | None = None) -> Config:
         backup_workers=a.backup_workers,
         backup_max_concurrent=a.backup_max_concurrent,
         backup_rate_limit=a.backup_rate_limit,
+        watch_volume_attributes=a.watch_volume_attributes,
+        kubeconfig=a.kubeconfig,
+        backup_verify_interval=a.backup_verify_interval,
     )
 
 

@@ -37,6 +37,11 @@ class Config:
     backup_workers: int = 4  # parallel chunk transfers of one upload or restore
     backup_max_concurrent: int = 2  # uploads and restores running at once on this node
     backup_rate_limit: int = 0  # bytes per second shared by all transfers; 0 = unlimited
+    # ModifyVolume in a cluster: watch PersistentVolumes for their VolumeAttributesClass
+    # (driver.core.vacwatch), with in-cluster credentials or this kubeconfig.
+    watch_volume_attributes: bool = False
+    kubeconfig: str = ""
+    backup_verify_interval: float = 0.0  # seconds between scrubs of each volume's newest backup
 
     @property
     def serves_pool(self) -> bool:

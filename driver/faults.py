@@ -66,6 +66,20 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "image:unlinked",
         "delete-snapshot:image-gone",
     ),
+    "create-group": (
+        "create-group:checked",
+        "create-group:journaled",
+        "create-group:frozen",
+        "image:tmp-written",
+        "create-group:images-ready",
+        "create-group:recorded",
+    ),
+    "delete-group": (
+        "delete-group:checked",
+        "delete-group:unrecorded",
+        "image:unlinked",
+        "delete-group:images-gone",
+    ),
     "node-expand": (
         "node-expand:journaled",
         "node-expand:image-grown",
@@ -92,11 +106,34 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# The backup jobs' fault points (docs/backup.md): uploads and restores run in the driver's
+# background jobs, the garbage collector in `stowagectl backup gc`. tests/backup/test_kill.py
+# walks this table the way the crash suite walks OPERATIONS.
+BACKUP_OPERATIONS: dict[str, tuple[str, ...]] = {
+    "backup-upload": (
+        "backup-upload:chunk-stored",  # a chunk is in the store, the manifest is not
+        "backup-upload:manifest-written",  # durable in the target, not yet recorded as done
+    ),
+    "backup-restore": (
+        "backup-restore:chunk-written",  # some chunks are in the partial image
+        "backup-restore:image-ready",  # whole image verified, the volume not yet recorded
+    ),
+    "backup-gc": (
+        "backup-gc:marked",  # candidate list written
+        "backup-gc:chunk-deleted",  # a sweep midway: some candidates deleted, the list stays
+    ),
+}
+
 # Points outside any mutating operation (the crash suite does not walk them): where a hung
 # driver is simulated, e.g. the CSI Probe that the chart's liveness probe goes through.
 HANG_POINTS: tuple[str, ...] = ("probe:answering",)
 
-POINTS: frozenset[str] = frozenset([*(p for pts in OPERATIONS.values() for p in pts), *HANG_POINTS])
+POINTS: frozenset[str] = frozenset(
+    [
+        *(p for table in (OPERATIONS, BACKUP_OPERATIONS) for pts in table.values() for p in pts),
+        *HANG_POINTS,
+    ]
+)
 
 
 @dataclass

@@ -27,6 +27,14 @@ def duration(text: str) -> float:
     return total
 
 
+def interval(text: str, *, minimum: float) -> float:
+    """A period for background work: a duration that is 0 (off) or at least `minimum` seconds."""
+    seconds = duration(text)
+    if 0 < seconds < minimum:
+        raise ValueError(f"{text!r} is too short: use 0 (off) or at least {minimum:g}s")
+    return seconds
+
+
 def endpoint(text: str) -> tuple[str, str]:
     """('unix', absolute path) or ('tcp', host:port)."""
     if text.startswith("unix://"):

@@ -3,6 +3,7 @@ or object key is built from them.
 
 - volumes: ``v-<32 hex>``
 - local snapshots: ``s-<32 hex>``
+- group snapshots: ``g-<32 hex>`` (a VolumeGroupSnapshot; its members are local snapshots)
 - backup snapshots: ``b-<target>-<32 hex>``, where <target> is the name of a backup target
   (``--backup-target NAME=...``: 1-63 lowercase letters, digits or '-', starting and ending with
   a letter or digit). The handle alone tells any node, or a node-independent controller, which
@@ -17,8 +18,9 @@ import uuid
 VOLUME_PREFIX = "v-"
 SNAPSHOT_PREFIX = "s-"
 BACKUP_PREFIX = "b-"
+GROUP_PREFIX = "g-"
 TARGET_NAME = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_PATTERN = re.compile(r"^[vs]-[0-9a-f]{32}$")
+_PATTERN = re.compile(r"^[vsg]-[0-9a-f]{32}$")
 _BACKUP = re.compile(rf"^b-({TARGET_NAME})-[0-9a-f]{{32}}$")
 _TARGET = re.compile(rf"^{TARGET_NAME}$")
 
@@ -29,6 +31,14 @@ def new_volume_id() -> str:
 
 def new_snapshot_id() -> str:
     return SNAPSHOT_PREFIX + uuid.uuid4().hex
+
+
+def new_group_snapshot_id() -> str:
+    return GROUP_PREFIX + uuid.uuid4().hex
+
+
+def is_group_snapshot_id(value: str) -> bool:
+    return bool(_PATTERN.fullmatch(value)) and value.startswith(GROUP_PREFIX)
 
 
 def new_backup_snapshot_id(target: str) -> str:

@@ -49,13 +49,20 @@ class AccessMode(enum.IntEnum):
 
 
 class FsType(enum.StrEnum):
-    """A filesystem Stowage makes on a volume. Block volumes have none. What each one needs
-    (mkfs arguments, minimum size, mount options, check, growth) is one table:
+    """A filesystem Stowage makes on a volume. Block volumes have none (`None` wherever a
+    volume, snapshot or staging carries an `FsType | None`). What each one needs (mkfs
+    arguments, minimum size, mount options, check, growth) is one table:
     driver.host.fs.FILESYSTEMS."""
 
     EXT4 = "ext4"
     XFS = "xfs"
     BTRFS = "btrfs"
+
+    @staticmethod
+    def stored(text: str) -> FsType | None:
+        """The stored form read back: "" (how rows, image records and manifests write a
+        block volume's) is None. ValueError for a name that is not an FsType."""
+        return FsType(text) if text else None
 
 
 SUPPORTED_FS_TYPES = tuple(t.value for t in FsType)
@@ -64,6 +71,9 @@ DEFAULT_FS_TYPE = FsType.EXT4
 
 @dataclass(frozen=True)
 class Capability:
+    """A requested capability as the CO sent it: `fs_type` is the request's own text ("" when
+    it names none), checked against FsType by validation.check_capability."""
+
     access_type: AccessType
     access_mode: AccessMode
     fs_type: str = ""
@@ -89,12 +99,30 @@ class Volume:
     name: str
     size: int
     access_type: AccessType
-    fs_type: str  # "" for block volumes
+    fs_type: FsType | None  # None for block volumes
     formatted: bool
     source: ContentSource | None
     parameters: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     sector_size: int = 4096  # logical sector size of its loop device; fixed for life
+    # Its mutable parameters (I/O limits) as validation.merge_mutable_parameters normalised
+    # them; changed by ControllerModifyVolume.
+    mutable_parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IoLimits:
+    """A volume's I/O limits, applied to its loop device in the cgroups of the pods using it.
+    0 means unlimited."""
+
+    read_iops: int = 0
+    write_iops: int = 0
+    read_bps: int = 0
+    write_bps: int = 0
+
+    @property
+    def unlimited(self) -> bool:
+        return not (self.read_iops or self.write_iops or self.read_bps or self.write_bps)
 
 
 @dataclass(frozen=True)
@@ -103,12 +131,27 @@ class Snapshot:
     name: str
     source_volume_id: str
     size: int
-    fs_type: str
+    fs_type: FsType | None  # the source volume's; None for block
     access_type: AccessType
     formatted: bool
     created_at: float
     ready: bool = True
     sector_size: int = 4096
+    group_id: str = ""  # the group snapshot (g-...) it was taken in, "" for a single snapshot
+
+
+@dataclass(frozen=True)
+class GroupSnapshot:
+    """Snapshots of several volumes taken at one point in time (CreateVolumeGroupSnapshot)."""
+
+    id: str
+    name: str
+    created_at: float
+    snapshots: tuple[Snapshot, ...]
+
+    @property
+    def ready(self) -> bool:
+        return all(s.ready for s in self.snapshots)
 
 
 class BackupPhase(enum.StrEnum):
@@ -150,7 +193,7 @@ class Staging:
     path: str
     device: str
     access_type: AccessType
-    fs_type: str
+    fs_type: FsType | None  # None for block volumes
     readonly: bool
     mount_flags: tuple[str, ...]
 
@@ -161,6 +204,7 @@ class Publication:
     target: str
     readonly: bool
     access_mode: AccessMode
+    pod_uid: str = ""  # from volume_context with podInfoOnMount; where I/O limits are applied
 
 
 @dataclass(frozen=True)

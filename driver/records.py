@@ -23,11 +23,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from driver import ids
-from driver.model import AccessType, ContentSource, Snapshot, Volume
+from driver.model import AccessType, ContentSource, FsType, Snapshot, Volume
 
 POOL_FORMAT = 1
 RECORD_FORMAT = 1
 RECORD_XATTR = "user.stowage.record"
+# A group snapshot's members carry the group in their records' parameters (snapshots have no
+# other parameters), so a store rebuilt from the records has its groups again.
+GROUP_ID_PARAMETER = "stowage.csi.io/group-snapshot-id"
+GROUP_NAME_PARAMETER = "stowage.csi.io/group-snapshot-name"
 
 class RecordError(ValueError):
     """A record that cannot be read: not JSON, an unknown format, a missing or wrong field."""
@@ -41,13 +45,17 @@ def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
     return value
 
 
-def _load(raw: bytes | str, what: str) -> dict[str, Any]:
+def _load(raw: bytes | str, what: str, fmt: int) -> dict[str, Any]:
+    """A JSON object of format `fmt`; RecordError for anything else."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RecordError(f"{what} is not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise RecordError(f"{what} is not a JSON object")
+    found = _require(data, "format", int)
+    if found != fmt:
+        raise RecordError(f"{what} has format {found}; this driver reads {fmt}")
     return data
 
 
@@ -66,16 +74,13 @@ class PoolRecord:
 
     @staticmethod
     def from_json(raw: bytes | str) -> PoolRecord:
-        data = _load(raw, "pool.json")
-        fmt = _require(data, "format", int)
-        if fmt != POOL_FORMAT:
-            raise RecordError(f"pool.json has format {fmt}; this driver reads {POOL_FORMAT}")
+        data = _load(raw, "pool.json", POOL_FORMAT)
         text = _require(data, "uuid", str)
         try:
             parsed = str(uuid.UUID(text))
         except ValueError as exc:
             raise RecordError(f"pool.json uuid {text!r} is not a UUID") from exc
-        return PoolRecord(parsed, float(_require(data, "created_at", (int, float))), fmt)
+        return PoolRecord(parsed, float(_require(data, "created_at", (int, float))), POOL_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ class ImageRecord:
     name: str
     size: int
     access_type: str
-    fs_type: str
+    fs_type: str  # an FsType's name, "" for block
     formatted: bool
     sector_size: int
     created_at: float
@@ -97,41 +102,53 @@ class ImageRecord:
     source_id: str = ""
     parameters: dict[str, str] = field(default_factory=dict)
     format: int = RECORD_FORMAT
+    mutable_parameters: dict[str, str] = field(default_factory=dict)  # volumes: I/O limits
 
     # --- from and to the domain model ------------------------------------------------------
     @staticmethod
-    def of_volume(v: Volume, pool_uuid: str) -> ImageRecord:
+    def _of(kind: str, o: Volume | Snapshot, pool_uuid: str, **rest: Any) -> ImageRecord:
+        """The fields volumes and snapshots share, and `rest`."""
         return ImageRecord(
-            kind="volume",
-            id=v.id,
-            name=v.name,
-            size=v.size,
-            access_type=v.access_type.value,
-            fs_type=v.fs_type,
-            formatted=v.formatted,
-            sector_size=v.sector_size,
-            created_at=v.created_at,
+            kind=kind,
+            id=o.id,
+            name=o.name,
+            size=o.size,
+            access_type=o.access_type.value,
+            fs_type=str(o.fs_type or ""),
+            formatted=o.formatted,
+            sector_size=o.sector_size,
+            created_at=o.created_at,
             pool_uuid=pool_uuid,
-            source_kind=v.source.kind if v.source else "",
-            source_id=v.source.id if v.source else "",
-            parameters=dict(v.parameters),
+            **rest,
         )
 
     @staticmethod
-    def of_snapshot(s: Snapshot, pool_uuid: str) -> ImageRecord:
-        return ImageRecord(
-            kind="snapshot",
-            id=s.id,
-            name=s.name,
-            size=s.size,
-            access_type=s.access_type.value,
-            fs_type=s.fs_type,
-            formatted=s.formatted,
-            sector_size=s.sector_size,
-            created_at=s.created_at,
-            pool_uuid=pool_uuid,
+    def of_volume(v: Volume, pool_uuid: str) -> ImageRecord:
+        return ImageRecord._of(
+            "volume",
+            v,
+            pool_uuid,
+            source_kind=v.source.kind if v.source else "",
+            source_id=v.source.id if v.source else "",
+            parameters=dict(v.parameters),
+            mutable_parameters=dict(v.mutable_parameters),
+        )
+
+    @staticmethod
+    def of_snapshot(s: Snapshot, pool_uuid: str, group_name: str = "") -> ImageRecord:
+        """`group_name`: the name of the group snapshot `s.group_id` (members only)."""
+        group = (
+            {GROUP_ID_PARAMETER: s.group_id, GROUP_NAME_PARAMETER: group_name}
+            if s.group_id
+            else {}
+        )
+        return ImageRecord._of(
+            "snapshot",
+            s,
+            pool_uuid,
             source_kind="volume",
             source_id=s.source_volume_id,
+            parameters=group,
         )
 
     def volume(self) -> Volume:
@@ -141,12 +158,13 @@ class ImageRecord:
             name=self.name,
             size=self.size,
             access_type=AccessType(self.access_type),
-            fs_type=self.fs_type,
+            fs_type=FsType.stored(self.fs_type),
             formatted=self.formatted,
             source=source,
             parameters=dict(self.parameters),
             created_at=self.created_at,
             sector_size=self.sector_size,
+            mutable_parameters=dict(self.mutable_parameters),
         )
 
     def snapshot(self) -> Snapshot:
@@ -155,12 +173,21 @@ class ImageRecord:
             name=self.name,
             source_volume_id=self.source_id,
             size=self.size,
-            fs_type=self.fs_type,
+            fs_type=FsType.stored(self.fs_type),
             access_type=AccessType(self.access_type),
             formatted=self.formatted,
             created_at=self.created_at,
             sector_size=self.sector_size,
+            group_id=self.group[0] if self.group else "",
         )
+
+    @property
+    def group(self) -> tuple[str, str] | None:
+        """(group snapshot ID, its name) for a member of a group snapshot, else None."""
+        gid = self.parameters.get(GROUP_ID_PARAMETER, "")
+        if self.kind != "snapshot" or not ids.is_group_snapshot_id(gid):
+            return None
+        return gid, self.parameters.get(GROUP_NAME_PARAMETER, "")
 
     def manifest_fields(self) -> dict[str, Any]:
         """The fields a backup manifest shares with a snapshot's record, under the manifest's
@@ -184,10 +211,7 @@ class ImageRecord:
     @staticmethod
     def from_json(raw: bytes | str) -> ImageRecord:
         """Parse and check a record; RecordError says what is wrong with it."""
-        data = _load(raw, "image record")
-        fmt = _require(data, "format", int)
-        if fmt != RECORD_FORMAT:
-            raise RecordError(f"image record has format {fmt}; this driver reads {RECORD_FORMAT}")
+        data = _load(raw, "image record", RECORD_FORMAT)
         kind = _require(data, "kind", str)
         object_id = _require(data, "id", str)
         if kind == "volume":
@@ -201,6 +225,9 @@ class ImageRecord:
         access = _require(data, "access_type", str)
         if access not in {a.value for a in AccessType}:
             raise RecordError(f"unknown access type {access!r}")
+        fs_type = _require(data, "fs_type", str)
+        if fs_type and fs_type not in {t.value for t in FsType}:
+            raise RecordError(f"unknown filesystem type {fs_type!r}")
         size = _require(data, "size", int)
         sector = _require(data, "sector_size", int)
         if size < 0 or sector not in (512, 1024, 2048, 4096):
@@ -208,24 +235,32 @@ class ImageRecord:
         source_kind = data.get("source_kind", "") or ""
         if source_kind not in ("", "snapshot", "volume"):
             raise RecordError(f"unknown source kind {source_kind!r}")
-        params = data.get("parameters", {}) or {}
-        if not isinstance(params, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in params.items()
-        ):
-            raise RecordError("parameters must map strings to strings")
+        params = _string_map(data, "parameters")
+        mutable = _string_map(data, "mutable_parameters")
         return ImageRecord(
             kind=kind,
             id=object_id,
             name=_require(data, "name", str),
             size=size,
             access_type=access,
-            fs_type=_require(data, "fs_type", str),
+            fs_type=fs_type,
             formatted=_require(data, "formatted", bool),
             sector_size=sector,
             created_at=float(_require(data, "created_at", (int, float))),
             pool_uuid=_require(data, "pool_uuid", str),
             source_kind=source_kind,
             source_id=str(data.get("source_id", "") or ""),
-            parameters=dict(params),
-            format=fmt,
+            parameters=params,
+            format=RECORD_FORMAT,
+            mutable_parameters=mutable,
         )
+
+
+def _string_map(data: dict[str, Any], key: str) -> dict[str, str]:
+    """An optional field mapping strings to strings (absent in older records: empty)."""
+    value = data.get(key, {}) or {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise RecordError(f"{key} must map strings to strings")
+    return dict(value)

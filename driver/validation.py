@@ -8,7 +8,13 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 
-from driver import ids
+from driver import (
+    MUTABLE_READ_BPS,
+    MUTABLE_READ_IOPS,
+    MUTABLE_WRITE_BPS,
+    MUTABLE_WRITE_IOPS,
+    ids,
+)
 from driver.errors import InvalidArgument, NotFound
 from driver.model import (
     DEFAULT_FS_TYPE,
@@ -16,6 +22,8 @@ from driver.model import (
     AccessMode,
     AccessType,
     Capability,
+    FsType,
+    IoLimits,
 )
 
 MAX_STRING_BYTES = 128
@@ -150,6 +158,16 @@ def _require_id(kind: str, valid: Callable[[str], bool], value: str, field: str)
     return value
 
 
+_POD_UID = re.compile(r"[0-9a-fA-F-]{1,64}")
+
+
+def check_pod_uid(value: str) -> None:
+    """The pod UID kubelet passes with podInfoOnMount ("" when it does not): a cgroup name is
+    matched against it, so nothing but a UUID's characters."""
+    if value and not _POD_UID.fullmatch(value):
+        raise InvalidArgument(f"volume_context pod UID {value[:MAX_STRING_BYTES]!r} is not a UID")
+
+
 def require_path(field: str, value: str) -> str:
     if not value:
         raise InvalidArgument(f"{field} is required")
@@ -250,15 +268,16 @@ def check_mount_flags(flags: Iterable[str]) -> list[str]:
 
 def fs_type_for(
     caps: Iterable[Capability], parameters: Mapping[str, str]
-) -> tuple[AccessType, str]:
-    """The access type and filesystem a new volume gets from its capabilities and parameters."""
+) -> tuple[AccessType, FsType | None]:
+    """The access type and filesystem a new volume gets from its capabilities and parameters
+    (None for a block volume)."""
     caps = list(caps)
     types = {c.access_type for c in caps}
     if len(types) > 1:
         raise InvalidArgument("a volume cannot be requested as both block and mount")
     access = types.pop()
     if access is AccessType.BLOCK:
-        return access, ""
+        return access, None
     requested = {c.fs_type for c in caps if c.fs_type}
     param = parameters.get("csi.storage.k8s.io/fstype") or parameters.get("fsType") or ""
     if param:
@@ -270,7 +289,7 @@ def fs_type_for(
         raise InvalidArgument(
             f"filesystem type {fs!r} is not supported; use one of {', '.join(SUPPORTED_FS_TYPES)}"
         )
-    return access, fs
+    return access, FsType(fs)
 
 
 def check_parameters(parameters: Mapping[str, str]) -> None:
@@ -287,7 +306,11 @@ def check_parameters(parameters: Mapping[str, str]) -> None:
 
 
 def unsupported_capability(
-    volume_id: str, caps: Iterable[Capability], access: AccessType, fs_type: str, formatted: bool
+    volume_id: str,
+    caps: Iterable[Capability],
+    access: AccessType,
+    fs_type: FsType | None,
+    formatted: bool,
 ) -> str:
     """Why `caps` cannot be used with this volume, or "" when every one can."""
     for cap in caps:
@@ -300,3 +323,84 @@ def unsupported_capability(
         if cap.fs_type and formatted and cap.fs_type != fs_type:
             return f"volume {volume_id} holds {fs_type}, not {cap.fs_type}"
     return ""
+
+
+# --- mutable parameters (VolumeAttributesClass) -----------------------------------------------
+#: The value that lifts a limit (a limit of 0 is refused: it would stop all I/O in cgroup v1).
+UNLIMITED = "unlimited"
+MAX_IOPS = 10_000_000  # far above any device; the kernel keeps IOPS limits in 32 bits
+MIN_BPS = 4096  # below one 4 KiB block per second a volume is unusable, not limited
+MAX_BPS = 1 << 40  # 1 TiB/s
+_IOPS = re.compile(r"[0-9]{1,8}")
+_BPS = re.compile(r"[0-9]{1,13}(Ki|Mi|Gi|Ti|k|M|G|T)?")
+_BPS_UNITS = {"": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+              "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+# key -> (IoLimits field, is a byte rate)
+MUTABLE_PARAMETERS: dict[str, tuple[str, bool]] = {
+    MUTABLE_READ_IOPS: ("read_iops", False),
+    MUTABLE_WRITE_IOPS: ("write_iops", False),
+    MUTABLE_READ_BPS: ("read_bps", True),
+    MUTABLE_WRITE_BPS: ("write_bps", True),
+}
+
+
+def _limit(key: str, value: str) -> int:
+    """One limit's value: IOPS a whole number 1..MAX_IOPS, bytes/s a whole number with an
+    optional binary or decimal suffix (`50Mi`), MIN_BPS..MAX_BPS."""
+    is_bps = MUTABLE_PARAMETERS[key][1]
+    shown = value[:MAX_STRING_BYTES]
+    match = (_BPS if is_bps else _IOPS).fullmatch(value)
+    if match is None:
+        kind = "a whole number of bytes per second (e.g. 52428800 or 50Mi)" if is_bps else (
+            "a whole number of I/O operations per second"
+        )
+        raise InvalidArgument(f"{key} must be {kind} or {UNLIMITED!r}, got {shown!r}")
+    if is_bps:
+        unit = match.group(1) or ""
+        number = int(value[: len(value) - len(unit)]) * _BPS_UNITS[unit]
+    else:
+        number = int(value)
+    low, high = (MIN_BPS, MAX_BPS) if is_bps else (1, MAX_IOPS)
+    if not low <= number <= high:
+        raise InvalidArgument(
+            f"{key} must be between {low} and {high} (or {UNLIMITED!r} for no limit), "
+            f"got {shown!r}"
+        )
+    return number
+
+
+def merge_mutable_parameters(
+    current: Mapping[str, str], requested: Mapping[str, str]
+) -> dict[str, str]:
+    """The mutable parameters a volume has after `requested` is applied to `current`: keys
+    not mentioned keep their value, `unlimited` removes a limit. Every key and value is
+    checked before anything is merged, so a refused request changes nothing. Values are kept
+    normalised (a plain number of IOPS or bytes per second)."""
+    check_map("mutable_parameters", requested)
+    fixed = sorted(k for k in requested if k in KNOWN_PARAMETERS)
+    if fixed:
+        raise InvalidArgument(
+            f"parameter(s) {', '.join(repr(k) for k in fixed)} cannot be modified: they are "
+            "fixed when the volume is created (StorageClass parameters)"
+        )
+    unknown = sorted(k for k in requested if k not in MUTABLE_PARAMETERS)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown mutable parameter(s) {', '.join(repr(k[:MAX_STRING_BYTES]) for k in unknown)}"
+            f"; known: {', '.join(sorted(MUTABLE_PARAMETERS))}"
+        )
+    out = dict(current)
+    changes = {k: None if v == UNLIMITED else str(_limit(k, v)) for k, v in requested.items()}
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+def io_limits(mutable: Mapping[str, str]) -> IoLimits:
+    """The limits a volume's stored (normalised) mutable parameters describe."""
+    fields = {k: int(v) for k, v in mutable.items() if k in MUTABLE_PARAMETERS}
+    values = {MUTABLE_PARAMETERS[k][0]: v for k, v in fields.items()}
+    return IoLimits(**values)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from driver import errors
+from driver import errors, faults
 from driver.backup import extents
 from driver.backup.format import (
     DEFAULT_CHUNK_SIZE,
@@ -516,6 +516,8 @@ class Repository:
                 result.reused_chunks += 1
             entries.append(ref)
             done += ref.length
+            if kind == "uploaded":
+                faults.hit("backup-upload:chunk-stored")
             if progress is not None:
                 progress(Progress("backup", done, size, result.uploaded_bytes))
 
@@ -609,6 +611,7 @@ class Repository:
             def on_done(c: ChunkRef, n: int) -> None:
                 nonlocal progressed, transferred, last_save
                 pending.append(c.offset)
+                faults.hit("backup-restore:chunk-written")
                 progressed += c.length
                 transferred += n
                 if time.monotonic() - last_save > self.checkpoint_interval or len(pending) >= 256:
@@ -730,6 +733,7 @@ class Repository:
         report.candidate_bytes = sum(chunks[c][0] for c in cands)
         if cands:
             self.store.put(CANDIDATES_KEY, json.dumps({"chunks": cands}).encode())
+            faults.hit("backup-gc:marked")
         log.info("gc mark: %d chunks referenced, %d unreferenced (%d bytes) are candidates",
                  len(refs), len(cands), report.candidate_bytes)
 
@@ -778,6 +782,7 @@ class Repository:
         def on_deleted(c: str, _: None) -> None:
             report.deleted_chunks += 1
             report.deleted_bytes += chunks[c][0]
+            faults.hit("backup-gc:chunk-deleted")
 
         batch = 8 * self.workers
         for i in range(0, len(victims), batch):

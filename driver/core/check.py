@@ -1,9 +1,9 @@
 """`stowagectl check`: every disagreement between metadata, image files, loop devices and mounts.
 
-Read-only: it opens meta.db read-only, lists the pool, sysfs and /proc/self/mountinfo, and changes
-nothing. Reconciliation (driver start-up) is what repairs; check is what proves there is nothing
-left to repair — the crash and concurrency suites run it after every scenario.
-"""
+Read-only: it opens meta.db read-only, lists the pool, the loop devices and the host's mount
+table (through the Host interface, driver.host.base.Host), and changes nothing. Reconciliation
+(driver start-up) is what repairs; check is what proves there is nothing left to repair — the
+crash and concurrency suites run it after every scenario."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from driver import ids
 from driver.host import mountinfo
+from driver.host.base import Host
 from driver.host.loop import LoopDevice, LoopManager
 from driver.model import AccessType
 from driver.records import RecordError
@@ -32,11 +33,11 @@ def inspect(
     store: Store,
     backend: VolumeBackend,
     loops: LoopManager,
-    entries: list[mountinfo.MountEntry] | None = None,
+    host: Host,
 ) -> Findings:
     found = Findings()
     bad = found.problems.append
-    entries = mountinfo.read() if entries is None else entries
+    entries = host.mounts()
 
     for _seq, op, key, _payload in store.journal():
         bad(f"{op} of {key} was interrupted and has not been reconciled (is the driver running?)")
@@ -54,36 +55,32 @@ def inspect(
         dropped = ids.is_backup_snapshot_id(sid) and snap.ready
         if not backend.snapshot_exists(sid) and not dropped:
             bad(f"snapshot {sid} ({snap.name!r}) is recorded but its image is missing")
-    unrowed = [("volume", v) for v in sorted(backend.volume_ids() - set(volumes))]
-    unrowed += [("snapshot", s) for s in sorted(backend.snapshot_ids() - set(snapshots))]
-    for kind, object_id in unrowed:
+    # Each image's own record, read once: an image without a row is adopted at start-up when
+    # it describes itself, trashed otherwise; an image with a row must carry its record.
+    rowed = {*volumes, *snapshots}
+    images = [("volume", v) for v in sorted(backend.volume_ids())]
+    images += [("snapshot", s) for s in sorted(backend.snapshot_ids())]
+    for kind, object_id in images:
         try:
             rec = backend.read_record(object_id)
         except RecordError as exc:
-            bad(f"{kind} image {object_id} has no row and an unreadable record ({exc})")
-            continue
-        if rec is None:
-            bad(f"{kind} image {object_id} has no row and no record (start-up moves it to trash)")
-        else:
-            bad(
-                f"{kind} image {object_id} ({rec.name!r}) has no row in meta.db but describes "
-                "itself (start-up adopts it)"
-            )
-    on_disk = backend.volume_ids() | backend.snapshot_ids()
-    for object_id in [*volumes, *snapshots]:
-        if object_id in on_disk:
-            try:
-                rec = backend.read_record(object_id)
-            except RecordError as exc:
+            if object_id in rowed:
                 bad(f"the record on the image of {object_id} is unreadable ({exc})")
-                continue
-            if rec is None:
-                bad(f"the image of {object_id} carries no record (start-up writes it)")
-            elif (
-                rec.kind == "volume" and object_id in volumes and rec.size < volumes[object_id].size
-            ):
-                recorded = volumes[object_id].size
-                bad(f"the record of {object_id} says {rec.size} bytes, meta.db {recorded}")
+            else:
+                bad(f"{kind} image {object_id} has no row and an unreadable record ({exc})")
+            continue
+        if object_id not in rowed:
+            bad(
+                f"{kind} image {object_id} has no row and no record (start-up moves it to trash)"
+                if rec is None
+                else f"{kind} image {object_id} ({rec.name!r}) has no row in meta.db but "
+                "describes itself (start-up adopts it)"
+            )
+        elif rec is None:
+            bad(f"the image of {object_id} carries no record (start-up writes it)")
+        elif rec.kind == "volume" and object_id in volumes and rec.size < volumes[object_id].size:
+            recorded = volumes[object_id].size
+            bad(f"the record of {object_id} says {rec.size} bytes, meta.db {recorded}")
     for path in backend.leftovers():
         bad(f"temporary file {path} was left by an interrupted copy")
     for name in backend.claimed_in_trash({*volumes, *snapshots}):

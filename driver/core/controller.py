@@ -18,6 +18,7 @@ from driver.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -30,6 +31,7 @@ from driver.model import (
     CapacityRange,
     Condition,
     ContentSource,
+    FsType,
     Page,
     PendingRestore,
     Snapshot,
@@ -89,10 +91,14 @@ class ControllerCore:
         source: ContentSource | None,
         requisite: Sequence[Segment] = (),
         preferred: Sequence[Segment] = (),
+        mutable: Mapping[str, str] | None = None,
     ) -> Volume:
+        """`mutable` holds the mutable parameters (I/O limits) of the claim's
+        VolumeAttributesClass, kept with the volume (driver.core.modify)."""
         validation.check_string("name", name)
         validation.check_capabilities(caps)
         validation.check_parameters(parameters)
+        mutable_parameters = validation.merge_mutable_parameters({}, mutable or {})
         access, fs_type = validation.fs_type_for(caps, parameters)
         if (requisite or preferred) and not self._reachable([*requisite, *preferred]):
             raise ResourceExhausted(
@@ -137,14 +143,14 @@ class ControllerCore:
                     fs_type = origin.fs_type
                 floor = origin.size
                 formatted = origin.formatted
-            size = sizing.resolve_size(rng, access, fs_type or "ext4", floor)
+            size = sizing.resolve_size(rng, fs_type, floor)
             # A filesystem made on one sector size may not mount on another: a clone or restore
             # keeps its origin's, a new volume takes the node's current setting.
             sector_size = origin.sector_size if origin is not None else self.ctx.loop_sector_size
             if remote is not None:
                 pass  # thin: a pool that fills up while restoring answers RESOURCE_EXHAUSTED
             elif source is not None:
-                self._require_copy_room(source.id)
+                self.require_copy_room(source.id)
             elif size > (free := self.ctx.backend.usage().available_bytes):
                 raise ResourceExhausted(
                     f"the pool on {self.ctx.node_id} has {free} bytes free; "
@@ -161,6 +167,7 @@ class ControllerCore:
                 parameters=dict(parameters),
                 created_at=time.time(),
                 sector_size=sector_size,
+                mutable_parameters=mutable_parameters,
             )
             op = {None: "create-volume", "snapshot": "restore-volume", "volume": "clone-volume"}[
                 source.kind if source else None
@@ -177,7 +184,7 @@ class ControllerCore:
             elif source.kind == "snapshot":
                 self.ctx.backend.restore_snapshot(source.id, vol.id, size, record=record)
             else:
-                with self._quiesced(source.id, op):
+                with self.quiesced(source.id, op):
                     self.ctx.backend.clone_volume(source.id, vol.id, size, record=record)
             faults.hit(op + ":image-ready")
             self.ctx.store.add_volume(vol)
@@ -185,17 +192,17 @@ class ControllerCore:
             log.info("created volume %s (%s, %d bytes) as %s", vol.id, access.value, size, name)
             return vol
 
-    def _require_copy_room(self, origin_id: str) -> None:
+    def require_copy_room(self, *origin_ids: str) -> None:
         """A reflink copy costs nothing now, but each block later rewritten in either copy needs
-        a new one (and a full copy needs them at once). Refuse a copy the pool could not absorb
-        having all of its origin's data rewritten: otherwise a snapshot on a nearly full pool
+        a new one (and a full copy needs them at once). Refuse copies the pool could not absorb
+        having all of their origins' data rewritten: otherwise a snapshot on a nearly full pool
         turns the origin's next overwrites into write errors."""
-        need = self.ctx.backend.allocated_bytes(origin_id)
+        need = sum(self.ctx.backend.allocated_bytes(i) for i in origin_ids)
         free = self.ctx.backend.usage().available_bytes
         if need > free:
             raise ResourceExhausted(
-                f"{origin_id} holds {need} bytes of data; the pool on {self.ctx.node_id} has "
-                f"{free} bytes free, too little to keep a copy of it writable"
+                f"{', '.join(origin_ids)} hold {need} bytes of data; the pool on "
+                f"{self.ctx.node_id} has {free} bytes free, too little to keep a copy writable"
             )
 
     def _restore_backup(
@@ -243,7 +250,7 @@ class ControllerCore:
         existing: Volume,
         rng: CapacityRange,
         access: AccessType,
-        fs_type: str,
+        fs_type: FsType | None,
         source: ContentSource | None,
     ) -> Volume:
         """A retried CreateVolume gets the volume it made; anything incompatible is refused."""
@@ -264,8 +271,10 @@ class ControllerCore:
         return existing
 
     @contextlib.contextmanager
-    def _quiesced(self, volume_id: str, op: str) -> Iterator[None]:
-        """Freeze the volume's filesystem while its image is copied, if it is mounted here."""
+    def quiesced(self, volume_id: str, op: str, trim: bool = False) -> Iterator[None]:
+        """Freeze the volume's filesystem while its image is copied, if it is mounted here.
+        With `trim`, its free space is discarded first (fstrim): deleted files become holes in
+        the image and are not carried into a backup."""
         staging = self.ctx.store.staging(volume_id)
         if staging is None or staging.access_type is not AccessType.MOUNT:
             yield
@@ -273,6 +282,14 @@ class ControllerCore:
         if not self.ctx.mounter.is_mounted(staging.path):
             yield
             return
+        if trim:
+            try:
+                trimmed = self.ctx.fs.trim(staging.path)
+            except Internal as exc:  # an optimisation: the snapshot goes on without it
+                log.warning("%s: %s; deleted files may be carried into the backup", op, exc)
+            else:
+                log.info("trimmed %s before its snapshot: %s", volume_id,
+                         "not supported" if trimmed is None else f"{trimmed} bytes")
         with self.ctx.fs.frozen(staging.path):
             faults.hit(op + ":frozen")
             yield
@@ -393,7 +410,7 @@ class ControllerCore:
                         f"volume {vol.id} has never been staged: it holds no filesystem to "
                         "back up yet"
                     )
-                self._require_copy_room(vol.id)
+                self.require_copy_room(vol.id)
                 snap = Snapshot(
                     id=ids.new_backup_snapshot_id(target) if target else ids.new_snapshot_id(),
                     name=name,
@@ -406,7 +423,7 @@ class ControllerCore:
                     sector_size=vol.sector_size,
                 )
                 faults.hit("create-snapshot:checked")
-                with self._quiesced(vol.id, "create-snapshot"):
+                with self.quiesced(vol.id, "create-snapshot", trim=bool(target)):
                     self.ctx.backend.snapshot(
                         vol.id, snap.id, record=ImageRecord.of_snapshot(snap, self.ctx.pool_uuid)
                     )
@@ -489,6 +506,11 @@ class ControllerCore:
             snap = self.ctx.store.get_snapshot(snapshot_id)
             if snap is None:
                 return
+            if snap.group_id:
+                raise FailedPrecondition(
+                    f"snapshot {snapshot_id} belongs to group snapshot {snap.group_id}; "
+                    "DeleteVolumeGroupSnapshot deletes the group's snapshots together"
+                )
             faults.hit("delete-snapshot:checked")
             self.ctx.store.remove_snapshot(snapshot_id)
             faults.hit("delete-snapshot:unrecorded")
@@ -542,8 +564,8 @@ def expand_request(volume_id: str, rng: CapacityRange | None, cap: Capability | 
     validation.present(volume_id=volume_id, capacity_range=rng and (rng.required or rng.limit))
     validation.require_volume_id(volume_id)
     assert rng is not None
-    access, fs_type = AccessType.MOUNT, str(DEFAULT_FS_TYPE)
+    fs_type: FsType | None = DEFAULT_FS_TYPE
     if cap is not None:
         validation.check_capability(cap)
-        access, fs_type = cap.access_type, cap.fs_type or DEFAULT_FS_TYPE
-    return sizing.resolve_size(rng, access, fs_type)
+        _, fs_type = validation.fs_type_for([cap], {})
+    return sizing.resolve_size(rng, fs_type)

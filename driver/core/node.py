@@ -7,6 +7,7 @@ import os
 
 from driver import faults, validation
 from driver.core import sizing
+from driver.core.modify import IoLimitsCore
 from driver.core.pool import PoolContext
 from driver.errors import (
     AlreadyExists,
@@ -15,6 +16,7 @@ from driver.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    StowageError,
 )
 from driver.host import fs as host_fs
 from driver.host import mountinfo
@@ -27,6 +29,7 @@ from driver.model import (
     Capability,
     CapacityRange,
     Condition,
+    FsType,
     Publication,
     Staging,
     Volume,
@@ -43,6 +46,7 @@ _GROW_SLACK = 64 * 1024 * 1024
 class NodeCore:
     def __init__(self, ctx: PoolContext) -> None:
         self.ctx = ctx
+        self.limits = IoLimitsCore(ctx)
 
     # --- helpers ------------------------------------------------------------------------------
     def _path(self, field: str, value: str) -> str:
@@ -172,11 +176,11 @@ class NodeCore:
         flags: tuple[str, ...],
     ) -> Staging:
         if vol.access_type is AccessType.BLOCK:
-            staging = Staging(vol.id, staging_path, device, AccessType.BLOCK, "", readonly, ())
+            staging = Staging(vol.id, staging_path, device, AccessType.BLOCK, None, readonly, ())
             self.ctx.store.put_staging(staging)
             return staging
 
-        fs_type = vol.fs_type or cap.fs_type or DEFAULT_FS_TYPE
+        fs_type = vol.fs_type or FsType(cap.fs_type or DEFAULT_FS_TYPE)
         self._format_and_mount(vol, device, staging_path, fs_type, readonly, flags)
         staging = Staging(vol.id, staging_path, device, AccessType.MOUNT, fs_type, readonly, flags)
         self.ctx.store.put_staging(staging)
@@ -188,7 +192,7 @@ class NodeCore:
         vol: Volume,
         device: str,
         staging_path: str,
-        fs_type: str,
+        fs_type: FsType,
         readonly: bool,
         flags: tuple[str, ...],
     ) -> None:
@@ -198,7 +202,7 @@ class NodeCore:
         way (ext4, no capability needed); mount; grow it online otherwise. A staging path that
         already carries this device (a retry) skips to the last step; a mount this call made is
         taken back if that step fails."""
-        fs = host_fs.spec(fs_type)
+        fs = host_fs.FILESYSTEMS[fs_type]
         top = self._top(staging_path)
         if top is not None and not self._on(top, device):
             raise FailedPrecondition(
@@ -299,8 +303,12 @@ class NodeCore:
         cap: Capability,
         readonly: bool,
         pool_uuid: str = "",
+        pod_uid: str = "",
     ) -> None:
+        """`pod_uid` is the pod the kubelet publishes for (podInfoOnMount): the volume's I/O
+        limits go into its cgroups (driver.core.modify)."""
         validation.require_volume_id(volume_id)
+        validation.check_pod_uid(pod_uid)
         staging_path = self._path("staging_target_path", staging_path)
         target = self._path("target_path", target)
         if target == staging_path or target.startswith(staging_path + "/"):
@@ -363,9 +371,13 @@ class NodeCore:
                     self.ctx.host.give_group(target, int(cap.mount_group))
             faults.hit("publish:bound")
             self.ctx.store.put_publication(
-                Publication(volume_id, target, readonly, cap.access_mode)
+                Publication(volume_id, target, readonly, cap.access_mode, pod_uid)
             )
             faults.hit("publish:recorded")
+            try:
+                self.limits.apply(volume_id, vol.mutable_parameters, staging.device, pod_uid)
+            except StowageError as exc:  # the pod runs; reconciliation applies them later
+                log.warning("volume %s: I/O limits not applied yet: %s", volume_id, exc)
             log.info("published %s at %s (readonly=%s)", volume_id, target, readonly)
 
     def _clear_unrecorded(self, target: str, device: str) -> None:
@@ -529,11 +541,8 @@ class NodeCore:
                     "volumes never shrink"
                 )
             if want > vol.size:
-                want = sizing.resolve_size(
-                    CapacityRange(want, rng.limit if rng else 0),
-                    vol.access_type,
-                    vol.fs_type or DEFAULT_FS_TYPE,
-                )
+                limit = rng.limit if rng else 0
+                want = sizing.resolve_size(CapacityRange(want, limit), vol.fs_type)
                 free = self.ctx.backend.usage().available_bytes
                 if want - vol.size > free:
                     raise ResourceExhausted(
@@ -549,7 +558,7 @@ class NodeCore:
                 faults.hit("node-expand:image-grown")
                 self.ctx.loops.refresh_capacity(staging.device)
                 faults.hit("node-expand:loop-refreshed")
-                if staging.access_type is AccessType.MOUNT:
+                if staging.fs_type is not None:  # a filesystem (not a block volume)
                     self.ctx.fs.grow(staging.device, staging.path, staging.fs_type)
                     faults.hit("node-expand:fs-grown")
                 if want != vol.size:

@@ -65,9 +65,14 @@ class RebuildReport:
         )
 
 
-def _scan(backend: ImagePool, report: RebuildReport) -> tuple[list[Volume], list[Snapshot]]:
+def _scan(
+    backend: ImagePool, report: RebuildReport
+) -> tuple[list[Volume], list[Snapshot], dict[str, tuple[str, float]]]:
+    """Rows from the records: volumes, snapshots, and the groups their members name (group
+    ID -> name, creation time)."""
     volumes: list[Volume] = []
     snapshots: list[Snapshot] = []
+    groups: dict[str, tuple[str, float]] = {}
     names: dict[tuple[str, str], str] = {}
     found = [(vid, "volume") for vid in backend.volume_ids()] + [
         (sid, "snapshot") for sid in backend.snapshot_ids()
@@ -99,7 +104,10 @@ def _scan(backend: ImagePool, report: RebuildReport) -> tuple[list[Volume], list
             volumes.append(rec.volume())
         else:
             snapshots.append(rec.snapshot())
-    return volumes, snapshots
+            if rec.group is not None:
+                gid, gname = rec.group
+                groups.setdefault(gid, (gname, rec.created_at))
+    return volumes, snapshots, groups
 
 
 def rebuild_store(backend: ImagePool, pool_uuid: str) -> RebuildReport:
@@ -113,10 +121,10 @@ def rebuild_store(backend: ImagePool, pool_uuid: str) -> RebuildReport:
     for suffix in ("", "-wal", "-shm", "-journal"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fresh + suffix)  # ours: a rebuild that did not finish
-    volumes, snapshots = _scan(backend, report)
+    volumes, snapshots, groups = _scan(backend, report)
     store = Store(fresh, pool_uuid=pool_uuid)
     try:
-        store.import_rows(volumes, snapshots)
+        store.import_rows(volumes, snapshots, groups)
     finally:
         store.close()
     for suffix in ("-wal", "-shm"):

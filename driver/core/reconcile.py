@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from driver.core import groups
 from driver.core.pool import PoolContext
 from driver.errors import StowageError
 from driver.host import mountinfo
@@ -72,10 +73,13 @@ def reconcile(ctx: PoolContext, trash_grace: float = 7 * 86400) -> Report:
     report = Report()
     store, backend = ctx.store, ctx.backend
 
-    # 1. Operations that were under way when the process ended. Only NodeExpandVolume journals
-    # (the new size); creates and deletes leave their files to step 2, which treats every image
-    # the same way.
+    # 1. Operations that were under way when the process ended. NodeExpandVolume journals the
+    # new size, group snapshots the member images (undone or finished here, before step 2 could
+    # adopt a half group's images); other creates and deletes leave their files to step 2,
+    # which treats every image the same way.
     for seq, op, key, payload in store.journal():
+        for sid in groups.end_interrupted(ctx, op, payload):
+            log.warning("removed image of snapshot %s: %s %s did not finish", sid, op, key)
         if op == "expand-volume":
             vol = store.get_volume(key)
             size = backend.volume_size(key)
@@ -276,7 +280,7 @@ def _adopt_mounts(
             continue
         first, rest = mounts[0], mounts[1:]
         staging = Staging(
-            vid, first.mount_point, device, AccessType.MOUNT, first.fs_type, first.read_only, ()
+            vid, first.mount_point, device, AccessType.MOUNT, vol.fs_type, first.read_only, ()
         )
         store.put_staging(staging)
         stagings[vid] = staging

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from driver.errors import InvalidArgument, OutOfRange
 from driver.host import fs
-from driver.model import AccessType, CapacityRange, GiB, MiB
+from driver.model import CapacityRange, FsType, GiB, MiB
 
 MIN_BLOCK_SIZE = 1 * MiB
 SIZE_ALIGNMENT = 1 * MiB
@@ -27,11 +27,12 @@ def check_range(rng: CapacityRange) -> None:
         )
 
 
-def resolve_size(rng: CapacityRange, access: AccessType, fs_type: str, floor: int = 0) -> int:
+def resolve_size(rng: CapacityRange, fs_type: FsType | None, floor: int = 0) -> int:
     """The size to allocate for a capacity range: at least `floor` (e.g. the source's size) and
-    the filesystem's minimum, rounded up to SIZE_ALIGNMENT, never above the limit."""
+    the filesystem's minimum (MIN_BLOCK_SIZE for a block volume, `fs_type` None), rounded up
+    to SIZE_ALIGNMENT, never above the limit."""
     check_range(rng)
-    minimum = fs.spec(fs_type).min_size if access is AccessType.MOUNT else MIN_BLOCK_SIZE
+    minimum = fs.FILESYSTEMS[fs_type].min_size if fs_type is not None else MIN_BLOCK_SIZE
     lower = max(rng.required, minimum, floor)
     want = max(rng.required or DEFAULT_VOLUME_SIZE, lower)
     if rng.limit:

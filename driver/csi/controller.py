@@ -1,8 +1,11 @@
 """CSI Controller service, one implementation for every mode: validate -> core -> convert.
 
 With a pool (modes `all` and `node`) it serves everything; without one (mode `controller`) it
-serves only ControllerExpandVolume, which is answered from the request's own fields by the same
-code in every mode, and advertises nothing else. There is no ControllerPublish/Unpublish:
+serves ControllerExpandVolume and ControllerModifyVolume, answered from the request's own
+fields by the same code in every mode (the node that holds the volume grows it, or applies the
+new parameters), and, when given backup targets, the node-independent snapshot RPCs on backup
+snapshots (`driver.core.remote`: delete, get, list; CreateSnapshot is refused), and advertises
+nothing else. There is no ControllerPublish/Unpublish:
 Stowage volumes are node-local and need no attach (CSIDriver `attachRequired: false`, see
 docs/design.md).
 """
@@ -13,13 +16,23 @@ import grpc
 
 from csi_proto import csi_pb2, csi_pb2_grpc
 from driver.core.controller import ControllerCore, VolumeStatus, expand_request
+from driver.core.modify import IoLimitsCore, modify_request
+from driver.core.remote import RemoteBackups
 from driver.csi import convert
 from driver.errors import Unimplemented
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
 
-# Served without a pool, so in every mode.
-POOLLESS_CAPABILITIES = (_RPC.EXPAND_VOLUME,)
+# Served without a pool, so in every mode (controller mode answers from the request; the node
+# holding the volume grows it, or applies the modified parameters: docs/design.md).
+POOLLESS_CAPABILITIES = (_RPC.EXPAND_VOLUME, _RPC.MODIFY_VOLUME)
+# Served without a pool when controller mode has the backup targets (`RemoteBackups`).
+REMOTE_CAPABILITIES = (
+    *POOLLESS_CAPABILITIES,
+    _RPC.CREATE_DELETE_SNAPSHOT,
+    _RPC.LIST_SNAPSHOTS,
+    _RPC.GET_SNAPSHOT,
+)
 CAPABILITIES = (
     _RPC.CREATE_DELETE_VOLUME,
     _RPC.LIST_VOLUMES,
@@ -36,9 +49,22 @@ CAPABILITIES = (
 
 
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, core: ControllerCore | None) -> None:
-        """`core` is None in controller mode, which has no pool."""
+    def __init__(
+        self,
+        core: ControllerCore | None,
+        limits: IoLimitsCore | None = None,
+        remote: RemoteBackups | None = None,
+    ) -> None:
+        """`core` and `limits` are None in controller mode, which has no pool; `remote` is given
+        there when backup targets are configured."""
         self._core = core
+        self._limits = limits
+        self._remote = remote
+
+    def _snapshots(self, method: str) -> ControllerCore | RemoteBackups:
+        if self._core is None and self._remote is not None:
+            return self._remote
+        return self._pool(method)
 
     def _pool(self, method: str) -> ControllerCore:
         if self._core is None:
@@ -50,8 +76,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def ControllerGetCapabilities(
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        if self._core is not None:
+            return convert.controller_capabilities(CAPABILITIES)
         return convert.controller_capabilities(
-            CAPABILITIES if self._core is not None else POOLLESS_CAPABILITIES
+            REMOTE_CAPABILITIES if self._remote is not None else POOLLESS_CAPABILITIES
         )
 
     def CreateVolume(
@@ -69,6 +97,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             ),
             requisite=convert.segments(req.requisite),
             preferred=convert.segments(req.preferred),
+            mutable=dict(request.mutable_parameters),
         )
         return csi_pb2.CreateVolumeResponse(
             volume=convert.volume(vol, core.ctx.node_id, core.ctx.pool_uuid)
@@ -153,21 +182,24 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def CreateSnapshot(
         self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateSnapshotResponse:
-        snap = self._pool("CreateSnapshot").create_snapshot(
-            request.name, request.source_volume_id, dict(request.parameters)
-        )
+        if self._core is None and self._remote is not None:
+            snap = self._remote.create_snapshot(request.name, request.source_volume_id)
+        else:
+            snap = self._pool("CreateSnapshot").create_snapshot(
+                request.name, request.source_volume_id, dict(request.parameters)
+            )
         return csi_pb2.CreateSnapshotResponse(snapshot=convert.snapshot(snap))
 
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteSnapshotResponse:
-        self._pool("DeleteSnapshot").delete_snapshot(request.snapshot_id)
+        self._snapshots("DeleteSnapshot").delete_snapshot(request.snapshot_id)
         return csi_pb2.DeleteSnapshotResponse()
 
     def ListSnapshots(
         self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListSnapshotsResponse:
-        page = self._pool("ListSnapshots").list_snapshots(
+        page = self._snapshots("ListSnapshots").list_snapshots(
             request.max_entries,
             request.starting_token,
             request.snapshot_id,
@@ -186,7 +218,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.GetSnapshotResponse:
         return csi_pb2.GetSnapshotResponse(
             snapshot=convert.snapshot(
-                self._pool("GetSnapshot").get_snapshot(request.snapshot_id)
+                self._snapshots("GetSnapshot").get_snapshot(request.snapshot_id)
             )
         )
 
@@ -209,7 +241,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerModifyVolumeResponse:
-        raise Unimplemented("ControllerModifyVolume is not supported yet")
+        mutable = dict(request.mutable_parameters)
+        if self._limits is None:
+            modify_request(request.volume_id, mutable)
+        else:
+            self._limits.modify(request.volume_id, mutable)
+        return csi_pb2.ControllerModifyVolumeResponse()
 
 
 def _no_attach(method: str) -> Unimplemented:

@@ -11,6 +11,7 @@ from driver import (
     CONTEXT_ACCESS_TYPE,
     CONTEXT_FS_TYPE,
     CONTEXT_NODE,
+    CONTEXT_POD_UID,
     CONTEXT_POOL_UUID,
     TOPOLOGY_KEY,
 )
@@ -22,6 +23,7 @@ from driver.model import (
     CapacityRange,
     Condition,
     ContentSource,
+    GroupSnapshot,
     Snapshot,
     Volume,
     VolumeStats,
@@ -98,7 +100,7 @@ def volume(vol: Volume, node_id: str, pool_uuid: str = "") -> csi_pb2.Volume:
 def volume_context(vol: Volume, node_id: str, pool_uuid: str = "") -> dict[str, str]:
     ctx = {CONTEXT_NODE: node_id, CONTEXT_ACCESS_TYPE: vol.access_type.value}
     if vol.fs_type:
-        ctx[CONTEXT_FS_TYPE] = vol.fs_type
+        ctx[CONTEXT_FS_TYPE] = str(vol.fs_type)
     if pool_uuid:
         ctx[CONTEXT_POOL_UUID] = pool_uuid
     return ctx
@@ -107,6 +109,11 @@ def volume_context(vol: Volume, node_id: str, pool_uuid: str = "") -> dict[str, 
 def pool_uuid(volume_context: Mapping[str, str]) -> str:
     """The pool a volume context names ("" for volumes made before pools had an identity)."""
     return volume_context.get(CONTEXT_POOL_UUID, "")
+
+
+def pod_uid(volume_context: Mapping[str, str]) -> str:
+    """The pod a NodePublishVolume is for, with CSIDriver podInfoOnMount ("" without)."""
+    return volume_context.get(CONTEXT_POD_UID, "")
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -122,6 +129,16 @@ def snapshot(snap: Snapshot) -> csi_pb2.Snapshot:
         size_bytes=snap.size,
         creation_time=timestamp(snap.created_at),
         ready_to_use=snap.ready,
+        group_snapshot_id=snap.group_id,
+    )
+
+
+def group_snapshot(group: GroupSnapshot) -> csi_pb2.VolumeGroupSnapshot:
+    return csi_pb2.VolumeGroupSnapshot(
+        group_snapshot_id=group.id,
+        snapshots=[snapshot(s) for s in group.snapshots],
+        creation_time=timestamp(group.created_at),
+        ready_to_use=group.ready,
     )
 
 

@@ -14,9 +14,14 @@ _Svc = csi_pb2.PluginCapability.Service
 _Exp = csi_pb2.PluginCapability.VolumeExpansion
 
 
+#: Served only with a pool (modes all and node): advertised only there.
+POOL_SERVICES = (_Svc.GROUP_CONTROLLER_SERVICE, _Svc.SNAPSHOT_METADATA_SERVICE)
+
+
 class IdentityServicer(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, *, ready: Callable[[], bool]) -> None:
+    def __init__(self, *, ready: Callable[[], bool], pool: bool) -> None:
         self._ready = ready
+        self._pool = pool
 
     def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -32,6 +37,8 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
             csi_pb2.PluginCapability(volume_expansion=_Exp(type=_Exp.ONLINE)),
             csi_pb2.PluginCapability(volume_expansion=_Exp(type=_Exp.OFFLINE)),
         ]
+        if self._pool:
+            caps += [csi_pb2.PluginCapability(service=_Svc(type=t)) for t in POOL_SERVICES]
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(

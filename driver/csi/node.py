@@ -86,6 +86,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             cap,
             request.readonly,
             convert.pool_uuid(request.volume_context),
+            convert.pod_uid(request.volume_context),
         )
         return csi_pb2.NodePublishVolumeResponse()
 

@@ -16,15 +16,22 @@ from driver import flags
 from driver.config import Config, Mode
 from driver.core.backups import Backups
 from driver.core.controller import ControllerCore
+from driver.core.groups import GroupCore
+from driver.core.metadata import MetadataCore
+from driver.core.modify import REAPPLY_INTERVAL, IoLimitsCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.core.rebuild import OpenedPool, open_pool_dir
 from driver.core.reconcile import reconcile
+from driver.core.remote import RemoteBackups
+from driver.core.vacwatch import AttributesWatch, KubeClusterView
 from driver.csi.controller import ControllerServicer
+from driver.csi.groups import GroupControllerServicer
 from driver.csi.identity import IdentityServicer
 from driver.csi.interceptors import CallInterceptor
+from driver.csi.metadata import SnapshotMetadataServicer
 from driver.csi.node import NodeServicer
-from driver.errors import InvalidArgument
+from driver.errors import InvalidArgument, Unavailable
 from driver.host.exec import SubprocessRunner
 from driver.host.fs import Filesystems
 from driver.host.loop import LoopManager
@@ -139,8 +146,11 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     )
     pool: PoolContext | None = None
     controller: ControllerCore | None = None
+    limits: IoLimitsCore | None = None
+    view: KubeClusterView | None = None
     opened: OpenedPool | None = None
     backups: Backups | None = None
+    remote: RemoteBackups | None = None
     kind, where = parse_endpoint(cfg.endpoint)
     if cfg.serves_pool:
         pool, opened = open_pool(cfg)
@@ -164,23 +174,51 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
                     workers=cfg.backup_workers,
                     max_concurrent=cfg.backup_max_concurrent,
                     rate_limit=cfg.backup_rate_limit,
+                    metrics=metrics.backup,
                 )
             except BaseException:
                 opened.close()
                 raise
         controller = ControllerCore(pool, backups, cfg.backup_cluster_id)
-        csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(NodeCore(pool)), server)
+        node = NodeCore(pool)
+        limits = node.limits
+        if cfg.watch_volume_attributes:
+            try:
+                view = KubeClusterView(cfg.kubeconfig)
+            except Exception as exc:
+                opened.close()
+                raise Unavailable(
+                    f"--watch-volume-attributes: cannot reach the Kubernetes API: {exc}"
+                ) from exc
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(node), server)
+        csi_pb2_grpc.add_GroupControllerServicer_to_server(
+            GroupControllerServicer(GroupCore(controller)), server
+        )
+        csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(
+            SnapshotMetadataServicer(MetadataCore(pool)), server
+        )
 
         def is_ready() -> bool:
             return ready.is_set() and ctx.backend.healthy() and ctx.store.healthy()
     else:
+        if cfg.backup_targets:  # the node-independent work on backup snapshots (design.md)
+            remote = RemoteBackups.open(
+                cfg.backup_targets,
+                cfg.backup_key_file,
+                cluster_id=cfg.backup_cluster_id,
+                workers=cfg.backup_workers,
+            )
 
         def is_ready() -> bool:
             return ready.is_set()
 
     # Controller mode has no pool: the same servicer then serves what needs none.
-    csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
-    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(ready=is_ready), server)
+    csi_pb2_grpc.add_ControllerServicer_to_server(
+        ControllerServicer(controller, limits, remote), server
+    )
+    csi_pb2_grpc.add_IdentityServicer_to_server(
+        IdentityServicer(ready=is_ready, pool=pool is not None), server
+    )
     if cfg.metrics_address:
         try:
             metrics.serve(cfg.metrics_address)  # before the socket: a busy port leaves none
@@ -210,9 +248,33 @@ def start(cfg: Config, metrics: Metrics | None = None) -> Running:
     running = Running(server, (kind, where), pool, ready, opened, backups=backups)
     if backups is not None:
         backups.resume()
+        backups.start_scrub(cfg.backup_verify_interval)
     if pool is not None and cfg.store_backup_interval > 0:
         _start_store_backups(pool, cfg.store_backup_interval, running.stopping)
+    if limits is not None:
+        _start_limit_reapply(limits, running.stopping)
+    if limits is not None and view is not None:
+        watch = AttributesWatch(limits, view)
+        threading.Thread(
+            target=watch.run, args=(running.stopping,), name="vac-watch", daemon=True
+        ).start()
     return running
+
+
+def _start_limit_reapply(limits: IoLimitsCore, stopping: threading.Event) -> None:
+    """Re-apply published volumes' I/O limits now and every REAPPLY_INTERVAL seconds: after a
+    driver restart, and (cgroup v1) into the cgroups of containers started after the publish."""
+
+    def loop() -> None:
+        while True:
+            try:
+                limits.reapply()
+            except Exception:  # a missed round must not stop the driver; the next one retries
+                log.exception("could not re-apply I/O limits")
+            if stopping.wait(REAPPLY_INTERVAL):
+                return
+
+    threading.Thread(target=loop, name="io-limits", daemon=True).start()
 
 
 def _start_store_backups(ctx: PoolContext, interval: float, stopping: threading.Event) -> None:

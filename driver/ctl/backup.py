@@ -47,6 +47,21 @@ def add_parser(sub: Any, duration: Any) -> None:
         every = " (default: every backup)" if name == "verify" else ""
         p.add_argument("snapshot", nargs="*" if name == "verify" else None,
                        help="snapshot ID" + every)
+    pr = bk.add_parser(
+        "prune", help="keep the newest N backups of each volume, delete the older manifests"
+    )
+    common(pr)
+    pr.add_argument("--keep-last", type=int, required=True, metavar="N")
+    pr.add_argument("--volume", default="", help="only the backups of this source volume")
+    pr.add_argument(
+        "--cluster-id", default=os.environ.get("STOWAGE_CLUSTER_ID") or "default",
+        help="only backups this cluster owns ($STOWAGE_CLUSTER_ID or 'default', as the driver)",
+    )
+    pr.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    st = bk.add_parser(
+        "status", help="a node's backup uploads from its pool's records: phase, bytes done / total"
+    )
+    st.add_argument("--pool-dir", required=True)
     r = bk.add_parser("restore", help="write a backup's image to a file (sparse, verified)")
     common(r)
     r.add_argument("snapshot")
@@ -72,6 +87,24 @@ def _repo(args: argparse.Namespace, snapshot: str = "") -> Any:
     return Repository.open(targets[name], key, "", workers=args.workers, credentials=creds)
 
 
+def upload_status(pool_dir: str) -> list[dict[str, Any]]:
+    """Every backup snapshot the node's store knows, with its upload's progress (written by the
+    driver every few seconds while it runs). Opens meta.db read-only: the driver may run."""
+    from driver.storage.store import Store
+
+    store = Store(os.path.join(os.path.realpath(pool_dir), "meta.db"), readonly=True)
+    try:
+        states = store.backups()
+    finally:
+        store.close()
+    now = time.time()
+    return [{"snapshot": b.snapshot_id, "target": b.target, "phase": b.phase.value,
+             "done": b.done_bytes, "total": b.total_bytes,
+             "percent": round(100 * b.done_bytes / b.total_bytes, 1) if b.total_bytes else 0.0,
+             "updated": f"{max(now - b.updated_at, 0):.0f}s ago",
+             "error": f"{b.error_code}: {b.error}" if b.error else ""} for b in states]
+
+
 def _progress(what: str) -> Any:
     last = [0.0]
     t0 = time.monotonic()
@@ -89,6 +122,14 @@ def _progress(what: str) -> Any:
 
 def main(args: argparse.Namespace, emit: Any) -> int:
     """Run a `backup` action; `emit(data, rows, columns)` prints in the chosen format."""
+    from driver import faults
+
+    faults.configure()  # STOWAGE_FAULTS, as in the driver: the crash tests of gc
+    if args.action == "status":
+        rows = upload_status(args.pool_dir)
+        emit(rows, rows, ("snapshot", "target", "phase", "done", "total", "percent", "updated",
+                          "error"))
+        return 1 if any(r["phase"] == "failed" for r in rows) else 0
     snapshot = args.snapshot if isinstance(getattr(args, "snapshot", None), str) else ""
     repo = _repo(args, snapshot)
     if args.action == "list":
@@ -116,6 +157,22 @@ def main(args: argparse.Namespace, emit: Any) -> int:
     elif args.action == "delete":
         repo.delete(snapshot)
         print(f"deleted backup {snapshot} (its chunks are reclaimed by gc)")
+    elif args.action == "prune":
+        from driver.core.backups import prune_plan
+
+        listed = []
+        for s in repo.list():
+            try:
+                listed.append(repo.show(s.snapshot_id))
+            except errors.NotFound:
+                continue  # deleted since the listing
+        doomed = prune_plan(listed, args.keep_last, args.cluster_id, args.volume)
+        rows = [{"snapshot": m.snapshot_id, "volume": m.source_volume_id, "created": m.created,
+                 "action": "would delete" if args.dry_run else "deleted"} for m in doomed]
+        for m in doomed:
+            if not args.dry_run:
+                repo.delete(m.snapshot_id)
+        emit(rows, rows, ("snapshot", "volume", "created", "action"))
     elif args.action == "gc":
         rep = repo.gc(min_candidate_age=args.min_age)
         emit(vars(rep), None, ())

@@ -106,6 +106,14 @@ class Client:
             timeout=self.timeout,
         ).capacity_bytes
 
+    def modify_volume(self, volume_id: str, mutable: dict[str, str]) -> None:
+        self.controller.ControllerModifyVolume(
+            csi_pb2.ControllerModifyVolumeRequest(
+                volume_id=volume_id, mutable_parameters=mutable
+            ),
+            timeout=self.timeout,
+        )
+
     def list_volumes(self) -> list[csi_pb2.ListVolumesResponse.Entry]:
         out: list[csi_pb2.ListVolumesResponse.Entry] = []
         token = ""

@@ -12,7 +12,7 @@ from driver.core.check import Findings, inspect
 from driver.core.rebuild import rebuild_pool_dir, store_state
 from driver.ctl import output
 from driver.errors import StowageError
-from driver.host.exec import SubprocessRunner
+from driver.host.base import Host
 from driver.host.loop import LoopManager
 from driver.storage import identity
 from driver.storage.image import ImagePool
@@ -40,8 +40,10 @@ def _pool_uuid(pool_dir: str) -> str:
     return ""  # a pool made before identities: the driver adopts it at its next start
 
 
-def check(pool_dir: str) -> Findings:
-    """Everything check finds; CannotCheck when the pool or its store cannot be read."""
+def check(pool_dir: str, host: Host, loops: LoopManager) -> Findings:
+    """Everything check finds; CannotCheck when the pool or its store cannot be read. The
+    mount table and the loop devices are read through `host` and `loops` (the entry point
+    passes the real ones)."""
     pool_dir = os.path.realpath(pool_dir)
     if not os.path.isdir(pool_dir):
         raise CannotCheck(f"pool directory {pool_dir} does not exist")
@@ -60,7 +62,7 @@ def check(pool_dir: str) -> Findings:
         raise CannotCheck(str(exc)) from exc
     try:
         backend = ImagePool(pool_dir, inspect_only=True, pool_uuid=pool_uuid)
-        found = inspect(store, backend, LoopManager(SubprocessRunner()))
+        found = inspect(store, backend, loops, host)
     except StowageError as exc:
         raise CannotCheck(str(exc)) from exc
     finally:
@@ -72,10 +74,10 @@ def check(pool_dir: str) -> Findings:
     return found
 
 
-def check_main(pool_dir: str, fmt: str = "table") -> int:
+def check_main(pool_dir: str, fmt: str, host: Host, loops: LoopManager) -> int:
     """Exit status 0: consistent; 1: problems found; 2: could not check."""
     try:
-        found = check(pool_dir)
+        found = check(pool_dir, host, loops)
     except CannotCheck as exc:
         if fmt == "table":
             print(f"stowagectl: cannot check {pool_dir}: {exc}", file=sys.stderr)

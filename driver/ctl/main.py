@@ -19,6 +19,9 @@ from driver import flags
 from driver.ctl import backup, demo, local, output, pool
 from driver.ctl.client import Client, capability, probe_ready
 from driver.errors import StowageError
+from driver.host.exec import SubprocessRunner
+from driver.host.loop import LoopManager
+from driver.host.system import SystemHost
 from driver.quantity import parse_bytes
 
 # The chart mounts the node plugin's socket directory at /csi in its pods; elsewhere the
@@ -140,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--workdir", required=True)
     dm.add_argument("--fs", default="ext4")
     dm.add_argument("--data-mib", type=int, default=64)
+    dm.add_argument("--backup-target", default="",
+                    help="then back a volume up to this target and restore it on the second node")
+    dm.add_argument("--second-endpoint", default="",
+                    help="the CSI endpoint of another node-mode driver (with the same target)")
 
     ck = sub.add_parser(
         "check", help="report every inconsistency between metadata, images, loops and mounts"
@@ -185,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
             lambda data, rows, cols: print(output.emit(fmt, data, rows=rows, columns=cols)),
         )
     if args.cmd == "check":
-        return local.check_main(args.pool_dir, fmt)
+        return local.check_main(
+            args.pool_dir, fmt, SystemHost(), LoopManager(SubprocessRunner())
+        )
     if args.cmd == "gc":
         return local.gc_main(args.pool_dir, args.older_than, args.dry_run)
     if args.cmd == "pool":
@@ -363,7 +372,17 @@ def _run_client(client: Client, args: argparse.Namespace, fmt: str) -> int:
         else:
             show(st)
     elif args.cmd == "demo":
+        if args.backup_target and not args.second_endpoint:
+            print("stowagectl: demo --backup-target needs --second-endpoint", file=sys.stderr)
+            return 2
         demo.run(client, os.path.abspath(args.workdir), fs_type=args.fs, data_mib=args.data_mib)
+        if args.backup_target:
+            other = Client(args.second_endpoint, timeout=args.timeout)
+            try:
+                demo.run_backup(client, other, os.path.abspath(args.workdir), args.backup_target,
+                                fs_type=args.fs, data_mib=args.data_mib)
+            finally:
+                other.close()
     return 0
 
 

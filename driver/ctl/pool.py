@@ -1,14 +1,15 @@
 """A pool on a file: an image formatted XFS (reflink=1) or another filesystem, loop-mounted.
 
 Used by `stowagectl pool create|destroy` (the embedded default pool of `make run`) and by the
-test fixtures. destroy() is safe to call on a half-made pool: it unmounts whatever is mounted
-under the pool directory (deepest first), detaches loop devices backed by files in the pool,
-refuses while a pool volume is mounted outside the pool, and never removes anything else.
-"""
+development harness (`harness/`: the pools of the tests and the bench). destroy() is safe to
+call on a half-made pool: it unmounts whatever is mounted under the pool directory (deepest
+first), detaches loop devices backed by files in the pool, refuses while a pool volume is
+mounted outside the pool, and never removes anything else."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from driver.errors import CommandFailed, FailedPrecondition
@@ -16,9 +17,11 @@ from driver.host import mountinfo
 from driver.host.exec import Runner, SubprocessRunner
 from driver.host.loop import LoopManager
 
+# Formatted on the loop device. No discard for ext4 (the image is already sparse); xfs with
+# reflink, so that snapshots and clones are O(extents).
 POOL_MKFS = {
     "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
-    "ext4": ["mkfs.ext4", "-q", "-F", "-m0"],
+    "ext4": ["mkfs.ext4", "-q", "-F", "-m0", "-E", "nodiscard"],
     "btrfs": ["mkfs.btrfs", "-q", "-f"],
 }
 
@@ -28,29 +31,47 @@ class DevPool:
     image: str
     mount: str
     fs_type: str
+    device: str  # the loop device it is mounted from
+    direct_io: bool  # whether that loop device does direct I/O
 
 
 def create(
-    image: str, mount: str, size: int, fs_type: str = "xfs", runner: Runner | None = None
+    image: str,
+    mount: str,
+    size: int,
+    fs_type: str = "xfs",
+    runner: Runner | None = None,
+    *,
+    direct_io: bool = False,
+    sector_size: int = 512,
+    mount_options: Sequence[str] = (),
 ) -> DevPool:
+    """Attach `image` (made `size` bytes sparse if it does not exist, then formatted) to a loop
+    device and mount it at `mount`; an already mounted pool is returned as it is. With
+    `direct_io` the loop device bypasses the host's page cache for the image (the bench
+    attaches pools like disks: direct I/O, 4096-byte sectors)."""
     runner = runner or SubprocessRunner()
     image, mount = os.path.abspath(image), os.path.abspath(mount)
     os.makedirs(os.path.dirname(image), exist_ok=True)
     os.makedirs(mount, exist_ok=True)
+    loops = LoopManager(runner)
     if mountinfo.mounts_at(mount):
-        return DevPool(image, mount, fs_type)
+        lo = next(iter(loops.find(image)), None)
+        return DevPool(image, mount, fs_type, lo.device if lo else "", bool(lo and lo.direct_io))
     fresh = not os.path.exists(image)
     if fresh:
         with open(image, "wb") as fh:
             fh.truncate(size)
-        runner.run([*POOL_MKFS[fs_type], image])
-    loop = LoopManager(runner).attach(image, direct_io=False)
+    loop = loops.attach(image, sector_size=sector_size, direct_io=direct_io)
     try:
-        runner.run(["mount", "-t", fs_type, "--", loop.device, mount])
+        if fresh:
+            runner.run([*POOL_MKFS[fs_type], loop.device], timeout=600)
+        options = ["-o", ",".join(mount_options)] if mount_options else []
+        runner.run(["mount", "-t", fs_type, *options, "--", loop.device, mount])
     except CommandFailed:
-        LoopManager(runner).detach(loop.device)
+        loops.detach(loop.device)
         raise
-    return DevPool(image, mount, fs_type)
+    return DevPool(image, mount, fs_type, loop.device, loop.direct_io)
 
 
 def destroy(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from driver.host.mountinfo import MountEntry
+from driver.model import FsType, IoLimits
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,17 @@ class Host(Protocol):
 
     def fs_usage(self, mount_point: str) -> FsUsage: ...
 
-    def fs_errors(self, device: str, fs_type: str) -> int:
+    def fs_errors(self, device: str, fs_type: FsType | None) -> int:
         """Errors the kernel counted on the filesystem on `device` (ext4 keeps a counter;
         0 where there is none)."""
         ...
 
     def give_group(self, root: str, gid: int) -> None:
         """VOLUME_MOUNT_GROUP: group ownership and group write access under `root`."""
+        ...
+
+    def set_io_limits(self, pod_uid: str, device: str, limits: IoLimits) -> int:
+        """ModifyVolume: limit I/O to block device `device` from pod `pod_uid` (unlimited
+        fields lift their limit). Returns how many cgroups were written, 0 when the pod has no
+        cgroup on this node (yet). driver.host.cgroups says where and why."""
         ...

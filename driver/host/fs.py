@@ -1,12 +1,14 @@
-"""Filesystems on a device: probe, format (only when safe), check, grow, freeze."""
+"""Filesystems on a device: probe, format (only when safe), check, grow, freeze, trim."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,9 +17,11 @@ from driver.host.exec import Runner
 from driver.model import FsType, MiB
 
 log = logging.getLogger(__name__)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
+FITRIM = 0xC0185879  # _IOWR('X', 121, struct fstrim_range {u64 start, len, minlen})
 
 
 @dataclass(frozen=True)
@@ -72,14 +76,6 @@ FILESYSTEMS: dict[FsType, FsSpec] = {
 }
 
 
-def spec(fs_type: str) -> FsSpec:
-    """The table entry of a filesystem type; INVALID_ARGUMENT for any other name."""
-    try:
-        return FILESYSTEMS[FsType(fs_type)]
-    except ValueError:
-        raise InvalidArgument(f"unsupported filesystem type {fs_type!r}") from None
-
-
 class Filesystems:
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
@@ -102,12 +98,12 @@ class Filesystems:
         values = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
         return values.get("TYPE") or values.get("PTTYPE") or "unknown"
 
-    def format(self, device: str, fs_type: str) -> None:
-        self._runner.run([*spec(fs_type).mkfs, device], timeout=600)
+    def format(self, device: str, fs_type: FsType) -> None:
+        self._runner.run([*FILESYSTEMS[fs_type].mkfs, device], timeout=600)
 
-    def check(self, device: str, fs_type: str) -> None:
+    def check(self, device: str, fs_type: FsType) -> None:
         """Repair what is safe to repair before mounting (`FsSpec.fsck`)."""
-        if not spec(fs_type).fsck:
+        if not FILESYSTEMS[fs_type].fsck:
             return
         res = self._runner.run(["e2fsck", "-p", "--", device], check=False, timeout=3600)
         if res.returncode in (0, 1):
@@ -125,9 +121,9 @@ class Filesystems:
         )
         return int(fields["Block count"]) * int(fields["Block size"])
 
-    def grow_offline(self, device: str, fs_type: str) -> None:
+    def grow_offline(self, device: str, fs_type: FsType) -> None:
         """Grow an unmounted ext4 filesystem (resize2fs wants a forced check first)."""
-        if not spec(fs_type).grows_offline:
+        if not FILESYSTEMS[fs_type].grows_offline:
             raise InvalidArgument(f"offline growth is only done for ext4, not {fs_type}")
         res = self._runner.run(["e2fsck", "-f", "-p", "--", device], check=False, timeout=3600)
         if res.returncode not in (0, 1):
@@ -136,9 +132,9 @@ class Filesystems:
             )
         self._runner.run(["resize2fs", "--", device], timeout=3600)
 
-    def grow(self, device: str, mount_point: str, fs_type: str) -> None:
+    def grow(self, device: str, mount_point: str, fs_type: FsType) -> None:
         """Grow a mounted filesystem to fill its device (idempotent)."""
-        argv = [a.format(device=device, mount=mount_point) for a in spec(fs_type).grow]
+        argv = [a.format(device=device, mount=mount_point) for a in FILESYSTEMS[fs_type].grow]
         res = self._runner.run(argv, check=False, timeout=3600)
         if res.returncode == 0:
             return
@@ -167,6 +163,29 @@ class Filesystems:
         finally:
             os.close(fd)
         return True
+
+    @staticmethod
+    def trim(mount_point: str) -> int | None:
+        """Discard the free space of a mounted filesystem (what fstrim does), after writing its
+        dirty state out (ext4 frees a deleted file's blocks only when its journal commits). On
+        a loop device the discards punch holes in the image, so deleted files neither occupy
+        the pool nor are carried into backups. Returns the bytes the filesystem trimmed, None
+        when it or its device cannot discard."""
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise Internal(f"could not sync {mount_point}: {os.strerror(err)}")
+            rng = bytearray(struct.pack("=QQQ", 0, (1 << 64) - 1, 0))
+            try:
+                fcntl.ioctl(fd, FITRIM, rng, True)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+                    return None
+                raise Internal(f"could not trim {mount_point}: {exc}") from exc
+            return int(struct.unpack("=QQQ", rng)[1])
+        finally:
+            os.close(fd)
 
     @staticmethod
     @contextlib.contextmanager

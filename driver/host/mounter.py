@@ -11,6 +11,7 @@ from driver.errors import FailedPrecondition, Internal, InvalidArgument
 from driver.host import mountinfo
 from driver.host.base import Host
 from driver.host.exec import Runner
+from driver.model import FsType
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class Mounter:
         return bool(mountinfo.mounts_at(path, self._host.mounts()))
 
     # --- mounting ----------------------------------------------------------------------------
-    def mount(self, source: str, target: str, fs_type: str, options: list[str]) -> None:
+    def mount(self, source: str, target: str, fs_type: FsType, options: list[str]) -> None:
         argv = ["mount", "-t", fs_type]
         if options:
             argv += ["-o", ",".join(options)]

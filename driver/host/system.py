@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import stat
 
-from driver.host import mountinfo
+from driver.errors import FailedPrecondition
+from driver.host import cgroups, mountinfo
 from driver.host.base import FsUsage
 from driver.host.mountinfo import MountEntry
+from driver.model import FsType, IoLimits
 
 
 class SystemHost:
@@ -32,8 +34,8 @@ class SystemHost:
             available_inodes=st.f_favail,
         )
 
-    def fs_errors(self, device: str, fs_type: str) -> int:
-        if fs_type != "ext4":
+    def fs_errors(self, device: str, fs_type: FsType | None) -> int:
+        if fs_type is not FsType.EXT4:
             return 0
         path = f"/sys/fs/ext4/{os.path.basename(device)}/errors_count"
         try:
@@ -52,6 +54,21 @@ class SystemHost:
             for name in [*dirnames, *filenames]:
                 _chgrp(os.path.join(dirpath, name), gid)
             _chgrp(dirpath, gid)
+
+
+    def set_io_limits(self, pod_uid: str, device: str, limits: IoLimits) -> int:
+        hierarchy = cgroups.io_hierarchy(self.mounts())
+        if hierarchy is None:
+            if limits.unlimited:
+                return 0
+            raise FailedPrecondition(
+                "this node has no block I/O cgroup controller (neither v1 blkio nor v2 io) "
+                "to apply I/O limits with"
+            )
+        rdev = self.rdev(device)
+        if rdev is None:
+            raise FailedPrecondition(f"{device} is not a block device")
+        return cgroups.apply(hierarchy, pod_uid, os.major(rdev), os.minor(rdev), limits)
 
 
 def _chgrp(path: str, gid: int) -> None:

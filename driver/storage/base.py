@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Protocol
 
-from driver.model import PoolUsage, TrashItem
+from driver.model import FsType, PoolUsage, TrashItem
 from driver.records import ImageRecord
 
 
@@ -82,7 +82,8 @@ class VolumeBackend(Protocol):
         *,
         size: int | None = None,
         formatted: bool | None = None,
-        fs_type: str | None = None,
+        fs_type: FsType | None = None,  # None: unchanged
+        mutable_parameters: dict[str, str] | None = None,
     ) -> None: ...
 
     def expand(self, volume_id: str, size: int) -> None: ...

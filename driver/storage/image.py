@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
 from driver import faults, ids
 from driver.errors import (
@@ -25,8 +25,9 @@ from driver.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from driver.model import PoolUsage, TrashItem
+from driver.model import FsType, PoolUsage, TrashItem
 from driver.records import RECORD_XATTR, ImageRecord, RecordError
+from driver.storage.identity import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,47 @@ META_RESERVE = ".meta-reserve"
 META_RESERVE_BYTES = 16 * 1024 * 1024
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP}
 _MISSING_XATTR = errno.ENODATA  # Linux: getxattr of an attribute the file does not have
 
 
 def _no_space(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _room(what: str) -> Iterator[None]:
+    """A full pool (ENOSPC, EDQUOT, EFBIG) inside the block is RESOURCE_EXHAUSTED, saying
+    `what` could not be done and the system's reason; any other OSError passes unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if _no_space(exc):
+            raise ResourceExhausted(f"{what}: {exc.strerror}") from exc
+        raise
+
+
+@contextlib.contextmanager
+def _opened(path: str, flags: int, missing: str) -> Iterator[int]:
+    """An existing image open with `flags`; NOT_FOUND saying `missing` when there is none."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NotFound(missing) from exc
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _finish(fd: int, size: int, record: ImageRecord | None) -> None:
+    """The last steps of every image made, copied or restored: grow it to `size` when it is
+    smaller, give it its record, fsync."""
+    if os.fstat(fd).st_size < size:
+        os.ftruncate(fd, size)
+    if record is not None:
+        os.setxattr(fd, RECORD_XATTR, record.to_json())
+    os.fsync(fd)
 
 
 class ImagePool:
@@ -171,7 +199,7 @@ class ImagePool:
     def _publish(self, tmp: str, final: str) -> None:
         """Make a complete temporary image visible under its final name, durably."""
         os.rename(tmp, final)
-        _fsync_dir(os.path.dirname(final))
+        fsync_dir(os.path.dirname(final))
 
     def create(
         self,
@@ -185,33 +213,21 @@ class ImagePool:
         a file here is an orphan that the start-up sweep moves to trash, so no temporary name
         and rename are needed (a copy, which can be half done, still uses one)."""
         final = self.image_path(volume_id)
-        try:
+        # Nothing is created when open fails, so nothing is discarded (EEXIST: not ours).
+        with _room("the pool cannot hold a new image"):
             fd = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-        except OSError as exc:  # nothing was created, so nothing is discarded (EEXIST: not ours)
-            if _no_space(exc):
-                raise ResourceExhausted(
-                    f"the pool cannot hold a new image: {exc.strerror}"
-                ) from exc
-            raise
         try:
-            try:
-                if preallocate:
-                    os.posix_fallocate(fd, 0, size)
-                else:
-                    os.ftruncate(fd, size)
-                if record is not None:
-                    os.setxattr(fd, RECORD_XATTR, record.to_json())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            faults.hit("image:written")
-            _fsync_dir(os.path.dirname(final))
-        except OSError as exc:
+            with _room(f"the pool cannot hold {size} bytes"):
+                try:
+                    if preallocate:
+                        os.posix_fallocate(fd, 0, size)
+                    _finish(fd, size, record)
+                finally:
+                    os.close(fd)
+                faults.hit("image:written")
+                fsync_dir(os.path.dirname(final))
+        except (OSError, ResourceExhausted):
             self._discard(final)
-            if _no_space(exc):
-                raise ResourceExhausted(
-                    f"the pool cannot hold {size} bytes: {exc.strerror}"
-                ) from exc
             raise
 
     def _copy_into(
@@ -222,26 +238,21 @@ class ImagePool:
         and renamed, so a complete image under its final name always describes itself."""
         tmp = final + _TMP_SUFFIX
         try:
-            fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-            with open(src, "rb") as s, open(fd, "wb") as d:
-                if not self._clone_fd(s.fileno(), d.fileno()):
-                    _sparse_copy(s.fileno(), d.fileno())
-                if size > os.fstat(d.fileno()).st_size:
-                    os.ftruncate(d.fileno(), size)
-                if record is not None:
-                    os.setxattr(d.fileno(), RECORD_XATTR, record.to_json())
-                os.fsync(d.fileno())
-            faults.hit("image:tmp-written")
-            self._publish(tmp, final)
+            with _room("the pool is full"):
+                fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                with open(src, "rb") as s, open(fd, "wb") as d:
+                    if not self._clone_fd(s.fileno(), d.fileno()):
+                        _sparse_copy(s.fileno(), d.fileno())
+                    _finish(d.fileno(), size, record)
+                faults.hit("image:tmp-written")
+                self._publish(tmp, final)
         except FileNotFoundError as exc:
             self._discard(tmp)
             raise NotFound(
                 f"source image {os.path.basename(src)} is missing from the pool"
             ) from exc
-        except OSError as exc:
+        except (OSError, ResourceExhausted):
             self._discard(tmp)
-            if _no_space(exc):
-                raise ResourceExhausted(f"the pool is full: {exc.strerror}") from exc
             raise
 
     def clone_volume(
@@ -306,23 +317,11 @@ class ImagePool:
         (a larger claim), carrying its record: durable before the caller records the volume."""
         src = self.restore_path(volume_id)
         final = self.image_path(volume_id)
-        try:
-            fd = os.open(src, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                if os.fstat(fd).st_size < size:
-                    os.ftruncate(fd, size)
-                if record is not None:
-                    os.setxattr(fd, RECORD_XATTR, record.to_json())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        missing = f"the restored image of {volume_id} is missing"
+        with _room("the pool is full"):
+            with _opened(src, os.O_RDWR, missing) as fd:
+                _finish(fd, size, record)
             self._publish(src, final)
-        except FileNotFoundError as exc:
-            raise NotFound(f"the restored image of {volume_id} is missing") from exc
-        except OSError as exc:
-            if _no_space(exc):
-                raise ResourceExhausted(f"the pool is full: {exc.strerror}") from exc
-            raise
 
     def discard_restore(self, volume_id: str) -> None:
         """Remove a restore's image and partial state (an abandoned or failed restore)."""
@@ -342,22 +341,12 @@ class ImagePool:
 
     def write_record(self, record: ImageRecord) -> None:
         """(Re)write an existing image's record, durably."""
-        path = self._path_of(record.id)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise NotFound(f"image of {record.id} is missing from the pool") from exc
-        try:
-            os.setxattr(fd, RECORD_XATTR, record.to_json())
-            os.fsync(fd)
-        except OSError as exc:
-            if _no_space(exc):
-                raise ResourceExhausted(
-                    f"the pool has no room for the record of {record.id}: {exc.strerror}"
-                ) from exc
-            raise
-        finally:
-            os.close(fd)
+        missing = f"image of {record.id} is missing from the pool"
+        with (
+            _opened(self._path_of(record.id), os.O_RDONLY, missing) as fd,
+            _room(f"the pool has no room for the record of {record.id}"),
+        ):
+            _finish(fd, 0, record)
 
     def amend_record(
         self,
@@ -365,10 +354,11 @@ class ImagePool:
         *,
         size: int | None = None,
         formatted: bool | None = None,
-        fs_type: str | None = None,
+        fs_type: FsType | None = None,
+        mutable_parameters: dict[str, str] | None = None,
     ) -> None:
-        """Change fields of an image's record (expansion, first format). An image without a
-        record (made before records existed) is left alone: start-up writes its record."""
+        """Change fields of an image's record (expansion, first format, ModifyVolume). An image
+        without a record (made before records existed) is left alone: start-up writes its record."""
         try:
             old = self.read_record(object_id)
         except RecordError:
@@ -379,7 +369,10 @@ class ImagePool:
             old,
             size=old.size if size is None else size,
             formatted=old.formatted if formatted is None else formatted,
-            fs_type=old.fs_type if fs_type is None else fs_type,
+            fs_type=old.fs_type if fs_type is None else str(fs_type),
+            mutable_parameters=(
+                old.mutable_parameters if mutable_parameters is None else dict(mutable_parameters)
+            ),
         )
         if new != old:
             self.write_record(new)
@@ -394,34 +387,28 @@ class ImagePool:
         chunk = 1 << 20
         zero = bytes(chunk)
         try:
-            src = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                dst = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            with _room(f"the pool has no room to restore the image of {volume_id}"):
+                src = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    size = os.lseek(src, 0, os.SEEK_END)
-                    offset = 0
-                    while offset < size:
-                        data = os.pread(src, min(chunk, size - offset), offset)
-                        if not data:
-                            break
-                        if data != zero[: len(data)]:
-                            os.pwrite(dst, data, offset)
-                        offset += len(data)
-                    os.ftruncate(dst, size)
-                    if record is not None:
-                        os.setxattr(dst, RECORD_XATTR, record.to_json())
-                    os.fsync(dst)
+                    dst = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                    try:
+                        size = os.lseek(src, 0, os.SEEK_END)
+                        offset = 0
+                        while offset < size:
+                            data = os.pread(src, min(chunk, size - offset), offset)
+                            if not data:
+                                break
+                            if data != zero[: len(data)]:
+                                os.pwrite(dst, data, offset)
+                            offset += len(data)
+                        _finish(dst, size, record)
+                    finally:
+                        os.close(dst)
                 finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
-            self._publish(tmp, final)
-        except OSError as exc:
+                    os.close(src)
+                self._publish(tmp, final)
+        except (OSError, ResourceExhausted):
             self._discard(tmp)
-            if _no_space(exc):
-                raise ResourceExhausted(
-                    f"the pool has no room to restore the image of {volume_id}: {exc.strerror}"
-                ) from exc
             raise
         log.warning("restored the deleted image of %s from %s", volume_id, device)
 
@@ -429,7 +416,9 @@ class ImagePool:
         a = os.path.join(self._trash, ".reflink-probe-a")
         b = os.path.join(self._trash, ".reflink-probe-b")
         try:
-            with open(os.open(a, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600), "wb") as fa:
+            # FICLONE reads its source: a write-only source fails with EBADF on every
+            # filesystem, which once made every pool look reflink-less (full copies).
+            with open(os.open(a, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600), "r+b") as fa:
                 fa.write(b"\0" * 4096)
                 fa.flush()
                 with open(os.open(b, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600), "wb") as fb:
@@ -443,24 +432,15 @@ class ImagePool:
 
     # --- growth and queries -------------------------------------------------------------------
     def expand(self, volume_id: str, size: int) -> None:
-        path = self.image_path(volume_id)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise NotFound(f"image of volume {volume_id} is missing from the pool") from exc
-        try:
+        missing = f"image of volume {volume_id} is missing from the pool"
+        with (
+            _opened(self.image_path(volume_id), os.O_WRONLY, missing) as fd,
+            _room(f"the pool cannot grow {volume_id}"),
+        ):
             if os.fstat(fd).st_size < size:
                 os.ftruncate(fd, size)
                 os.fsync(fd)
             self.amend_record(volume_id, size=size)
-        except OSError as exc:
-            if _no_space(exc):
-                raise ResourceExhausted(
-                    f"the pool cannot grow {volume_id}: {exc.strerror}"
-                ) from exc
-            raise
-        finally:
-            os.close(fd)
 
     def volume_size(self, volume_id: str) -> int | None:
         try:
@@ -501,7 +481,7 @@ class ImagePool:
                 continue
             moved.append(dest)
         if moved:
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
         return moved
 
     def trash_leftover(self, path: str) -> str:
@@ -516,7 +496,7 @@ class ImagePool:
             os.rename(path, dest)
         except FileNotFoundError:
             return ""
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return dest
 
     def trash_orphan(self, kind: str, object_id: str) -> str:

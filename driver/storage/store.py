@@ -28,6 +28,8 @@ from driver.model import (
     BackupPhase,
     BackupState,
     ContentSource,
+    FsType,
+    GroupSnapshot,
     PendingRestore,
     Publication,
     Snapshot,
@@ -43,7 +45,7 @@ CREATE TABLE IF NOT EXISTS volumes (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, size INTEGER NOT NULL,
     access_type TEXT NOT NULL, fs_type TEXT NOT NULL, formatted INTEGER NOT NULL,
     source_kind TEXT, source_id TEXT, parameters TEXT NOT NULL, created_at REAL NOT NULL,
-    sector_size INTEGER NOT NULL
+    sector_size INTEGER NOT NULL, mutable_parameters TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, source_volume_id TEXT NOT NULL,
@@ -57,7 +59,7 @@ CREATE TABLE IF NOT EXISTS stagings (
 );
 CREATE TABLE IF NOT EXISTS publications (
     target TEXT PRIMARY KEY, volume_id TEXT NOT NULL, readonly INTEGER NOT NULL,
-    access_mode INTEGER NOT NULL
+    access_mode INTEGER NOT NULL, pod_uid TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS publications_volume ON publications (volume_id);
 CREATE TABLE IF NOT EXISTS backups (
@@ -69,11 +71,44 @@ CREATE TABLE IF NOT EXISTS restores (
     name TEXT PRIMARY KEY, volume_id TEXT NOT NULL UNIQUE, snapshot_id TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS groups (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_members (
+    snapshot_id TEXT PRIMARY KEY, group_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS group_members_group ON group_members (group_id);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, key TEXT NOT NULL,
     payload TEXT NOT NULL, started_at REAL NOT NULL
 );
+-- Written by versions with ControllerPublish (before the attach-free Controller); unused since.
+DROP TABLE IF EXISTS attachments;
 """
+# Columns added after the first release: (table, column, definition). A store made before them
+# gets them at open (ALTER TABLE ... ADD COLUMN); a read-only open reads their defaults.
+_ADDED_COLUMNS = (
+    ("volumes", "mutable_parameters", "TEXT NOT NULL DEFAULT '{}'"),
+    ("publications", "pod_uid", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+def _column(row: sqlite3.Row, name: str, default: str) -> str:
+    """An added column's value; its default in a store opened read-only before it was added."""
+    try:
+        return str(row[name])
+    except IndexError:
+        return default
+
+
+def _publication(r: sqlite3.Row) -> Publication:
+    return Publication(
+        r["volume_id"],
+        r["target"],
+        bool(r["readonly"]),
+        AccessMode(r["access_mode"]),
+        _column(r, "pod_uid", ""),
+    )
 
 
 def _volume(row: sqlite3.Row) -> Volume:
@@ -83,12 +118,13 @@ def _volume(row: sqlite3.Row) -> Volume:
         name=row["name"],
         size=row["size"],
         access_type=AccessType(row["access_type"]),
-        fs_type=row["fs_type"],
+        fs_type=FsType.stored(row["fs_type"]),
         formatted=bool(row["formatted"]),
         source=source,
         parameters=json.loads(row["parameters"]),
         created_at=row["created_at"],
         sector_size=row["sector_size"],
+        mutable_parameters=json.loads(_column(row, "mutable_parameters", "{}")),
     )
 
 
@@ -98,18 +134,34 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
         name=row["name"],
         source_volume_id=row["source_volume_id"],
         size=row["size"],
-        fs_type=row["fs_type"],
+        fs_type=FsType.stored(row["fs_type"]),
         access_type=AccessType(row["access_type"]),
         formatted=bool(row["formatted"]),
         created_at=row["created_at"],
         sector_size=row["sector_size"],
         ready=not ids.is_backup_snapshot_id(row["id"]) or row["phase"] == BackupPhase.DONE,
+        group_id=row["group_id"] or "",
     )
 
 
-# Snapshots with the phase of their upload (NULL for local snapshots).
+def _staging(r: sqlite3.Row) -> Staging:
+    return Staging(
+        r["volume_id"],
+        r["path"],
+        r["device"],
+        AccessType(r["access_type"]),
+        FsType.stored(r["fs_type"]),
+        bool(r["readonly"]),
+        tuple(json.loads(r["mount_flags"])),
+    )
+
+
+# Snapshots with the phase of their upload (NULL for local snapshots) and their group (NULL for
+# a single snapshot).
 _SNAPSHOTS = (
-    "SELECT s.*, b.phase AS phase FROM snapshots s LEFT JOIN backups b ON b.snapshot_id = s.id"
+    "SELECT s.*, b.phase AS phase, m.group_id AS group_id FROM snapshots s"
+    " LEFT JOIN backups b ON b.snapshot_id = s.id"
+    " LEFT JOIN group_members m ON m.snapshot_id = s.id"
 )
 
 
@@ -137,8 +189,13 @@ class _Batch:
         self.error: sqlite3.Error | None = None
 
 
-_INSERT_VOLUME = "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT_VOLUME = "INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 _INSERT_SNAPSHOT = "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?)"
+
+
+def _fs_text(fs_type: FsType | None) -> str:
+    """How rows store a filesystem type: its name, "" for block (as every version wrote)."""
+    return str(fs_type or "")
 
 
 def _volume_row(v: Volume) -> tuple[object, ...]:
@@ -148,13 +205,14 @@ def _volume_row(v: Volume) -> tuple[object, ...]:
         v.name,
         v.size,
         v.access_type.value,
-        v.fs_type,
+        _fs_text(v.fs_type),
         int(v.formatted),
         v.source.kind if v.source else None,
         v.source.id if v.source else None,
         json.dumps(v.parameters, sort_keys=True),
         v.created_at,
         v.sector_size,
+        json.dumps(v.mutable_parameters, sort_keys=True),
     )
 
 
@@ -164,12 +222,20 @@ def _snapshot_row(s: Snapshot) -> tuple[object, ...]:
         s.name,
         s.source_volume_id,
         s.size,
-        s.fs_type,
+        _fs_text(s.fs_type),
         s.access_type.value,
         int(s.formatted),
         s.created_at,
         s.sector_size,
     )
+
+
+def _journal_insert(db: sqlite3.Connection, op: str, key: str, payload: dict[str, Any]) -> int:
+    cur = db.execute(
+        "INSERT INTO journal (op, key, payload, started_at) VALUES (?,?,?,?)",
+        (op, key, json.dumps(payload, sort_keys=True), time.time()),
+    )
+    return int(cur.lastrowid or 0)
 
 
 class StoreDamaged(Unavailable):
@@ -274,6 +340,10 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            for table, column, definition in _ADDED_COLUMNS:
+                have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
@@ -390,7 +460,10 @@ class Store:
         self._batch.done.set()
         self._batch = None
 
-    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """An idle read connection (a new one when none is), back in the pool after the block;
+        closed instead when the store was closed meanwhile."""
         with self._readers_lock:
             if self._closed:
                 raise Unavailable(f"metadata store {self.path} is closed")
@@ -398,15 +471,20 @@ class Store:
         if db is None:
             db = self._connect_reader()
         try:
-            return list(db.execute(sql, args).fetchall())
-        except sqlite3.Error as exc:
-            raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
+            yield db
         finally:
             with self._readers_lock:
                 if self._closed:
                     db.close()
                 else:
                     self._readers.append(db)
+
+    def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._reader() as db:
+            try:
+                return list(db.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise Unavailable(f"metadata store {self.path} failed: {exc}") from exc
 
     def healthy(self) -> bool:
         try:
@@ -443,10 +521,18 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, volume_id))
 
-    def set_formatted(self, volume_id: str, fs_type: str) -> None:
+    def set_formatted(self, volume_id: str, fs_type: FsType) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE volumes SET formatted = 1, fs_type = ? WHERE id = ?", (fs_type, volume_id)
+                "UPDATE volumes SET formatted = 1, fs_type = ? WHERE id = ?",
+                (_fs_text(fs_type), volume_id),
+            )
+
+    def set_mutable_parameters(self, volume_id: str, mutable: dict[str, str]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE volumes SET mutable_parameters = ? WHERE id = ?",
+                (json.dumps(mutable, sort_keys=True), volume_id),
             )
 
     def remove_volume(self, volume_id: str) -> None:
@@ -491,6 +577,45 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
             db.execute("DELETE FROM backups WHERE snapshot_id = ?", (snapshot_id,))
+            db.execute("DELETE FROM group_members WHERE snapshot_id = ?", (snapshot_id,))
+
+    # --- group snapshots ----------------------------------------------------------------------
+    def add_group(self, g: GroupSnapshot, journal_seq: int) -> None:
+        """Record a group snapshot and every member snapshot, and close the journal entry that
+        made their images, in one transaction: the whole group is recorded or none of it."""
+        with self._tx() as db:
+            db.executemany(_INSERT_SNAPSHOT, [_snapshot_row(s) for s in g.snapshots])
+            db.execute("INSERT INTO groups VALUES (?,?,?)", (g.id, g.name, g.created_at))
+            db.executemany(
+                "INSERT INTO group_members VALUES (?,?)", [(s.id, g.id) for s in g.snapshots]
+            )
+            db.execute("DELETE FROM journal WHERE seq = ?", (journal_seq,))
+
+    def remove_group(self, g: GroupSnapshot, op: str, payload: dict[str, Any]) -> int:
+        """Remove a group snapshot and its members' rows and open a journal entry (`op`,
+        `payload`: the images still to unlink) in one transaction; returns the entry's seq."""
+        with self._tx() as db:
+            for s in g.snapshots:
+                db.execute("DELETE FROM snapshots WHERE id = ?", (s.id,))
+                db.execute("DELETE FROM group_members WHERE snapshot_id = ?", (s.id,))
+            db.execute("DELETE FROM group_members WHERE group_id = ?", (g.id,))
+            db.execute("DELETE FROM groups WHERE id = ?", (g.id,))
+            return _journal_insert(db, op, g.id, payload)
+
+    def _group(self, rows: list[sqlite3.Row]) -> GroupSnapshot | None:
+        if not rows:
+            return None
+        gid = rows[0]["id"]
+        members = self._all(_SNAPSHOTS + " WHERE m.group_id = ? ORDER BY s.id", (gid,))
+        return GroupSnapshot(
+            gid, rows[0]["name"], rows[0]["created_at"], tuple(_snapshot(r) for r in members)
+        )
+
+    def group(self, group_id: str) -> GroupSnapshot | None:
+        return self._group(self._all("SELECT * FROM groups WHERE id = ?", (group_id,)))
+
+    def group_by_name(self, name: str) -> GroupSnapshot | None:
+        return self._group(self._all("SELECT * FROM groups WHERE name = ?", (name,)))
 
     # --- backups: upload state of backup snapshots, restores under way ----------------------
     def backup(self, snapshot_id: str) -> BackupState | None:
@@ -577,25 +702,10 @@ class Store:
     # --- node stagings and publications ---------------------------------------------------------
     def staging(self, volume_id: str) -> Staging | None:
         rows = self._all("SELECT * FROM stagings WHERE volume_id = ?", (volume_id,))
-        if not rows:
-            return None
-        r = rows[0]
-        return Staging(
-            r["volume_id"],
-            r["path"],
-            r["device"],
-            AccessType(r["access_type"]),
-            r["fs_type"],
-            bool(r["readonly"]),
-            tuple(json.loads(r["mount_flags"])),
-        )
+        return _staging(rows[0]) if rows else None
 
     def stagings(self) -> list[Staging]:
-        return [
-            s
-            for r in self._all("SELECT volume_id FROM stagings ORDER BY volume_id")
-            if (s := self.staging(r["volume_id"])) is not None
-        ]
+        return [_staging(r) for r in self._all("SELECT * FROM stagings ORDER BY volume_id")]
 
     def put_staging(self, s: Staging) -> None:
         with self._tx() as db:
@@ -606,7 +716,7 @@ class Store:
                     s.path,
                     s.device,
                     s.access_type.value,
-                    s.fs_type,
+                    _fs_text(s.fs_type),
                     int(s.readonly),
                     json.dumps(list(s.mount_flags)),
                 ),
@@ -623,27 +733,17 @@ class Store:
             rows = self._all(
                 "SELECT * FROM publications WHERE volume_id = ? ORDER BY target", (volume_id,)
             )
-        return [
-            Publication(
-                r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
-            )
-            for r in rows
-        ]
+        return [_publication(r) for r in rows]
 
     def publication(self, target: str) -> Publication | None:
         rows = self._all("SELECT * FROM publications WHERE target = ?", (target,))
-        if not rows:
-            return None
-        r = rows[0]
-        return Publication(
-            r["volume_id"], r["target"], bool(r["readonly"]), AccessMode(r["access_mode"])
-        )
+        return _publication(rows[0]) if rows else None
 
     def put_publication(self, p: Publication) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO publications VALUES (?,?,?,?)",
-                (p.target, p.volume_id, int(p.readonly), int(p.access_mode)),
+                "INSERT OR REPLACE INTO publications VALUES (?,?,?,?,?)",
+                (p.target, p.volume_id, int(p.readonly), int(p.access_mode), p.pod_uid),
             )
 
     def remove_publication(self, target: str) -> None:
@@ -653,11 +753,7 @@ class Store:
     # --- journal ----------------------------------------------------------------------------------
     def journal_begin(self, op: str, key: str, payload: dict[str, Any]) -> int:
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO journal (op, key, payload, started_at) VALUES (?,?,?,?)",
-                (op, key, json.dumps(payload, sort_keys=True), time.time()),
-            )
-            return int(cur.lastrowid or 0)
+            return _journal_insert(db, op, key, payload)
 
     def journal_end(self, seq: int) -> None:
         with self._tx() as db:
@@ -681,11 +777,26 @@ class Store:
         return int(rows[0]["v"]), int(rows[0]["s"])
 
     # --- rebuild and backup -------------------------------------------------------------------
-    def import_rows(self, volumes: list[Volume], snapshots: list[Snapshot]) -> None:
-        """Insert many volume and snapshot rows in one transaction (the rebuild)."""
+    def import_rows(
+        self,
+        volumes: list[Volume],
+        snapshots: list[Snapshot],
+        groups: dict[str, tuple[str, float]] | None = None,
+    ) -> None:
+        """Insert many volume and snapshot rows in one transaction (the rebuild); `groups`
+        (group ID -> name, creation time) and the snapshots' `group_id` give the groups."""
         with self._tx() as db:
             db.executemany(_INSERT_VOLUME, [_volume_row(v) for v in volumes])
             db.executemany(_INSERT_SNAPSHOT, [_snapshot_row(s) for s in snapshots])
+            known = groups or {}
+            db.executemany(
+                "INSERT INTO groups VALUES (?,?,?)",
+                [(gid, name, at) for gid, (name, at) in known.items()],
+            )
+            db.executemany(
+                "INSERT INTO group_members VALUES (?,?)",
+                [(s.id, s.group_id) for s in snapshots if s.group_id in known],
+            )
 
     def backup_to(self, dest: str) -> None:
         """A consistent copy of the store at `dest` (SQLite online backup, 0600), written
@@ -697,17 +808,8 @@ class Store:
         try:
             out = sqlite3.connect(tmp)
             try:
-                with self._readers_lock:
-                    if self._closed:
-                        raise Unavailable(f"metadata store {self.path} is closed")
-                    src = self._readers.pop() if self._readers else None
-                if src is None:
-                    src = self._connect_reader()
-                try:
+                with self._reader() as src:
                     src.backup(out)
-                finally:
-                    with self._readers_lock:
-                        self._readers.append(src)
                 out.execute("PRAGMA journal_mode=DELETE")
             finally:
                 out.close()

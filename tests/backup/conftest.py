@@ -4,11 +4,9 @@ started; it is stopped by that PID only, its temporary directory removed even on
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import boto3
 import botocore.config
@@ -23,29 +22,15 @@ import botocore.exceptions
 import pytest
 
 from driver.backup import Credentials, Repository, RepositoryKey, Store, parse_target
+from driver.ctl.s3local import WEED_PORTS, free_port, weed_argv
+from harness import DriverProcess, Pool, make_pool
 
 BIN = os.path.dirname(sys.executable)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ACCESS_KEY = "stowagetestak"
 SECRET_KEY = "stowage-test-secret-key-0123456789"
 KINDS = ["seaweedfs", "rclone"]
-
-
-def free_port() -> int:
-    """A loopback TCP port that is free now, whose +10000 (the gRPC convention of weed) is too."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port + 10000 >= 65536:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair found")
+PROBE_BUCKET = "stowage-ready-probe"
 
 
 @dataclass
@@ -71,26 +56,13 @@ class S3Server:
             return [os.path.join(BIN, "rclone"), "serve", "s3", "--addr",
                     f"127.0.0.1:{self.port}", "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
                     "--config", os.path.join(self.base, "rclone.conf"), data]
-        ids = os.path.join(self.base, "identities.json")
-        with open(ids, "w", encoding="utf-8") as fh:
-            json.dump({"identities": [{
-                "name": "stowage",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }]}, fh)
-        p = self.extra_ports
-        return [os.path.join(BIN, "weed"), "mini", "-dir", data, "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={ids}",
-                f"-master.port={p['master']}", f"-volume.port={p['volume']}",
-                f"-filer.port={p['filer']}", f"-admin.port={p['admin']}",
-                f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
-                f"-webdav.port={p['webdav']}", "-webdav=false",
-                "-master.volumeSizeLimitMB=64", "-master.telemetry=false"]
+        # the same weed mini that `make run` starts (driver/ctl/s3local.py)
+        return weed_argv(self.base, self.port, self.extra_ports, ACCESS_KEY, SECRET_KEY)
 
     def start(self, timeout: float = 90.0) -> None:
         if not self.port:
             self.port = free_port()
-            for name in ("master", "volume", "filer", "admin", "iceberg", "lance", "webdav"):
+            for name in WEED_PORTS:
                 self.extra_ports[name] = free_port()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
@@ -102,12 +74,23 @@ class S3Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.kind} exited early:\n{self.log()}")
             try:
-                client.list_buckets()
+                self._probe(client)
                 return
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
                 time.sleep(0.3)
         self.stop()
         raise AssertionError(f"{self.kind} did not become ready:\n{self.log()}")
+
+    @staticmethod
+    def _probe(client: Any) -> None:
+        """Ready means objects can be written and read back: SeaweedFS answers listings before
+        its volume server has registered, and fails reads (InternalError) until then."""
+        buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if PROBE_BUCKET not in buckets:
+            client.create_bucket(Bucket=PROBE_BUCKET)
+        client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+        if client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() != b"ready":
+            raise botocore.exceptions.BotoCoreError()
 
     def stop(self) -> None:
         if self.proc is None:
@@ -196,11 +179,12 @@ RepoFactory = Callable[..., Repository]
 
 def make_repo(server: S3Server, bucket: str, key: RepositoryKey = KEY, *,
               secret: str | None = None, chunk_size: int = 64 << 10, workers: int = 4,
-              max_attempts: int = 2, prefix: str = "pfx/x", **kw: object) -> Repository:
+              max_attempts: int = 2, prefix: str = "pfx/x", cluster_id: str = "cluster-a",
+              **kw: object) -> Repository:
     target = parse_target(f"t1=s3://{bucket}/{prefix}?endpoint={server.endpoint}")
     creds = Credentials(ACCESS_KEY, secret or SECRET_KEY)
     store = Store(target, creds, max_attempts=max_attempts, connect_timeout=2, read_timeout=20)
-    return Repository(store, key, cluster_id="cluster-a", chunk_size=chunk_size,
+    return Repository(store, key, cluster_id=cluster_id, chunk_size=chunk_size,
                       workers=workers, **kw)  # type: ignore[arg-type]
 
 
@@ -213,3 +197,32 @@ def repo_factory(s3: S3Server) -> RepoFactory:
         return make_repo(s3, bucket, key, **kw)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def pools() -> Iterator[Callable[[], Pool]]:
+    """Pools made on demand (one per node), all torn down at the end."""
+    assert os.geteuid() == 0, "needs root (loop devices, mkfs, mount)"
+    teardowns: list[Callable[[], None]] = []
+
+    def make() -> Pool:
+        p, teardown = make_pool()
+        teardowns.append(teardown)
+        return p
+
+    try:
+        yield make
+    finally:
+        for t in reversed(teardowns):
+            t()
+
+
+@pytest.fixture
+def drivers() -> Iterator[list[DriverProcess]]:
+    """Driver processes a test started (one per node), stopped by PID at the end."""
+    started: list[DriverProcess] = []
+    try:
+        yield started
+    finally:
+        for d in started:
+            d.stop(signal.SIGKILL if d.proc and d.proc.poll() is None else signal.SIGTERM)

@@ -149,6 +149,34 @@ def test_older_manifest_version_still_reads() -> None:
     assert m.stored_bytes() == 2 << 20
 
 
+#: The same version-1 manifest as stored in a target by Stowage 0.1 (sealed: "STM1", key ID,
+#: nonce, AES-256-GCM of the zstd frame), and a stored chunk ("STC1") of 170 bytes. Bytes,
+#: never regenerated: a newer reader that cannot open them has broken every existing backup.
+V1_SEALED_MANIFEST = bytes.fromhex(
+    "53544d31aef209304bd08c0f4ce4de44f7597f1eb82f007c6eb9b2740e97610068033955b4fcfd3efc0020014b82"
+    "bda0112d4e9c9e0bc1bf1d30a2922a3750132dfba4baaf1f3085a622552c00f598da4b93c0055a3d2afae2d68e60"
+    "0dba03df5a9c6b63602df06bfca04fbba7e8a9fa8ba08f46aa156603246f020dec69da167540f2b393719803603a"
+    "a76336be0a4b173d6678433adced69c2f531277885739ba78f8774702a52bddac29d9c11db06d9eb6b1c1caaabf5"
+    "96981f5ee5a65f252be489e94d77872cdf529941fe8bff15af6f7c91549c0d6c17cd4803c5247b6d54f14df74d59"
+    "2bd47975a7f78b26bdd98e04f50d04048ced9c0b900c1c3ab1db1c3ef6527f696cba5becae06910f746beb3561b6"
+    "e587405cc9aa50883d25979bce68c328ba01ba1e67e1e2d8c6bcc734c4695173d77b29e2777a490dd46361af21b7"
+    "e25b1628"
+)
+V1_CHUNK_ID = "dc3f0319fd9b29aeea20f1ec84ed3f74fe8ec646847d41513ba19659421e0cea"
+V1_SEALED_CHUNK = bytes.fromhex(
+    "5354433172cbc351849b628248cd64181af68782038bfc88d2eac83541d4db7febe346b53774021a368abbb491cc"
+    "0669ea2c16a56a12c780fb3a83f2497fdc8975"
+)
+
+
+def test_stored_version_1_objects_still_open() -> None:
+    assert fmt.manifest_key_id(V1_SEALED_MANIFEST) == KEY.key_id
+    m = fmt.open_manifest(KEY, "s-old", V1_SEALED_MANIFEST)
+    assert m.to_json() == V1_DOC and m.key_id == KEY.key_id
+    assert fmt.chunk_id(KEY, b"stowage v1 chunk " * 10) == V1_CHUNK_ID
+    assert fmt.open_chunk(KEY, V1_CHUNK_ID, V1_SEALED_CHUNK, 1 << 20) == b"stowage v1 chunk " * 10
+
+
 def test_newer_manifest_version_refused_clearly() -> None:
     doc = dict(V1_DOC, version=fmt.MANIFEST_VERSION + 1)
     blob = fmt.seal_document(KEY, "s-old", doc)

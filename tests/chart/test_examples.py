@@ -7,6 +7,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
+from driver import validation
+
 from . import util
 
 FILES = sorted(util.EXAMPLES.glob("*.yaml"))
@@ -27,6 +29,9 @@ def test_example_inventory() -> None:
         "Service",
         "StatefulSet",
         "VolumeSnapshot",
+        "VolumeAttributesClass",
+        "VolumeSnapshotClass",
+        "VolumeSnapshotContent",
     }, kinds
     assert (util.EXAMPLES / "README.md").is_file()
     readme = (util.EXAMPLES / "README.md").read_text()
@@ -41,6 +46,10 @@ def test_example_is_valid(path) -> None:
     assert docs
     for doc in docs:
         try:
+            # VolumeAttributesClass is storage.k8s.io/v1 from Kubernetes 1.34.
+            if doc["kind"] == "VolumeAttributesClass":
+                util.validate_any(doc, tuple(v for v in util.K8S_VERSIONS if v >= "1.34"))
+                continue
             util.validate_any(doc)
         except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
             raise AssertionError(
@@ -52,7 +61,10 @@ def test_examples_reference_what_exists(render) -> None:
     docs = all_docs()
     chart = render()
     classes = {d["metadata"]["name"]: d for d in util.by_kind(chart + docs, "StorageClass")}
-    snap_classes = {d["metadata"]["name"] for d in util.by_kind(chart, "VolumeSnapshotClass")}
+    snap_classes = {
+        d["metadata"]["name"]: d for d in util.by_kind(chart + docs, "VolumeSnapshotClass")
+    }
+    contents = {d["metadata"]["name"]: d for d in util.by_kind(docs, "VolumeSnapshotContent")}
     pvcs = {d["metadata"]["name"]: d for d in util.by_kind(docs, "PersistentVolumeClaim")}
     snaps = {d["metadata"]["name"]: d for d in util.by_kind(docs, "VolumeSnapshot")}
     for sc in classes.values():
@@ -70,11 +82,25 @@ def test_examples_reference_what_exists(render) -> None:
             assert src["kind"] == "PersistentVolumeClaim" and src["name"] in pvcs
             assert pvc["spec"]["storageClassName"] == pvcs[src["name"]]["spec"]["storageClassName"]
     for snap in snaps.values():
+        if "volumeSnapshotContentName" in snap["spec"]["source"]:  # pre-provisioned: imported
+            content = contents[snap["spec"]["source"]["volumeSnapshotContentName"]]
+            assert content["spec"]["volumeSnapshotRef"]["name"] == snap["metadata"]["name"]
+            assert content["spec"]["deletionPolicy"] == "Retain"  # never deletes the original
+            assert content["spec"]["source"]["snapshotHandle"].startswith("b-")
+            assert content["metadata"]["labels"][
+                "snapshot.storage.kubernetes.io/managed-by"
+            ] == util.one(render(), "Deployment", "controller")["metadata"]["name"]
+            continue
         assert snap["spec"]["volumeSnapshotClassName"] in snap_classes
         assert snap["spec"]["source"]["persistentVolumeClaimName"] in pvcs
+    for cls in snap_classes.values():
+        assert cls["driver"] == "stowage.csi.io"
     for pod in util.by_kind(docs, "Pod"):
         for vol in pod["spec"].get("volumes", []):
             assert vol["persistentVolumeClaim"]["claimName"] in pvcs, pod["metadata"]["name"]
+    for vac in util.by_kind(docs, "VolumeAttributesClass"):
+        assert vac["driverName"] == "stowage.csi.io"
+        validation.merge_mutable_parameters({}, vac["parameters"])  # the driver accepts them
 
 
 def test_block_example_uses_volume_devices() -> None:
@@ -102,12 +128,18 @@ def test_restore_and_clone_consumers_follow_their_source() -> None:
     source_pod = next(
         p for p in util.by_kind(docs, "Pod") if p["metadata"]["name"] == "stowage-app"
     )
+    local_snaps = {
+        d["metadata"]["name"]
+        for d in util.by_kind(docs, "VolumeSnapshot")
+        if d["spec"].get("volumeSnapshotClassName") == "stowage"
+    }
     derived = {
         d["metadata"]["name"]
         for d in util.by_kind(docs, "PersistentVolumeClaim")
-        if d["spec"].get("dataSource")
+        if (src := d["spec"].get("dataSource"))
+        and (src["kind"] == "PersistentVolumeClaim" or src["name"] in local_snaps)
     }
-    assert len(derived) == 2
+    assert len(derived) == 2  # a backup's restore may land anywhere: no affinity needed
     for pod in util.by_kind(docs, "Pod"):
         claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]}
         if claims & derived:

@@ -19,6 +19,7 @@ PINNED = {
     "csi-resizer": "registry.k8s.io/sig-storage/csi-resizer:v2.2.1",
     "liveness-probe": "registry.k8s.io/sig-storage/livenessprobe:v2.19.0",
     "snapshot-controller": "registry.k8s.io/sig-storage/snapshot-controller:v8.6.0",
+    "csi-snapshot-metadata": "registry.k8s.io/sig-storage/csi-snapshot-metadata:v1.1.0",
 }
 
 # Flags each program defines at its pinned tag (cmd/*/main.go, csi-lib-utils v0.24.0
@@ -123,6 +124,22 @@ KNOWN_FLAGS = {
         "feature-gates",
         "v",
     },
+    # external-snapshot-metadata v1.1.0 (pkg/sidecar/sidecar.go) and klog
+    "csi-snapshot-metadata": {
+        "kubeconfig",
+        "csi-address",
+        "version",
+        "timeout",
+        "port",
+        "tls-cert",
+        "tls-key",
+        "max-streaming-duration-min",
+        "kube-api-qps",
+        "kube-api-burst",
+        "http-endpoint",
+        "metrics-path",
+        "v",
+    },
     "node-driver-registrar": {
         "connection-timeout",
         "timeout",
@@ -147,6 +164,9 @@ KNOWN_FLAGS = {
     },
     # the driver's own CLI (driver/cli.py)
     "stowage-csi": {
+        "backup-target",
+        "backup-key-file",
+        "backup-cluster-id",
         "endpoint",
         "mode",
         "node-id",
@@ -160,6 +180,7 @@ KNOWN_FLAGS = {
         "log-format",
         "max-volumes-per-node",
         "reserved-bytes",
+        "watch-volume-attributes",
     },
 }
 
@@ -354,11 +375,13 @@ def test_privileges_exactly_as_intended(render, name: str) -> None:
 def test_node_sidecars(render, name: str) -> None:
     ds = node_ds(render(values_of(name)))
     cs = util.containers(ds)
+    metadata = values_of(name).get("snapshotMetadata", {}).get("enabled", False)
     assert list(cs) == [
         "stowage-csi",
         "node-driver-registrar",
         "csi-provisioner",
         "csi-snapshotter",
+        *(["csi-snapshot-metadata"] if metadata else []),
         "liveness-probe",
     ]
     prov = util.flags(cs["csi-provisioner"])
@@ -395,7 +418,10 @@ def test_controller_and_leader_election(render, name: str) -> None:
     replicas = values_of(name).get("controller", {}).get("replicas", 1)
     assert dep["spec"]["replicas"] == replicas
     cs = util.containers(dep)
-    assert list(cs) == ["stowage-csi", "csi-resizer", "liveness-probe"]
+    backups = bool(values_of(name).get("backup", {}).get("targets"))
+    assert list(cs) == [
+        "stowage-csi", "csi-resizer", *(["csi-snapshotter"] if backups else []), "liveness-probe"
+    ]
     f = util.flags(cs["stowage-csi"])
     assert f["mode"] == "controller"
     assert "pool-dir" not in f and "node-id" not in f
@@ -540,6 +566,7 @@ def test_namespace_is_the_release_namespace(render) -> None:
             "CSIDriver",
             "StorageClass",
             "VolumeSnapshotClass",
+            "VolumeGroupSnapshotClass",
             "ClusterRole",
             "ClusterRoleBinding",
             "CustomResourceDefinition",
@@ -549,3 +576,72 @@ def test_namespace_is_the_release_namespace(render) -> None:
             assert doc["metadata"]["namespace"] == "storage", doc["metadata"]
         for subject in doc.get("subjects", []):
             assert subject["namespace"] == "storage"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_group_snapshots_are_wired_together(render, name: str) -> None:
+    """volumeGroupSnapshots.enabled turns on the CSIVolumeGroupSnapshot gate of csi-snapshotter
+    and the snapshot-controller, the group CRDs and the class together, or none of them."""
+    values = values_of(name)
+    on = values.get("volumeGroupSnapshots", {}).get("enabled", True)
+    docs = render(values)
+    gated = [util.containers(node_ds(docs))["csi-snapshotter"]]
+    for d in docs:
+        if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("snapshot-controller"):
+            gated.append(util.containers(d)["snapshot-controller"])
+    for c in gated:
+        gate = util.flags(c).get("feature-gates")
+        assert gate == ("CSIVolumeGroupSnapshot=true" if on else None), (c["name"], gate)
+    crds = {d["spec"]["group"] for d in util.by_kind(docs, "CustomResourceDefinition")}
+    crds_on = values.get("snapshotCRDs", {}).get("install", True)
+    assert ("groupsnapshot.storage.k8s.io" in crds) == (on and crds_on), crds
+    classes = util.by_kind(docs, "VolumeGroupSnapshotClass")
+    class_on = values.get("volumeGroupSnapshots", {}).get("class", {}).get("create", True)
+    assert len(classes) == int(on and class_on)
+    for cls in classes:
+        assert cls["apiVersion"] == "groupsnapshot.storage.k8s.io/v1"
+        assert cls["driver"] == "stowage.csi.io"
+
+
+def test_snapshot_metadata_sidecar_service_and_tls_agree(render) -> None:
+    """The sidecar serves TLS from the Secret the SnapshotMetadataService's caCert vouches for,
+    on the port the Service targets, at the address the object advertises; validated against
+    the shipped cbt.storage.k8s.io/v1beta1 CRD."""
+    import base64
+    import subprocess
+    import tempfile
+
+    docs = render(values_of("snapshot-metadata"))
+    (sms,) = util.by_kind(docs, "SnapshotMetadataService")
+    assert sms["apiVersion"] == "cbt.storage.k8s.io/v1beta1"
+    assert sms["metadata"]["name"] == "stowage.csi.io"
+    assert sms["spec"]["audience"] == "stowage.csi.io"
+    util.crd_validate(sms)
+    (svc,) = [d for d in util.by_kind(docs, "Service") if d["metadata"]["name"].endswith(
+        "snapshot-metadata")]
+    host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}"
+    assert sms["spec"]["address"] == f"{host}:{svc['spec']['ports'][0]['port']}"
+    sidecar = util.containers(node_ds(docs))["csi-snapshot-metadata"]
+    flags = util.flags(sidecar)
+    port = sidecar["ports"][0]
+    assert port["name"] == svc["spec"]["ports"][0]["targetPort"]
+    assert flags["port"] == str(port["containerPort"])
+    assert flags["csi-address"] == "/csi/csi.sock"
+    (secret,) = [d for d in util.by_kind(docs, "Secret") if d["type"] == "kubernetes.io/tls"]
+    vols = {v["name"]: v for v in node_ds(docs)["spec"]["template"]["spec"]["volumes"]}
+    assert vols["snapshot-metadata-tls"]["secret"]["secretName"] == secret["metadata"]["name"]
+    tls_dir = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}["snapshot-metadata-tls"]
+    assert flags["tls-cert"] == f"{tls_dir}/tls.crt" and flags["tls-key"] == f"{tls_dir}/tls.key"
+    assert secret["data"]["ca.crt"] == sms["spec"]["caCert"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ca, cert = f"{tmp}/ca.pem", f"{tmp}/cert.pem"
+        with open(ca, "wb") as fh:
+            fh.write(base64.b64decode(sms["spec"]["caCert"]))
+        with open(cert, "wb") as fh:
+            fh.write(base64.b64decode(secret["data"]["tls.crt"]))
+        out = subprocess.run(
+            ["openssl", "verify", "-CAfile", ca, "-verify_hostname", host, cert],
+            capture_output=True, text=True, check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+

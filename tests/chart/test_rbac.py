@@ -17,6 +17,29 @@ from .util import VALUE_SETS
 
 Rule = tuple[str, str, str, str]  # (scope, apiGroup, resource, verb)
 
+_G = "groupsnapshot.storage.k8s.io"
+# volumeGroupSnapshots.enabled (the default): external-snapshotter v8.6.0 with
+# --feature-gates=CSIVolumeGroupSnapshot=true, as its deploy/kubernetes RBAC lists them.
+GROUP_SNAPSHOTTER = [
+    ("cluster", _G, "volumegroupsnapshotclasses", ("get", "list", "watch")),
+    ("cluster", _G, "volumegroupsnapshotcontents", ("get", "list", "watch", "update", "patch")),
+    ("cluster", _G, "volumegroupsnapshotcontents/status", ("update", "patch")),
+]
+GROUP_CONTROLLER = [
+    # a group's members become VolumeSnapshots it creates and deletes
+    ("cluster", "snapshot.storage.k8s.io", "volumesnapshots", ("create", "delete")),
+    ("cluster", _G, "volumegroupsnapshotclasses", ("get", "list", "watch")),
+    (
+        "cluster",
+        _G,
+        "volumegroupsnapshotcontents",
+        ("create", "get", "list", "watch", "update", "delete", "patch"),
+    ),
+    ("cluster", _G, "volumegroupsnapshotcontents/status", ("patch",)),
+    ("cluster", _G, "volumegroupsnapshots", ("get", "list", "watch", "update", "patch")),
+    ("cluster", _G, "volumegroupsnapshots/status", ("update", "patch")),
+]
+
 # program -> [(scope, apiGroup, resource, verbs)]
 REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
     # external-provisioner v6.3.0 (--node-deployment --enable-capacity --extra-create-metadata)
@@ -26,6 +49,8 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
         # claim informer; Update to take ownership in node-deployment mode and for finalizers
         ("cluster", "", "persistentvolumeclaims", ("get", "list", "watch", "update")),
         ("cluster", "storage.k8s.io", "storageclasses", ("get", "list", "watch")),
+        # a claim with a VolumeAttributesClass: Get, its parameters become mutable_parameters
+        ("cluster", "storage.k8s.io", "volumeattributesclasses", ("get",)),
         # client-go record.EventSinkImpl: Create, then Patch for repeated events
         ("cluster", "", "events", ("create", "patch")),
         # restore: Get; source-protection finalizer: Update; orphan sweep: List/Watch
@@ -50,7 +75,8 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
         # --capacity-ownerref-level=1: owner.Lookup gets the Pod, takes its controller reference
         ("namespace", "", "pods", ("get",)),
     ],
-    # external-snapshotter v8.6.0 csi-snapshotter --node-deployment (no group snapshots)
+    # external-snapshotter v8.6.0 csi-snapshotter --node-deployment
+    # --feature-gates=CSIVolumeGroupSnapshot=true
     "csi-snapshotter": [
         ("cluster", "", "events", ("create", "patch")),
         ("cluster", "snapshot.storage.k8s.io", "volumesnapshotclasses", ("get", "list", "watch")),
@@ -66,15 +92,32 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
             "volumesnapshotcontents/status",
             ("update", "patch"),
         ),
+        *GROUP_SNAPSHOTTER,
+    ],
+    # external-snapshot-metadata v1.1.0: its SnapshotMetadataService, each client's token and
+    # access (TokenReview, SubjectAccessReview), VolumeSnapshots -> contents -> handles
+    "csi-snapshot-metadata": [
+        ("cluster", "cbt.storage.k8s.io", "snapshotmetadataservices", ("get", "list", "watch")),
+        ("cluster", "authentication.k8s.io", "tokenreviews", ("create",)),
+        ("cluster", "authorization.k8s.io", "subjectaccessreviews", ("create",)),
+        ("cluster", "snapshot.storage.k8s.io", "volumesnapshots", ("get", "list")),
+        ("cluster", "snapshot.storage.k8s.io", "volumesnapshotcontents", ("get", "list")),
     ],
     "node-driver-registrar": [],  # talks to kubelet's plugin socket only
     "livenessprobe": [],  # talks to the CSI socket only
-    # the driver, --mode node: no Kubernetes API access
-    "stowage-node": [],
+    # the driver, --mode node --watch-volume-attributes (driver/core/vacwatch.py): list and
+    # watch PVs, get the VolumeAttributesClass a volume of its pool names
+    "stowage-node": [
+        ("cluster", "", "persistentvolumes", ("list", "watch")),
+        ("cluster", "storage.k8s.io", "volumeattributesclasses", ("get",)),
+    ],
     # the driver, --mode controller: answers from the request, no Kubernetes API access
     "stowage-controller": [],
-    # external-resizer v2.2.x (no MODIFY_VOLUME capability -> no volumeattributesclasses)
+    # external-resizer v2.2.x; MODIFY_VOLUME advertised, so its modify controller runs: a
+    # VolumeAttributesClass informer (deploy/kubernetes/rbac.yaml grants get, list, watch),
+    # PV patch (the new class) and claim status patch, already needed for resizing
     "csi-resizer": [
+        ("cluster", "storage.k8s.io", "volumeattributesclasses", ("get", "list", "watch")),
         ("cluster", "", "persistentvolumes", ("get", "list", "watch", "patch")),
         ("cluster", "", "persistentvolumeclaims", ("get", "list", "watch")),
         ("cluster", "", "persistentvolumeclaims/status", ("patch",)),
@@ -108,6 +151,7 @@ REQUIRED: dict[str, list[tuple[str, str, str, tuple[str, ...]]]] = {
             ("get", "list", "watch", "update", "patch"),
         ),
         ("cluster", "snapshot.storage.k8s.io", "volumesnapshots/status", ("update", "patch")),
+        *GROUP_CONTROLLER,
         # always --leader-election=true; its events go through the cluster-wide events rule
         ("namespace", "coordination.k8s.io", "leases", ("get", "create", "update")),
     ],
@@ -120,14 +164,26 @@ PROGRAMS = {
         "node-driver-registrar": "node-driver-registrar",
         "csi-provisioner": "csi-provisioner",
         "csi-snapshotter": "csi-snapshotter",
+        "csi-snapshot-metadata": "csi-snapshot-metadata",  # with snapshotMetadata.enabled
         "liveness-probe": "livenessprobe",
     },
     "controller": {
         "stowage-csi": "stowage-controller",
         "csi-resizer": "csi-resizer",
         "liveness-probe": "livenessprobe",
+        # only with backup targets: the node-independent snapshotter (docs/design.md)
+        "csi-snapshotter": "csi-snapshotter",
     },
     "snapshot-controller": {"snapshot-controller": "snapshot-controller"},
+}
+
+
+# Containers only some value sets render: the snapshot-metadata sidecar (snapshotMetadata.enabled)
+# and the controller's csi-snapshotter (backup.targets).
+OPTIONAL: dict[str, set[str]] = {
+    "node": {"csi-snapshot-metadata"},
+    "controller": {"csi-snapshotter"},
+    "snapshot-controller": set(),
 }
 
 
@@ -183,7 +239,8 @@ def component_programs(docs: list[dict], component: str, leader_election: bool) 
     ]
     assert len(workloads) == 1, component
     names = list(util.containers(workloads[0]))
-    assert set(names) == set(PROGRAMS[component]), names
+    assert set(names) <= set(PROGRAMS[component]), names
+    assert set(PROGRAMS[component]) - set(names) <= OPTIONAL[component], names
     programs = [PROGRAMS[component][n] for n in names]
     if leader_election:
         programs.append("leader-election")
@@ -204,6 +261,12 @@ def test_rbac_is_exactly_what_each_sidecar_needs(render, name: str) -> None:
     for component, leader_election in components.items():
         sa = f"{util.RELEASE}-{component}"
         want = expand(component_programs(docs, component, leader_election))
+        if not values.get("volumeGroupSnapshots", {}).get("enabled", True):
+            want -= {
+                (scope, group, resource, verb)
+                for scope, group, resource, verbs in GROUP_SNAPSHOTTER + GROUP_CONTROLLER
+                for verb in verbs
+            }
         have = granted(docs, sa, ns)
         missing, extra = want - have, have - want
         assert not missing, f"{sa} lacks {sorted(missing)}"

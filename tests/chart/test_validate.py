@@ -113,8 +113,14 @@ def test_rendered_objects_are_valid(render, name: str) -> None:
             ) from exc
         used[kind] = used.get(kind, 0) + 1
     assert used["kubernetes"] >= 16, used
-    snapshots_on = VALUE_SETS[name].get("volumeSnapshotClass", {}).get("create", True)
-    assert used.get("crd", 0) == (1 if snapshots_on else 0), used
+    values = VALUE_SETS[name]
+    groups = values.get("volumeGroupSnapshots", {})
+    classes = int(values.get("volumeSnapshotClass", {}).get("create", True)) + int(
+        groups.get("enabled", True) and groups.get("class", {}).get("create", True)
+    )
+    classes += int(bool(values.get("backup", {}).get("targets")))  # the backup class
+    classes += int(values.get("snapshotMetadata", {}).get("enabled", False))  # its service
+    assert used.get("crd", 0) == classes, used
 
 
 def test_default_render_inventory(render) -> None:
@@ -127,13 +133,14 @@ def test_default_render_inventory(render) -> None:
         "DaemonSet": 1,
         "Deployment": 2,
         "ServiceAccount": 3,
-        "ClusterRole": 4,
-        "ClusterRoleBinding": 4,
+        "ClusterRole": 5,
+        "ClusterRoleBinding": 5,
         "Role": 2,
         "RoleBinding": 2,
         "StorageClass": 3,
         "VolumeSnapshotClass": 1,
-        "CustomResourceDefinition": 3,
+        "VolumeGroupSnapshotClass": 1,
+        "CustomResourceDefinition": 6,
         "Service": 2,
     }, kinds
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
@@ -148,12 +155,18 @@ def test_snapshot_crds_are_the_pinned_upstream_ones(render) -> None:
         "volumesnapshotclasses.snapshot.storage.k8s.io",
         "volumesnapshotcontents.snapshot.storage.k8s.io",
         "volumesnapshots.snapshot.storage.k8s.io",
+        "volumegroupsnapshotclasses.groupsnapshot.storage.k8s.io",
+        "volumegroupsnapshotcontents.groupsnapshot.storage.k8s.io",
+        "volumegroupsnapshots.groupsnapshot.storage.k8s.io",
     }
     for name, crd in crds.items():
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", name
         assert "api-approved.kubernetes.io" in crd["metadata"]["annotations"], name
-        served = [(v["name"], v["served"], v["storage"]) for v in crd["spec"]["versions"]]
-        assert ("v1", True, True) in served, served
+        served = {v["name"]: (v["served"], v["storage"]) for v in crd["spec"]["versions"]}
+        # v1 served everywhere (external-snapshotter #1385); the group CRDs of v8.6.0 still
+        # store v1beta2 while clusters migrate, the snapshot CRDs store v1.
+        assert served["v1"][0], served
+        assert served["v1"][1] or "groupsnapshot" in name, served
     # identical to the files shipped in the chart (only metadata was added)
     shipped = {
         d["metadata"]["name"]: d

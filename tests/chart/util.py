@@ -28,6 +28,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "snapshotCRDs": {"install": False},
         "snapshotController": {"enabled": False},
         "volumeSnapshotClass": {"create": False},
+        "volumeGroupSnapshots": {"class": {"create": False}},
     },
     "custom-pool": {
         "node": {
@@ -39,6 +40,20 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "kubeletDir": "/var/lib/k0s/kubelet",
     },
     "controller-replicas-2": {"controller": {"replicas": 2}},
+    "backup": {
+        "backup": {
+            "targets": [
+                {"name": "main", "url": "s3://stowage-backups/prod?endpoint=https://s3.example.com"},
+                {"name": "dr", "url": "s3://dr/x?endpoint=http://10.0.0.9:9000&region=eu-1"},
+            ],
+            "credentialsSecret": "stowage-s3",
+            "keySecret": "stowage-backup-key",
+            "clusterId": "prod-eu1",
+            "volumeSnapshotClass": {"target": "dr", "deletionPolicy": "Retain"},
+        }
+    },
+    "no-group-snapshots": {"volumeGroupSnapshots": {"enabled": False}},
+    "snapshot-metadata": {"snapshotMetadata": {"enabled": True}},
     "metrics-off": {"node": {"metricsAddress": ""}, "controller": {"metricsAddress": ""}},
     "custom-images": {
         "image": {
@@ -142,12 +157,19 @@ def containers(workload: dict) -> dict[str, dict]:
     return {c["name"]: c for c in workload["spec"]["template"]["spec"]["containers"]}
 
 
+# Flags the driver accepts more than once (their values are joined with newlines).
+REPEATABLE = {"backup-target"}
+
+
 def flags(container: dict) -> dict[str, str | None]:
     """--name=value / --name args as a dict (value None for bare flags)."""
     out: dict[str, str | None] = {}
     for arg in container.get("args", []):
         assert arg.startswith("--"), f"{container['name']}: non-flag arg {arg!r}"
         name, sep, value = arg[2:].partition("=")
+        if name in REPEATABLE and name in out:
+            out[name] = f"{out[name]}\n{value}"
+            continue
         assert name not in out, f"{container['name']}: flag --{name} given twice"
         out[name] = value if sep else None
     return out
@@ -210,6 +232,15 @@ CEL_RULES = {
         ("volumeSnapshotContentName" in v) != ("persistentVolumeClaimName" in v)
     ),
     "size(self) > 0": lambda v: len(v) > 0,
+    # groupsnapshot.storage.k8s.io (external-snapshotter v8.6.0)
+    "(has(self.volumeHandles) && !has(self.groupSnapshotHandles)) || "
+    "(!has(self.volumeHandles) && has(self.groupSnapshotHandles))": lambda v: (
+        ("volumeHandles" in v) != ("groupSnapshotHandles" in v)
+    ),
+    "(has(self.selector) && !has(self.volumeGroupSnapshotContentName)) || "
+    "(!has(self.selector) && has(self.volumeGroupSnapshotContentName))": lambda v: (
+        ("selector" in v) != ("volumeGroupSnapshotContentName" in v)
+    ),
 }
 
 
@@ -239,7 +270,15 @@ def crd_validate(doc: dict) -> None:
     assert name and len(name) <= 253, f"bad metadata.name {name!r}"
 
 
-CRD_KINDS = {"VolumeSnapshot", "VolumeSnapshotClass", "VolumeSnapshotContent"}
+CRD_KINDS = {
+    "VolumeSnapshot",
+    "VolumeSnapshotClass",
+    "VolumeSnapshotContent",
+    "VolumeGroupSnapshot",
+    "VolumeGroupSnapshotClass",
+    "VolumeGroupSnapshotContent",
+    "SnapshotMetadataService",
+}
 
 
 def validate_any(doc: dict, versions: tuple[str, ...] = K8S_VERSIONS) -> str:

@@ -31,7 +31,8 @@ import yaml
 from kubernetes import client, config, dynamic
 
 from driver.ctl.client import Client
-from tests.conftest import make_pool
+from driver.ctl.s3local import LocalS3
+from harness import make_pool
 from tests.e2e.procs import REPO, Proc, wait
 
 NAMESPACE = "stowage-system"
@@ -116,6 +117,11 @@ class Cluster:
     # (the veth appears only when the node starts), serves a certificate for this one, admits
     # kubelets (NodeRestriction) and a kube-scheduler runs. "" = loopback only, no kubelet.
     node_address: str = ""
+    # The node driver's credentials (its chart ServiceAccount) for --watch-volume-attributes.
+    node_driver_kubeconfig: str = ""
+    # Off-node backups: a loopback S3 (weed mini) the drivers use as target BACKUP_TARGET, the
+    # chart rendered with backup values (its controller csi-snapshotter included). None = off.
+    s3: LocalS3 | None = None
 
     # --- paths ------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -279,6 +285,13 @@ class Cluster:
     def objects(self, kind: str) -> list[dict[str, Any]]:
         return [d for d in self.rendered if d["kind"] == kind]
 
+    def has_container(self, workload: str, name: str) -> bool:
+        try:
+            self.container(workload, name)
+        except KeyError:
+            return False
+        return True
+
     def container(self, workload: str, name: str) -> dict[str, Any]:
         for d in self.rendered:
             if d["kind"] in ("DaemonSet", "Deployment") and d["metadata"]["name"].endswith(
@@ -324,7 +337,9 @@ def sidecar_env(container: dict[str, Any], values: dict[str, str]) -> dict[str, 
     return env
 
 
-def driver_argv(mode: str, socket_path: str, pool_dir: str = "") -> list[str]:
+def driver_argv(
+    mode: str, socket_path: str, pool_dir: str = "", node: str = NODE, s3: LocalS3 | None = None
+) -> list[str]:
     argv = [
         sys.executable,
         "-m",
@@ -336,8 +351,31 @@ def driver_argv(mode: str, socket_path: str, pool_dir: str = "") -> list[str]:
     ]
     if pool_dir:
         # The run's pool is a real XFS mount (make_pool), so the chart's default applies.
-        argv += [f"--node-id={NODE}", f"--pool-dir={pool_dir}", "--pool-require-mountpoint"]
+        argv += [f"--node-id={node}", f"--pool-dir={pool_dir}", "--pool-require-mountpoint"]
+    if s3 is not None:  # the flags the chart renders with backup values, on this run's paths
+        argv += [
+            f"--backup-target={BACKUP_TARGET}=s3://{BACKUP_BUCKET}/e2e?endpoint={s3.endpoint}",
+            f"--backup-key-file={os.path.join(s3.base, 'backup.key')}",
+            f"--backup-cluster-id={BACKUP_CLUSTER}",
+        ]
     return argv
+
+
+BACKUP_TARGET, BACKUP_BUCKET, BACKUP_CLUSTER = "main", "stowage-e2e", "e2e-cluster"
+
+
+def backup_chart_values(cluster: Cluster) -> tuple[str, ...]:
+    """The chart's backup values for this run's S3 (the Secrets are named, not read: the
+    drivers run as local processes with the same flags and environment)."""
+    assert cluster.s3 is not None
+    url = f"s3://{BACKUP_BUCKET}/e2e?endpoint={cluster.s3.endpoint}"
+    return (
+        f"backup.targets[0].name={BACKUP_TARGET}",
+        f"backup.targets[0].url={url}",
+        "backup.credentialsSecret=stowage-s3",
+        "backup.keySecret=stowage-backup-key",
+        f"backup.clusterId={BACKUP_CLUSTER}",
+    )
 
 
 def dump(obj: Any) -> str:
@@ -347,11 +385,14 @@ def dump(obj: Any) -> str:
 # --- the session both tiers share ---------------------------------------------------------------
 DRIVER = "stowage.csi.io"
 TOPOLOGY_KEY = "topology.stowage.csi.io/node"
-# Sidecar → (chart workload, container). Each runs as its workload's ServiceAccount.
+# Sidecar → (chart workload, container, which is also the binary's name). Each runs as its
+# workload's ServiceAccount; one the chart did not render (the controller's csi-snapshotter
+# without backup values) is not started.
 SIDECARS = {
     "csi-provisioner": ("node", "csi-provisioner"),
     "csi-snapshotter": ("node", "csi-snapshotter"),
     "csi-resizer": ("controller", "csi-resizer"),
+    "controller-snapshotter": ("controller", "csi-snapshotter"),
     "snapshot-controller": ("snapshot-controller", "snapshot-controller"),
 }
 DENIED = re.compile(r"is forbidden|forbidden: User", re.IGNORECASE)
@@ -388,33 +429,45 @@ class E2E:
             {"token": self.token(service_account, namespace)},
         )
 
-    def start_sidecar(self, name: str, kubeconfig_path: str = "", proc_name: str = "") -> None:
+    def start_sidecar(
+        self,
+        name: str,
+        kubeconfig_path: str = "",
+        proc_name: str = "",
+        node: str = NODE,
+        node_socket: str = "",
+    ) -> None:
+        """Start a chart sidecar as its container would run; a node sidecar of `node` (its
+        DaemonSet pod's identity) on `node_socket` (default: the session node's)."""
         c = self.cluster
         workload, container_name = SIDECARS[name]
         ctr = c.container(workload, container_name)
         kc = kubeconfig_path or self.sa_kubeconfig(c.service_account(workload))
-        sock = c.controller_socket if workload == "controller" else c.node_socket
-        pod = self.pod_of(workload)
+        sock = c.controller_socket if workload == "controller" else node_socket or c.node_socket
+        pod = self.pod_of(workload, node)
         env = sidecar_env(
             ctr,
             {
-                "spec.nodeName": NODE,
+                "spec.nodeName": node,
                 "metadata.name": pod,
                 "metadata.namespace": NAMESPACE,
             },
         )
         c.run(
             proc_name or name,
-            sidecar_argv(ctr, os.path.join(c.bin_dir, name), sock, kc),
+            sidecar_argv(ctr, os.path.join(c.bin_dir, container_name), sock, kc),
             env=env,
         )
 
-    def pod_of(self, workload: str) -> str:
-        """The Pending pod the chart's DaemonSet/Deployment made (the sidecar's identity)."""
+    def pod_of(self, workload: str, node: str = NODE) -> str:
+        """The Pending pod the chart's DaemonSet/Deployment made (the sidecar's identity); the
+        DaemonSet's is the one for `node`."""
         pods = self.core.list_namespaced_pod(NAMESPACE).items
         for p in pods:
             if p.metadata.name.startswith(f"stw-stowage-{workload}-"):
                 if workload == "controller" and "snapshot" in p.metadata.name:
+                    continue
+                if workload == "node" and not _pod_for_node(p, node):
                     continue
                 return str(p.metadata.name)
         return ""
@@ -445,14 +498,16 @@ class E2E:
         }
         return self.core.create_namespaced_persistent_volume_claim(namespace, body)
 
-    def snapshot(self, name: str, claim: str, namespace: str = "default") -> dict[str, Any]:
-        """A VolumeSnapshot of `claim` (class stowage), once readyToUse."""
+    def snapshot(
+        self, name: str, claim: str, namespace: str = "default", snapshot_class: str = "stowage"
+    ) -> dict[str, Any]:
+        """A VolumeSnapshot of `claim`, once readyToUse."""
         body = {
             "apiVersion": f"{SNAP_GROUP}/{SNAP_VERSION}",
             "kind": "VolumeSnapshot",
             "metadata": {"name": name},
             "spec": {
-                "volumeSnapshotClassName": "stowage",
+                "volumeSnapshotClassName": snapshot_class,
                 "source": {"persistentVolumeClaimName": claim},
             },
         }
@@ -474,15 +529,28 @@ class E2E:
     def denied_lines(self) -> list[str]:
         """Lines where a sidecar was refused by RBAC since the last call."""
         found = []
-        for name in SIDECARS:
-            proc = self.cluster.procs.get(name)
-            if proc is None:
+        for name, proc in self.cluster.procs.items():
+            if not any(name.startswith(s) for s in SIDECARS):  # incl. csi-provisioner-node-a
                 continue
             text = proc.log()
             start = self.log_marks.get(name, 0)
             self.log_marks[name] = len(text)
             found += [f"{name}: {ln}" for ln in text[start:].splitlines() if DENIED.search(ln)]
         return found
+
+
+def _pod_for_node(pod: client.V1Pod, node: str) -> bool:
+    """A DaemonSet pod is bound to its node by spec.nodeName or, before scheduling, by the
+    node affinity the DaemonSet controller gives it."""
+    if pod.spec.node_name:
+        return bool(pod.spec.node_name == node)
+    affinity = pod.spec.affinity and pod.spec.affinity.node_affinity
+    terms = affinity.required_during_scheduling_ignored_during_execution if affinity else None
+    return any(
+        node in (f.values or [])
+        for t in (terms.node_selector_terms if terms else [])
+        for f in (t.match_fields or [])
+    )
 
 
 def apply(e: E2E, docs: list[dict[str, Any]]) -> None:
@@ -517,26 +585,26 @@ def bring_up(cluster: Cluster, *chart_values: str) -> E2E:
     return e
 
 
-def fake_node(e: E2E, _stack: contextlib.ExitStack) -> None:
+def fake_node(e: E2E, _stack: contextlib.ExitStack, name: str = NODE) -> None:
     """What a kubelet would create, for the tier without one: the Node (labelled with our
     topology segment, with controller-managed attach/detach) and its CSINode entry."""
     e.core.create_node(
         client.V1Node(
             metadata=client.V1ObjectMeta(
-                name=NODE,
-                labels={TOPOLOGY_KEY: NODE, "kubernetes.io/hostname": NODE},
+                name=name,
+                labels={TOPOLOGY_KEY: name, "kubernetes.io/hostname": name},
                 annotations={"volumes.kubernetes.io/controller-managed-attach-detach": "true"},
             )
         )
     )
     e.storage.create_csi_node(
         client.V1CSINode(
-            metadata=client.V1ObjectMeta(name=NODE),
+            metadata=client.V1ObjectMeta(name=name),
             spec=client.V1CSINodeSpec(
                 drivers=[
                     client.V1CSINodeDriver(
                         name=DRIVER,
-                        node_id=NODE,
+                        node_id=name,
                         topology_keys=[TOPOLOGY_KEY],
                         allocatable=client.V1VolumeNodeResources(count=64),
                     )
@@ -546,31 +614,65 @@ def fake_node(e: E2E, _stack: contextlib.ExitStack) -> None:
     )
 
 
-def start_node_driver(cluster: Cluster) -> None:
-    os.makedirs(os.path.dirname(cluster.node_socket), exist_ok=True)
-    cluster.run("driver-node", driver_argv("node", cluster.node_socket, cluster.pool_dir))
-    probe = Client("unix://" + cluster.node_socket)
+def start_node_driver(
+    cluster: Cluster, node: str = NODE, socket_path: str = "", pool_dir: str = ""
+) -> None:
+    """A node-mode driver (the session node's unless told otherwise) as the chart's DaemonSet
+    runs it: with the backup target when the run has one, and for the session node with
+    --watch-volume-attributes (ModifyVolume) as the node ServiceAccount; returns once Probe
+    answers ready."""
+    sock = socket_path or cluster.node_socket
+    os.makedirs(os.path.dirname(sock), exist_ok=True)
+    argv = driver_argv("node", sock, pool_dir or cluster.pool_dir, node, cluster.s3)
+    if node == NODE and cluster.node_driver_kubeconfig:
+        argv += ["--watch-volume-attributes", f"--kubeconfig={cluster.node_driver_kubeconfig}"]
+    cluster.run(
+        "driver-node" if node == NODE else f"driver-{node}",
+        argv,
+        env=cluster.s3.env() if cluster.s3 else {},
+    )
+    probe = Client("unix://" + sock)
     probe.wait_ready(60)
     probe.close()
 
 
 def start_drivers(e: E2E) -> None:
-    """Stowage in node mode (on the pool) and controller mode (no credentials: it reads
-    nothing from the API)."""
+    """Stowage in node mode (on the pool, watching PersistentVolumes as the node
+    ServiceAccount) and controller mode (no Kubernetes credentials: it reads nothing from the
+    API; with backups, the object store's)."""
     cluster = e.cluster
+    cluster.node_driver_kubeconfig = e.sa_kubeconfig(cluster.service_account("node"))
     start_node_driver(cluster)
     os.makedirs(os.path.dirname(cluster.controller_socket), exist_ok=True)
-    cluster.run("driver-controller", driver_argv("controller", cluster.controller_socket))
+    cluster.run(
+        "driver-controller",
+        driver_argv("controller", cluster.controller_socket, s3=cluster.s3),
+        env=cluster.s3.env() if cluster.s3 else {},
+    )
     probe = Client("unix://" + cluster.controller_socket)
     probe.wait_ready(60)
     probe.close()
 
 
+def start_s3(cluster: Cluster) -> None:
+    """The run's loopback S3 (weed mini), its bucket and a random repository key."""
+    s3 = LocalS3(cluster.path("s3")).start()
+    cluster.s3 = s3
+    s3.make_bucket(BACKUP_BUCKET)
+    fd = os.open(os.path.join(s3.base, "backup.key"), os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(os.urandom(32).hex() + "\n")
+
+
 @contextlib.contextmanager
-def stowage_world(join: Callable[[E2E, contextlib.ExitStack], None]) -> Iterator[E2E]:
+def stowage_world(
+    join: Callable[[E2E, contextlib.ExitStack], None], backups: bool = False
+) -> Iterator[E2E]:
     """A pool, the control plane with the chart, both driver modes, then `join` (which makes
     the node known: fake_node; it may push its own teardown on the stack, which runs first),
-    then every sidecar. Torn down even on failure: processes by PID, mounts, loops and the
+    then every sidecar. With `backups`, first a loopback S3 that both drivers use as their
+    backup target, and the chart rendered with the backup values. Torn down even on failure:
+    processes by PID, mounts, loops and the
     temporary directory."""
     pool, teardown = make_pool("xfs", 64 << 30)
     cluster = Cluster(
@@ -580,14 +682,21 @@ def stowage_world(join: Callable[[E2E, contextlib.ExitStack], None]) -> Iterator
         stack.callback(teardown)
         stack.callback(lambda: print("\n--- e2e logs kept until teardown in", cluster.path("logs")))
         stack.callback(cluster.stop_all)
-        e = bring_up(cluster)
+        values: tuple[str, ...] = ()
+        if backups:
+            start_s3(cluster)
+            assert cluster.s3 is not None
+            stack.callback(cluster.s3.stop)
+            values = backup_chart_values(cluster)
+        e = bring_up(cluster, *values)
         stack.callback(e.node.close)
         start_drivers(e)
         join(e, stack)
         # The DaemonSet's pod (made once the Node exists) is the node sidecars' identity.
         wait(lambda: e.pod_of("node"), 60, "the chart DaemonSet's pod object for the node")
-        for name in SIDECARS:
-            e.start_sidecar(name)
+        for name, (workload, container) in SIDECARS.items():
+            if cluster.has_container(workload, container):
+                e.start_sidecar(name)
         yield e
 
 

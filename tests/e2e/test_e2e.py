@@ -18,7 +18,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from driver.ctl.client import capability
+from driver.ctl.client import Client, capability
 from tests.e2e.cluster import (
     DENIED,
     DRIVER,
@@ -72,8 +72,12 @@ def image_path(e: E2E, volume_id: str) -> str:
 class Staged:
     """Stage and publish a PV through the node socket, as kubelet would for a pod."""
 
-    def __init__(self, e: E2E, pv: client.V1PersistentVolume, fs: str = "ext4") -> None:
+    def __init__(
+        self, e: E2E, pv: client.V1PersistentVolume, fs: str = "ext4", node: Client | None = None
+    ) -> None:
+        """`node`: the node plugin to call (default: the session node's)."""
         self.e, self.vid = e, pv.spec.csi.volume_handle
+        self.node = node or e.node
         tag = uuid.uuid4().hex[:8]
         self.staging = e.cluster.path(f"staging-{tag}")
         self.target = e.cluster.path(f"target-{tag}")
@@ -81,13 +85,13 @@ class Staged:
         os.makedirs(self.staging)
 
     def __enter__(self) -> Staged:
-        self.e.node.stage(self.vid, self.staging, self.cap)
-        self.e.node.publish(self.vid, self.staging, self.target, self.cap)
+        self.node.stage(self.vid, self.staging, self.cap)
+        self.node.publish(self.vid, self.staging, self.target, self.cap)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.e.node.unpublish(self.vid, self.target)
-        self.e.node.unstage(self.vid, self.staging)
+        self.node.unpublish(self.vid, self.target)
+        self.node.unstage(self.vid, self.staging)
 
 
 def delete_claim(e: E2E, name: str) -> None:

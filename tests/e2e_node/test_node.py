@@ -394,3 +394,101 @@ def test_expansion_while_the_pod_runs_is_seen_by_the_pod(sts: World) -> None:
 def _lines(path: str) -> list[str]:
     with open(path, encoding="utf-8", errors="replace") as fh:
         return fh.read().splitlines()
+
+
+# --- ModifyVolume: a claim's VolumeAttributesClass changed on a running pod (issue 18) ----------
+# fio is not in the test image (busybox); the pod measures with busybox dd instead, reading 4 KiB
+# blocks with O_DIRECT (iflag=direct) from its raw block device, timed by /proc/uptime (the
+# host's clock, 10 ms steps; a sample at the limits used lasts 2-5 s).
+READS = 2000
+READER = f"""
+while true; do
+  read a _ < /proc/uptime
+  dd if=/dev/xvda of=/dev/null bs=4096 count={READS} iflag=direct 2>/dev/null
+  read b _ < /proc/uptime
+  echo "sample=$a,$b"
+done
+"""
+CLASSES = {"e2e-iops-1000": 1000, "e2e-iops-400": 400}
+
+
+def _uptime() -> float:
+    with open("/proc/uptime", encoding="ascii") as fh:
+        return float(fh.read().split()[0])
+
+
+def _samples(w: World, pod: str, after: float) -> list[float]:
+    """IOPS of the pod's samples that started after host uptime `after`."""
+    out = []
+    for line in _lines(log_files(w, pod)[-1]):
+        if "sample=" in line:
+            a, b = (float(x) for x in line.split("sample=", 1)[1].split(","))
+            if a > after and b > a:
+                out.append(READS / (b - a))
+    return out
+
+
+def _pod_limit(w: World, pod: str) -> str:
+    """What the pod's container cgroups hold for reads (cgroup v1 blkio or v2 io.max)."""
+    from driver.host import cgroups
+
+    uid = w.e.core.read_namespaced_pod(pod, NS).metadata.uid
+    hierarchy = cgroups.io_hierarchy(mountinfo.read())
+    assert hierarchy is not None, "no block I/O cgroup controller on this host"
+    name = "blkio.throttle.read_iops_device" if hierarchy.version == 1 else "io.max"
+    text = []
+    for pod_dir in cgroups.pod_cgroups(hierarchy.root, uid):
+        for d, _dirs, files in os.walk(pod_dir):
+            if name in files:
+                with open(os.path.join(d, name), encoding="ascii") as fh:
+                    text.append(fh.read())
+    return "".join(text)
+
+
+def test_volume_attributes_class_changed_on_a_running_pod_limits_its_io(world: World) -> None:
+    e = world.e
+    for name, iops in CLASSES.items():
+        e.storage.create_volume_attributes_class(
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "VolumeAttributesClass",
+                "metadata": {"name": name},
+                "driverName": DRIVER,
+                "parameters": {"stowage.csi.io/read-iops": str(iops)},
+            }
+        )
+    e.create_claim("limited", "32Mi", "stowage-block", block=True, namespace=NS)
+    ctr = container(READER, volumeDevices=[{"name": "data", "devicePath": "/dev/xvda"}])
+    make_pod(e, "limited", pod_spec(ctr, [claim_volume("limited")]))
+    try:
+        wait(lambda: phase(e, "limited") == "Running" and _samples(world, "limited", 0), 180,
+             "the pod's first unlimited sample")  # fmt: skip
+        print(f"  unlimited: {max(_samples(world, 'limited', 0)):.0f} IOPS (dd, O_DIRECT)")
+        for name, iops in CLASSES.items():
+            e.core.patch_namespaced_persistent_volume_claim(
+                "limited", NS, {"spec": {"volumeAttributesClassName": name}}
+            )
+            wait(
+                lambda n=name: (
+                    e.core.read_namespaced_persistent_volume_claim("limited", NS)
+                    .status.current_volume_attributes_class_name == n
+                ),
+                120,
+                f"csi-resizer to record {name} on the claim",
+            )
+            wait(lambda i=iops: {str(i), f"riops={i}"} & set(_pod_limit(world, "limited").split()),
+                 60, f"the node to write {iops} IOPS into the pod's cgroups")  # fmt: skip
+            applied = _uptime()
+            got = wait(lambda a=applied: _samples(world, "limited", a)[:2] if len(
+                _samples(world, "limited", a)) >= 2 else [], 120, "two samples under the limit")
+            print(f"  {name}: {', '.join(f'{x:.0f}' for x in got)} IOPS inside the pod")
+            for measured in got:
+                assert abs(measured - iops) <= 0.15 * iops, (
+                    f"{measured:.0f} IOPS under a {iops} IOPS class"
+                )
+        assert phase(e, "limited") == "Running"
+    finally:
+        delete_pod(e, "limited")
+        delete_claim(e, "limited", delete_pv=True)  # stowage-block is Retain
+        for name in CLASSES:
+            e.storage.delete_volume_attributes_class(name)

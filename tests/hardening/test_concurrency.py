@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from driver.ctl import local
 from driver.ctl.client import Client, block_cap, mount_cap
 from tests.hardening.world import World, running_world
 from tests.integration.helpers import MiB
@@ -116,7 +115,7 @@ def test_64_conflicting_calls_exactly_one_proceeds(world: World) -> None:
     codes = storm(lambda: c.delete_volume(vid), on_volume())
     assert codes == {"ABORTED": 63}, codes
     assert c.list_volumes() == []
-    assert local.check(world.pool.mount).ok
+    assert world.check().ok
 
 
 def test_1000_random_operations_from_16_clients_end_consistent(world: World) -> None:
@@ -230,7 +229,7 @@ def test_1000_random_operations_from_16_clients_end_consistent(world: World) -> 
     print(f"{total} operations: {dict(sorted(codes.items()))}")
     assert total >= 1000
     assert sum(n for k, n in codes.items() if k.endswith(":ABORTED")) > 0  # conflicts happened
-    assert local.check(world.pool.mount).ok, local.check(world.pool.mount).problems
+    assert world.check().ok, world.check().problems
 
     # The end state is what the answers said: created minus deleted, for volumes and snapshots.
     c = world.client
@@ -245,4 +244,4 @@ def test_1000_random_operations_from_16_clients_end_consistent(world: World) -> 
     for sid in sorted(snaps_created - snaps_deleted):
         c.delete_snapshot(sid)
     assert c.list_volumes() == [] and c.list_snapshots() == []
-    assert local.check(world.pool.mount).ok
+    assert world.check().ok

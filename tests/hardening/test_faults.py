@@ -17,8 +17,10 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
+from csi_proto import csi_pb2, csi_pb2_grpc
 from driver import faults
 from driver.ctl.client import mount_cap
 from driver.host import mountinfo
@@ -146,6 +148,70 @@ def _delsnap_act(w: World, s: dict[str, object]) -> None:
 
 def _delsnap_verify(w: World, s: dict[str, object]) -> None:
     assert not w.client.list_snapshots()
+
+
+def _groups(w: World) -> csi_pb2_grpc.GroupControllerStub:
+    return csi_pb2_grpc.GroupControllerStub(w.client.channel)
+
+
+def _group_setup(w: World) -> dict[str, object]:
+    wit = _witness(w)
+    other = w.place(w.create("member", fs="xfs", size=320 * MiB), fs="xfs")
+    return {"witness": wit, "digest": wit.digest, "members": [wit.volume_id, other.volume_id]}
+
+
+def _group_act(w: World, s: dict[str, object]) -> None:
+    members = s["members"]
+    assert isinstance(members, list)
+    req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="grp", source_volume_ids=members)
+    s["group"] = _groups(w).CreateVolumeGroupSnapshot(req).group_snapshot
+
+
+def _group_verify(w: World, s: dict[str, object]) -> None:
+    """The whole group or, before the retry, nothing: exactly its two snapshots exist."""
+    group = s["group"]
+    assert isinstance(group, csi_pb2.VolumeGroupSnapshot)
+    ids = sorted(x.snapshot_id for x in group.snapshots)
+    assert sorted(e.snapshot.snapshot_id for e in w.client.list_snapshots()) == ids
+    assert len(ids) == 2 and group.ready_to_use
+    w.told_exist.update(ids)
+    wit = _witness_in(s)
+    snap = next(x.snapshot_id for x in group.snapshots if x.source_volume_id == wit.volume_id)
+    s["id"] = w.client.create_volume(
+        "from-group", 64 * MiB, mount_cap("ext4"), snapshot=snap
+    ).volume_id
+    _copy_verify(w, s)
+
+
+def _delgroup_setup(w: World) -> dict[str, object]:
+    wit = _witness(w)
+    req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="doomed", source_volume_ids=[wit.volume_id])
+    group = _groups(w).CreateVolumeGroupSnapshot(req).group_snapshot
+    w.told_exist.update(x.snapshot_id for x in group.snapshots)
+    return {"group": group}
+
+
+def _delgroup_act(w: World, s: dict[str, object]) -> None:
+    group = s["group"]
+    assert isinstance(group, csi_pb2.VolumeGroupSnapshot)
+    ids = [x.snapshot_id for x in group.snapshots]
+    _groups(w).DeleteVolumeGroupSnapshot(
+        csi_pb2.DeleteVolumeGroupSnapshotRequest(
+            group_snapshot_id=group.group_snapshot_id, snapshot_ids=ids
+        )
+    )
+    w.told_deleted.update(ids)
+
+
+def _delgroup_verify(w: World, s: dict[str, object]) -> None:
+    group = s["group"]
+    assert isinstance(group, csi_pb2.VolumeGroupSnapshot)
+    assert not w.client.list_snapshots()
+    with pytest.raises(grpc.RpcError) as gone:
+        _groups(w).GetVolumeGroupSnapshot(
+            csi_pb2.GetVolumeGroupSnapshotRequest(group_snapshot_id=group.group_snapshot_id)
+        )
+    assert gone.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def _node_expand_setup(w: World) -> dict[str, object]:
@@ -277,6 +343,8 @@ SCENARIOS: dict[str, Scenario] = {
     "delete-volume": Scenario(_delete_setup, _delete_act, _delete_verify),
     "create-snapshot": Scenario(_snap_setup, _snap_act, _snap_verify),
     "delete-snapshot": Scenario(_delsnap_setup, _delsnap_act, _delsnap_verify),
+    "create-group": Scenario(_group_setup, _group_act, _group_verify),
+    "delete-group": Scenario(_delgroup_setup, _delgroup_act, _delgroup_verify),
     "node-expand": Scenario(_node_expand_setup, _node_expand_act, _node_expand_verify),
     "stage": Scenario(_fresh_setup, _stage_act, _stage_verify),
     "publish": Scenario(_publish_setup, _publish_act, _publish_verify),

@@ -36,7 +36,7 @@ from driver.ctl.client import Client, block_cap, mount_cap
 from driver.host import mountinfo
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
-from tests.conftest import DriverProcess, Pool, make_pool
+from harness import DriverProcess, Pool, make_pool
 
 pytestmark = pytest.mark.root
 
@@ -68,6 +68,10 @@ class World:
     pool: Pool
     driver: DriverProcess
     client: Client
+    # `--mode controller`, as the chart's controller Deployment runs it: every
+    # ControllerExpandVolume case is sent to it too and must get the same answer.
+    controller_driver: DriverProcess
+    controller: Client
     work: str  # stands in for kubelet's directory
     outside: str  # what a symlink escape would reach
     link: str  # work/link -> outside
@@ -79,6 +83,7 @@ class World:
     block: str = ""  # block volume, never staged
     snap: str = ""  # snapshot of `vol`
     log_offset: int = 0
+    controller_cases: int = 0  # cases also sent to controller mode
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def fresh(self, tag: str) -> str:
@@ -94,9 +99,15 @@ def world() -> Iterator[World]:
     assert os.geteuid() == 0, "the hostile suite needs root (loop devices, mkfs, mount)"
     pool, teardown = make_pool(size=64 << 30)
     driver = DriverProcess(pool, "--log-level", "debug", "--log-format", "json", node_id=NODE_ID)
+    controller_driver = DriverProcess(
+        pool, "--log-level", "debug", "--log-format", "json",
+        node_id="hostile-controller", name="controller", mode="controller",
+    )  # fmt: skip
     client: Client | None = None
+    controller: Client | None = None
     try:
         client = driver.start()
+        controller = controller_driver.start()
         work = os.path.join(pool.base, "work")
         outside = os.path.join(pool.base, "outside")
         os.makedirs(os.path.join(outside, "sub"))
@@ -110,7 +121,7 @@ def world() -> Iterator[World]:
         foreign = os.path.join(work, "foreign")
         os.makedirs(foreign)
         _run(["mount", "-t", "tmpfs", "-o", "size=1m", "hostile-tmpfs", foreign])
-        w = World(pool, driver, client, work, outside, link, foreign)
+        w = World(pool, driver, client, controller_driver, controller, work, outside, link, foreign)
         w.vol = client.create_volume("hostile-vol", 64 * MiB, mount_cap("ext4")).volume_id
         w.staging = os.path.join(work, "staging")
         w.target = os.path.join(work, "target")
@@ -127,10 +138,13 @@ def world() -> Iterator[World]:
         # Summary for the report: how many cases ran in each category.
         print("\nhostile cases by category:", dict(sorted(w.counts.items())))
         print("hostile cases total:", sum(w.counts.values()))
+        print("of which also sent to controller mode:", w.controller_cases)
     finally:
-        if client is not None:
-            client.close()
+        for c in (client, controller):
+            if c is not None:
+                c.close()
         driver.stop()
+        controller_driver.stop()
         teardown()
 
 
@@ -742,7 +756,7 @@ def _copy(req: Message) -> Message:
 
 def _removed_rpc_cases() -> None:
     """No attach: ControllerPublish/Unpublish are UNIMPLEMENTED (and not advertised) whatever
-    they carry; ControllerModifyVolume is not served yet."""
+    they carry."""
     c = "not-served"
     ids: tuple[tuple[str, Callable[[World], str]], ...] = (
         ("valid", lambda w: w.idle),
@@ -768,15 +782,78 @@ def _removed_rpc_cases() -> None:
             ),
             UNIMPLEMENTED,
         )
-    case(
-        c,
-        "modify",
-        "ControllerModifyVolume",
-        lambda w: csi_pb2.ControllerModifyVolumeRequest(
-            volume_id=w.idle, mutable_parameters={"iops": "1"}
-        ),
-        UNIMPLEMENTED,
-    )
+
+
+# --- 1c. mutable parameters (ModifyVolume, issue 18) -------------------------------------------
+
+RIOPS = "stowage.csi.io/read-iops"
+WBPS = "stowage.csi.io/write-bps"
+BAD_MUTABLE: dict[str, dict[str, str]] = {
+    "zero": {RIOPS: "0"},
+    "negative": {RIOPS: "-100"},
+    "not-a-number": {RIOPS: "fast"},
+    "fraction": {RIOPS: "1.5"},
+    "exponent": {RIOPS: "1e3"},
+    "empty-value": {RIOPS: ""},
+    "padded": {RIOPS: " 100"},
+    "absurd-iops": {RIOPS: "10000001"},
+    "huge-number": {RIOPS: "9" * 40},
+    "absurd-bps": {WBPS: "2Ti"},
+    "tiny-bps": {WBPS: "100"},
+    "bps-millis": {WBPS: "50m"},
+    "unknown-key": {"XXX_FakeKey": "XXX_FakeValue"},
+    "immutable-fstype": {"fsType": "xfs"},
+    "immutable-preallocate": {"preallocate": "true"},
+    "good-and-bad": {RIOPS: "100", WBPS: "-1"},
+    "huge-map": {RIOPS: "1" * 5000},
+}
+
+
+def _mutable_cases() -> None:
+    """ControllerModifyVolume and CreateVolume's mutable_parameters: every refusal is exact and
+    changes nothing (the volume's row and record keep their parameters)."""
+    c = "mutable"
+    for key, params in BAD_MUTABLE.items():
+        case(
+            c,
+            key,
+            "ControllerModifyVolume",
+            lambda w, p=params: csi_pb2.ControllerModifyVolumeRequest(
+                volume_id=w.idle, mutable_parameters=p
+            ),
+            INVALID,
+        )
+    for key, params in (("zero", BAD_MUTABLE["zero"]), ("unknown", BAD_MUTABLE["unknown-key"])):
+        case(
+            c,
+            key,
+            "CreateVolume",
+            lambda w, p=params: _with_mutable(create_req(), p),
+            INVALID,
+        )
+    good = {RIOPS: "1000"}
+    for key, vid, code in (
+        ("dotdot", lambda w: "../../etc", NOT_FOUND),
+        ("empty-id", lambda w: "", INVALID),
+        ("unknown-volume", lambda w: "v-" + "0" * 32, NOT_FOUND),
+        ("snapshot-id", lambda w: w.snap, NOT_FOUND),
+    ):
+        case(
+            c,
+            key,
+            "ControllerModifyVolume",
+            lambda w, v=vid: csi_pb2.ControllerModifyVolumeRequest(
+                volume_id=v(w), mutable_parameters=good
+            ),
+            code,
+        )
+
+
+def _with_mutable(
+    req: csi_pb2.CreateVolumeRequest, mutable: dict[str, str]
+) -> csi_pb2.CreateVolumeRequest:
+    req.mutable_parameters.update(mutable)
+    return req
 
 
 # --- 2. names -------------------------------------------------------------------------------------
@@ -1735,6 +1812,7 @@ def _secret_cases() -> None:
 
 _id_cases()
 _removed_rpc_cases()
+_mutable_cases()
 _name_cases()
 _capacity_cases()
 _cap_cases()
@@ -1762,6 +1840,16 @@ def test_hostile(world: World, hostile: Case) -> None:
     assert code == hostile.code, (
         f"{hostile.id}: got {code.name} ({details}), want {hostile.code.name}"
     )
+    if rpc == "ControllerExpandVolume":  # what controller mode serves: the same answer there
+        try:
+            w.controller.controller.ControllerExpandVolume(req, timeout=60)
+            ctl_code, ctl_details = OK, ""
+        except grpc.RpcError as exc:
+            ctl_code, ctl_details = exc.code(), exc.details() or ""
+        assert ctl_code == hostile.code, (
+            f"{hostile.id} in controller mode: got {ctl_code.name} ({ctl_details})"
+        )
+        w.controller_cases += 1
     if hostile.verify is not None:
         hostile.verify(w, resp)
     after = snapshot(w)
@@ -1776,7 +1864,10 @@ def test_hostile(world: World, hostile: Case) -> None:
 
 
 def test_log_is_json_and_has_no_secret(world: World) -> None:
-    """The whole log of the module's driver: every line is a JSON object, none has the canary."""
+    """The whole log of the module's driver: every line is a JSON object, none has the canary
+    (nor has the controller-mode driver's)."""
+    assert world.controller_cases > 0
+    assert CANARY not in world.controller_driver.log()
     text = world.driver.log()
     assert CANARY not in text
     lines = [line for line in text.splitlines() if line.strip()]

@@ -13,9 +13,8 @@ import grpc
 import pytest
 
 from csi_proto import csi_pb2
-from driver.ctl import local
 from driver.ctl.client import mount_cap
-from tests.conftest import Pool
+from harness import Pool
 from tests.hardening.world import World, running_world
 from tests.integration.helpers import MiB, sha256
 
@@ -101,7 +100,7 @@ def test_full_pool_refuses_with_resource_exhausted_and_leaves_nothing(world: Wor
             call()
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (what, err.value.details())
         assert pool_state(world.pool) == before, f"{what} left something behind"
-    assert local.check(world.pool.mount).ok
+    assert world.check().ok
 
     # Deleting is how an operator gets out of a full pool: it must work even though SQLite
     # needs free blocks to delete a row (the metadata reserve is given up for it).
@@ -111,7 +110,7 @@ def test_full_pool_refuses_with_resource_exhausted_and_leaves_nothing(world: Wor
     assert not os.path.exists(reserve)
     assert {e.volume.volume_id for e in c.list_volumes()} == {vol.volume_id}
     assert {e.snapshot.snapshot_id for e in c.list_snapshots()} == {snap}
-    assert local.check(world.pool.mount).ok
+    assert world.check().ok
 
     # A write into the thin volume's unallocated space cannot be stored: it must fail loudly.
     with pytest.raises(OSError) as failed:

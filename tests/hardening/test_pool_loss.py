@@ -28,7 +28,7 @@ from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
 from driver.records import RECORD_XATTR
 from driver.storage import identity
-from tests.conftest import REPO, wait_for
+from harness import REPO, wait_for
 from tests.hardening.world import Placed, World, running_world
 from tests.integration.helpers import MiB
 
@@ -336,7 +336,7 @@ def test_image_deleted_by_hand_while_staged(world: World) -> None:
             stats = world.client.stats(p.volume_id, p.target)
             assert stats.volume_condition.abnormal
             assert "NodeUnstageVolume writes the image back" in stats.volume_condition.message
-    assert not local.check(world.pool.mount).ok
+    assert not world.check().ok
     # a restart (grace 0) keeps the volumes staged and their data in place
     stop(world)
     start(world)

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from driver.ctl import local
 from driver.host import mountinfo
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
@@ -109,7 +108,7 @@ def test_publish_after_reboot_fails_rather_than_bind_an_empty_dir(world: World) 
     world.client.publish(other.volume_id, other.staging, other.target, other.cap)
     for p in (gone, other):
         assert_serves(world, p)
-    assert local.check(world.pool.mount).ok
+    assert world.check().ok
 
 
 def test_publish_when_the_staging_mount_vanished_under_a_running_driver(world: World) -> None:

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from csi_proto import csi_pb2
+from driver.core.check import Findings
 from driver.ctl import local
 from driver.ctl.client import Client, capability
 from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
-from tests.conftest import DriverProcess, Pool, make_pool
+from driver.host.system import SystemHost
+from harness import DriverProcess, Pool, make_pool
 from tests.integration.helpers import MiB, sha256, write_random
 
 
@@ -105,8 +107,12 @@ class World:
         return sha256(p.data) if not p.block else _read_block(p.data, mib)
 
     # --- invariants -------------------------------------------------------------------------
+    def check(self) -> Findings:
+        """`stowagectl check` of the pool, on this host's mount table and loop devices."""
+        return local.check(self.pool.mount, SystemHost(), LoopManager(SubprocessRunner()))
+
     def check_invariants(self) -> None:
-        found = local.check(self.pool.mount)
+        found = self.check()
         assert found.ok, "stowagectl check found problems:\n" + "\n".join(found.problems)
         listed_vols = {e.volume.volume_id for e in self.client.list_volumes()}
         listed_snaps = {e.snapshot.snapshot_id for e in self.client.list_snapshots()}

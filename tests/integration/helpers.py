@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+
+import grpc
 
 from driver.ctl.client import Client, capability
 
@@ -64,3 +67,12 @@ class Mounted:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+def status_code(call: Callable[[], object]) -> grpc.StatusCode:
+    """The gRPC code a call ends with (OK when it returns)."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK

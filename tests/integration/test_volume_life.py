@@ -316,7 +316,7 @@ def test_metrics_endpoint(pool):
     import socket as s
     import urllib.request
 
-    from tests.conftest import DriverProcess
+    from harness import DriverProcess
 
     with s.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -115,3 +115,13 @@ def kubelet(tmp_path: os.PathLike[str]) -> str:
     d = os.path.join(str(tmp_path), "kubelet")
     os.mkdir(d)
     return d
+
+
+@pytest.fixture
+def staging(kubelet: str) -> str:
+    return os.path.join(kubelet, "globalmount")
+
+
+@pytest.fixture
+def target(kubelet: str) -> str:
+    return os.path.join(kubelet, "mount")

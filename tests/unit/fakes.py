@@ -19,6 +19,7 @@ from driver.host.exec import DEFAULT_TIMEOUT, Result
 from driver.host.fs import Filesystems
 from driver.host.mountinfo import MountEntry
 from driver.host.system import SystemHost
+from driver.model import FsType, IoLimits
 from driver.storage.locks import KeyedLocks
 
 Handler = Callable[[list[str]], "tuple[int, str, str] | Result"]
@@ -99,6 +100,8 @@ class FakeHost:
     block_devices: dict[str, int] = field(default_factory=dict)  # device node -> rdev
     fs_error_counts: dict[str, int] = field(default_factory=dict)  # device -> kernel counter
     groups_given: list[tuple[str, int]] = field(default_factory=list)
+    pod_cgroups: dict[str, int] = field(default_factory=dict)  # pod UID -> its cgroups
+    io_limits: dict[tuple[str, str], IoLimits] = field(default_factory=dict)  # (pod, dev)
     signatures: dict[str, str] = field(default_factory=dict)  # device -> fs type
     image_signatures: dict[str, str] = field(default_factory=dict)  # backing file -> fs type
     blkid_error: int = 0  # non-zero: blkid exits with this status
@@ -203,11 +206,19 @@ class FakeHost:
     def fs_usage(self, mount_point: str) -> FsUsage:
         return SystemHost().fs_usage(mount_point)  # a directory under tmp_path: harmless
 
-    def fs_errors(self, device: str, fs_type: str) -> int:
+    def fs_errors(self, device: str, fs_type: FsType | None) -> int:
         return self.fs_error_counts.get(device, 0)
 
     def give_group(self, root: str, gid: int) -> None:
         self.groups_given.append((root, gid))
+
+    def set_io_limits(self, pod_uid: str, device: str, limits: IoLimits) -> int:
+        """Records the limits per (pod, device); a pod in `pod_cgroups` has that many cgroups,
+        any other none (not started)."""
+        count = self.pod_cgroups.get(pod_uid, 0)
+        if count:
+            self.io_limits[(pod_uid, device)] = limits
+        return count
 
     def top(self, target: str) -> MountEntry | None:
         at = [m for m in self.mount_table if m.mount_point == os.path.normpath(target)]
@@ -278,6 +289,10 @@ class RecordingFilesystems(Filesystems):
         self.events.append(("thaw-check", mount_point))
         os.close(os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY))  # as the real one does
         return mount_point in self.left_frozen
+
+    def trim(self, mount_point: str) -> int | None:  # type: ignore[override]
+        self.events.append(("trim", mount_point))
+        return 0
 
     @contextlib.contextmanager  # type: ignore[override]
     def frozen(self, mount_point: str) -> Iterator[None]:

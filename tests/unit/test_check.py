@@ -13,7 +13,6 @@ from driver.core.controller import ControllerCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.ctl import local
-from driver.host import mountinfo
 from driver.model import AccessMode, AccessType, Capability, CapacityRange, MiB, Publication
 from driver.storage.image import ImagePool
 from driver.storage.store import Store
@@ -24,7 +23,7 @@ RW = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
 
 
 def _inspect(ctx: PoolContext) -> list[str]:
-    return inspect(ctx.store, ctx.backend, ctx.loops, ctx.host.mounts()).problems
+    return inspect(ctx.store, ctx.backend, ctx.loops, ctx.host).problems
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ def staged(controller: ControllerCore, ctx: PoolContext, kubelet: str) -> tuple[
 
 
 def test_consistent_pool_has_no_problems(ctx: PoolContext, staged: tuple[str, str, str]) -> None:
-    found = inspect(ctx.store, ctx.backend, ctx.loops, ctx.host.mounts())
+    found = inspect(ctx.store, ctx.backend, ctx.loops, ctx.host)
     assert found.ok, found.problems
     assert any("1 volume(s)" in n for n in found.notes)
 
@@ -96,13 +95,13 @@ def test_publication_of_unknown_volume(ctx: PoolContext) -> None:
 
 
 def test_check_opens_read_only_and_changes_nothing(
-    tmp_path: os.PathLike[str],
+    tmp_path: os.PathLike[str], host: FakeHost, ctx: PoolContext
 ) -> None:
     pool = os.path.join(str(tmp_path), "p")
     os.mkdir(pool)
     with pytest.raises(local.CannotCheck, match="not a Stowage pool"):
-        local.check(pool)  # no meta.db: reported, not created
-    assert local.check_main(pool) == 2  # could not check
+        local.check(pool, host, ctx.loops)  # no meta.db: reported, not created
+    assert local.check_main(pool, "table", host, ctx.loops) == 2  # could not check
     assert os.listdir(pool) == []
     Store(os.path.join(pool, "meta.db")).close()
     ImagePool(pool)
@@ -150,25 +149,24 @@ def test_bad_duration() -> None:
 
 
 def test_check_exit_codes_and_gc_spares_claimed_trash(
-    host: FakeHost, pool_dir: str, monkeypatch: pytest.MonkeyPatch
+    host: FakeHost, pool_dir: str
 ) -> None:
     """check: 0 consistent, 1 problems, 2 could not check; gc never reclaims an image a row or
     its own record claims, whatever its age."""
-    monkeypatch.setattr(mountinfo, "read", lambda path=mountinfo.MOUNTINFO: host.mounts())
     store = Store(os.path.join(pool_dir, "meta.db"))  # check reads <pool>/meta.db
     ctx = build_ctx(host, store, ImagePool(pool_dir))
     controller = ControllerCore(ctx)
-    assert local.check_main(pool_dir) == 0
+    assert local.check_main(pool_dir, "table", host, ctx.loops) == 0
     v = controller.create_volume("kept", [RW], CapacityRange(MiB), {}, None)
-    assert local.check_main(pool_dir) == 0
+    assert local.check_main(pool_dir, "table", host, ctx.loops) == 0
     moved = ctx.backend.trash_orphan("volume", v.id)  # by hand: a described image in trash
-    assert local.check_main(pool_dir) == 1
+    assert local.check_main(pool_dir, "table", host, ctx.loops) == 1
     assert local.gc_main(pool_dir, 0, dry_run=False) == 0
     assert os.path.exists(moved), "gc reclaimed an image its row and record claim"
     assert ctx.backend.empty_trash(0, claimed=()) == 0  # the record alone protects it
     store.close()  # the driver stops; its WAL is checkpointed into meta.db
     with open(os.path.join(pool_dir, "meta.db"), "r+b") as fh:
         fh.write(b"garbage" * 100)
-    assert local.check_main(pool_dir) == 2
+    assert local.check_main(pool_dir, "table", host, ctx.loops) == 2
     assert local.gc_main(pool_dir, 0, dry_run=False) == 2
     assert os.path.exists(moved)

@@ -134,7 +134,7 @@ def test_create_validates_before_anything(controller: ControllerCore, ctx: PoolC
 
 def test_create_block_volume(controller: ControllerCore) -> None:
     v = create(controller, caps=[BLOCK], parameters={"fsType": "xfs"})
-    assert (v.access_type, v.fs_type) == (AccessType.BLOCK, "")
+    assert (v.access_type, v.fs_type) == (AccessType.BLOCK, None)
 
 
 def test_create_default_size(controller: ControllerCore) -> None:

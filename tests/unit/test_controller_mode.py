@@ -1,5 +1,5 @@
-"""Controller mode over gRPC: no pool, no Kubernetes API; it serves ControllerExpandVolume, the
-same function `all` mode runs, and advertises nothing else (issue 14)."""
+"""Controller mode over gRPC: no pool, no Kubernetes API; it serves ControllerExpandVolume (issue
+14) and ControllerModifyVolume (issue 18) from the request alone, and advertises nothing else."""
 
 from __future__ import annotations
 
@@ -50,7 +50,10 @@ def _code(call: object) -> grpc.StatusCode:
 def test_controller_mode_advertises_and_serves_expansion_only(controller_mode: Client) -> None:
     c = controller_mode
     caps = c.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest())
-    assert [cap.rpc.type for cap in caps.capabilities] == [_RPC.EXPAND_VOLUME]
+    assert [cap.rpc.type for cap in caps.capabilities] == [
+        _RPC.EXPAND_VOLUME,
+        _RPC.MODIFY_VOLUME,
+    ]
     plugin = c.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
     services = {p.service.type for p in plugin.capabilities if p.HasField("service")}
     assert csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE in services
@@ -90,7 +93,6 @@ def test_controller_mode_advertises_and_serves_expansion_only(controller_mode: C
         ("GetSnapshot", csi_pb2.GetSnapshotRequest(snapshot_id="s-" + "1" * 32)),
         ("ControllerPublishVolume", csi_pb2.ControllerPublishVolumeRequest(volume_id=VOLUME)),
         ("ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(volume_id=VOLUME)),
-        ("ControllerModifyVolume", csi_pb2.ControllerModifyVolumeRequest(volume_id=VOLUME)),
     ],
 )
 def test_controller_mode_answers_the_rest_unimplemented(
@@ -106,3 +108,31 @@ def test_controller_mode_has_no_node_service(controller_mode: Client) -> None:
         _code(lambda: controller_mode.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()))
         == grpc.StatusCode.UNIMPLEMENTED
     )
+
+
+@pytest.mark.parametrize(
+    ("volume_id", "mutable", "code"),
+    [
+        (VOLUME, {"stowage.csi.io/read-iops": "1000"}, grpc.StatusCode.OK),
+        (VOLUME, {"stowage.csi.io/write-bps": "50Mi"}, grpc.StatusCode.OK),
+        (VOLUME, {"stowage.csi.io/read-iops": "unlimited"}, grpc.StatusCode.OK),
+        (VOLUME, {}, grpc.StatusCode.OK),
+        ("", {"stowage.csi.io/read-iops": "1000"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("not-ours", {"stowage.csi.io/read-iops": "1000"}, grpc.StatusCode.NOT_FOUND),
+        ("not-ours", {"XXX_FakeKey": "x"}, grpc.StatusCode.INVALID_ARGUMENT),
+        (VOLUME, {"XXX_FakeKey": "XXX_FakeValue"}, grpc.StatusCode.INVALID_ARGUMENT),
+        (VOLUME, {"fsType": "xfs"}, grpc.StatusCode.INVALID_ARGUMENT),  # immutable
+        (VOLUME, {"stowage.csi.io/read-iops": "0"}, grpc.StatusCode.INVALID_ARGUMENT),
+        (VOLUME, {"stowage.csi.io/read-iops": "-5"}, grpc.StatusCode.INVALID_ARGUMENT),
+        (VOLUME, {"stowage.csi.io/read-iops": "lots"}, grpc.StatusCode.INVALID_ARGUMENT),
+        (VOLUME, {"stowage.csi.io/read-iops": "10000001"}, grpc.StatusCode.INVALID_ARGUMENT),
+        (VOLUME, {"stowage.csi.io/write-bps": "2Ti"}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_controller_mode_checks_modify_requests(
+    controller_mode: Client, volume_id: str, mutable: dict[str, str], code: grpc.StatusCode
+) -> None:
+    """Controller mode answers from the request (the node applies the change, see
+    docs/design.md): the parameters' checks are the node's own."""
+    req = csi_pb2.ControllerModifyVolumeRequest(volume_id=volume_id, mutable_parameters=mutable)
+    assert _code(lambda: controller_mode.controller.ControllerModifyVolume(req)) == code

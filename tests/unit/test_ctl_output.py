@@ -13,7 +13,7 @@ import yaml
 from driver.ctl import main as ctl
 from driver.ctl import output
 from driver.metrics import Metrics, PoolSample
-from tests.conftest import REPO
+from harness import REPO
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

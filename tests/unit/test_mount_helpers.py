@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import types
 
 import pytest
@@ -11,9 +12,10 @@ import pytest
 from driver.errors import CommandFailed, FailedPrecondition, Internal, InvalidArgument
 from driver.host import fs as fs_module
 from driver.host import mountinfo
-from driver.host.fs import FIFREEZE, FITHAW, Filesystems
+from driver.host.fs import FIFREEZE, FITHAW, FITRIM, Filesystems
 from driver.host.loop import LoopManager
 from driver.host.mounter import Mounter
+from driver.model import FsType
 from tests.unit.fakes import FakeHost, FakeRunner, write_loop
 
 DEV = "/dev/loop900"
@@ -64,7 +66,7 @@ def test_probe_runner_failure_propagates(runner: FakeRunner) -> None:
     ("fs", "argv"),
     [
         (
-            "ext4",
+            FsType.EXT4,
             [
                 "mkfs.ext4",
                 "-F",
@@ -75,25 +77,19 @@ def test_probe_runner_failure_propagates(runner: FakeRunner) -> None:
                 DEV,
             ],
         ),
-        ("xfs", ["mkfs.xfs", "-f", "-q", "-K", DEV]),
-        ("btrfs", ["mkfs.btrfs", "-f", "-q", "-K", DEV]),
+        (FsType.XFS, ["mkfs.xfs", "-f", "-q", "-K", DEV]),
+        (FsType.BTRFS, ["mkfs.btrfs", "-f", "-q", "-K", DEV]),
     ],
 )
-def test_format_argv(runner: FakeRunner, fs: str, argv: list[str]) -> None:
+def test_format_argv(runner: FakeRunner, fs: FsType, argv: list[str]) -> None:
     Filesystems(runner).format(DEV, fs)
     assert runner.calls == [argv] and runner.checks == [True]
-
-
-def test_format_unknown_fs_runs_nothing(runner: FakeRunner) -> None:
-    with pytest.raises(InvalidArgument):
-        Filesystems(runner).format(DEV, "ntfs")
-    assert runner.calls == []
 
 
 def test_format_failure_is_command_failed(runner: FakeRunner) -> None:
     runner.on("mkfs.xfs", rc=1, stderr="mkfs.xfs: cannot open")
     with pytest.raises(CommandFailed) as info:
-        Filesystems(runner).format(DEV, "xfs")
+        Filesystems(runner).format(DEV, FsType.XFS)
     assert info.value.returncode == 1 and "cannot open" in str(info.value)
 
 
@@ -102,53 +98,51 @@ def test_check_ext4(runner: FakeRunner, rc: int, ok: bool) -> None:
     runner.on("e2fsck", rc=rc)
     f = Filesystems(runner)
     if ok:
-        f.check(DEV, "ext4")
+        f.check(DEV, FsType.EXT4)
     else:
         with pytest.raises(FailedPrecondition):
-            f.check(DEV, "ext4")
+            f.check(DEV, FsType.EXT4)
     assert runner.calls == [["e2fsck", "-p", "--", DEV]]
 
 
 def test_check_skips_xfs_and_btrfs(runner: FakeRunner) -> None:
-    Filesystems(runner).check(DEV, "xfs")
-    Filesystems(runner).check(DEV, "btrfs")
+    Filesystems(runner).check(DEV, FsType.XFS)
+    Filesystems(runner).check(DEV, FsType.BTRFS)
     assert runner.calls == []
 
 
 def test_grow_argv(runner: FakeRunner) -> None:
     f = Filesystems(runner)
-    f.grow(DEV, "/mnt/x", "ext4")
-    f.grow(DEV, "/mnt/x", "xfs")
-    f.grow(DEV, "/mnt/x", "btrfs")
+    f.grow(DEV, "/mnt/x", FsType.EXT4)
+    f.grow(DEV, "/mnt/x", FsType.XFS)
+    f.grow(DEV, "/mnt/x", FsType.BTRFS)
     assert runner.calls == [
         ["resize2fs", "--", DEV],
         ["xfs_growfs", "/mnt/x"],
         ["btrfs", "filesystem", "resize", "max", "/mnt/x"],
     ]
-    with pytest.raises(InvalidArgument):
-        f.grow(DEV, "/mnt/x", "vfat")
 
 
 def test_grow_ext4_errors(runner: FakeRunner) -> None:
     runner.on("resize2fs", rc=1, stderr="resize2fs: Permission denied to resize filesystem")
     with pytest.raises(FailedPrecondition):
-        Filesystems(runner).grow(DEV, "/m", "ext4")
+        Filesystems(runner).grow(DEV, "/m", FsType.EXT4)
     runner.on("resize2fs", rc=1, stderr="resize2fs: Bad magic number")
     with pytest.raises(CommandFailed):
-        Filesystems(runner).grow(DEV, "/m", "ext4")
+        Filesystems(runner).grow(DEV, "/m", FsType.EXT4)
 
 
 def test_grow_offline(runner: FakeRunner) -> None:
     f = Filesystems(runner)
-    f.grow_offline(DEV, "ext4")
+    f.grow_offline(DEV, FsType.EXT4)
     assert runner.calls == [["e2fsck", "-f", "-p", "--", DEV], ["resize2fs", "--", DEV]]
     runner.calls.clear()
     runner.on("e2fsck", rc=4)
     with pytest.raises(FailedPrecondition):
-        f.grow_offline(DEV, "ext4")
+        f.grow_offline(DEV, FsType.EXT4)
     assert not runner.ran("resize2fs")
     with pytest.raises(InvalidArgument):
-        f.grow_offline(DEV, "xfs")
+        f.grow_offline(DEV, FsType.XFS)
 
 
 def test_ext4_size_from_dumpe2fs(runner: FakeRunner) -> None:
@@ -185,6 +179,34 @@ def test_frozen_failure_is_internal_and_does_not_thaw(
     with pytest.raises(Internal), Filesystems.frozen(str(tmp_path)):
         ran.append(1)
     assert calls == [FIFREEZE] and ran == []
+
+
+def test_trim_reports_bytes_and_tolerates_devices_without_discard(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, int, int]] = []
+
+    def trims(fd: int, op: int, arg: bytearray, mutate: bool) -> None:
+        assert op == FITRIM and mutate
+        seen.append(struct.unpack("=QQQ", arg))
+        arg[8:16] = struct.pack("=Q", 12345)  # the kernel writes back what it trimmed
+
+    monkeypatch.setattr(fs_module, "fcntl", types.SimpleNamespace(ioctl=trims))
+    assert Filesystems.trim(str(tmp_path)) == 12345
+    assert seen == [(0, (1 << 64) - 1, 0)]  # the whole filesystem
+
+    def unsupported(fd: int, op: int, arg: bytearray, mutate: bool) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(fs_module, "fcntl", types.SimpleNamespace(ioctl=unsupported))
+    assert Filesystems.trim(str(tmp_path)) is None
+
+    def broken(fd: int, op: int, arg: bytearray, mutate: bool) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(fs_module, "fcntl", types.SimpleNamespace(ioctl=broken))
+    with pytest.raises(Internal, match="could not trim"):
+        Filesystems.trim(str(tmp_path))
 
 
 # --- LoopManager ----------------------------------------------------------------------------------
@@ -306,8 +328,8 @@ def test_detach_and_refresh(sysb: str, image: str, runner: FakeRunner) -> None:
 # --- Mounter --------------------------------------------------------------------------------------
 def test_mount_and_bind_argv(host: FakeHost, tmp_path: os.PathLike[str]) -> None:
     m = Mounter(host.runner, host)
-    m.mount(DEV, "/k/s", "xfs", ["nosuid", "nodev", "nouuid"])
-    m.mount(DEV, "/k/t0", "ext4", [])
+    m.mount(DEV, "/k/s", FsType.XFS, ["nosuid", "nodev", "nouuid"])
+    m.mount(DEV, "/k/t0", FsType.EXT4, [])
     m.bind("/k/s", "/k/t", readonly=False, options=["nosuid", "nodev"])
     assert host.runner.calls == [
         ["mount", "-t", "xfs", "-o", "nosuid,nodev,nouuid", "--", DEV, "/k/s"],

@@ -43,16 +43,6 @@ def make(
     )
 
 
-@pytest.fixture
-def staging(kubelet: str) -> str:
-    return os.path.join(kubelet, "globalmount")
-
-
-@pytest.fixture
-def target(kubelet: str) -> str:
-    return os.path.join(kubelet, "mount")
-
-
 def mkfs_calls(host: FakeHost) -> list[list[str]]:
     return [c for c in host.runner.calls if c[0].startswith("mkfs")]
 

@@ -14,6 +14,7 @@ import pytest
 from driver import flags
 from driver.cli import parse
 from driver.core.controller import ControllerCore
+from driver.core.modify import IoLimitsCore
 from driver.core.node import NodeCore
 from driver.core.pool import PoolContext
 from driver.core.rebuild import open_pool_dir, rebuild_pool_dir
@@ -24,7 +25,7 @@ from driver.records import RECORD_XATTR, ImageRecord, PoolRecord, RecordError
 from driver.storage import identity
 from driver.storage.image import ImagePool
 from driver.storage.store import Store, StoreDamaged, verify
-from tests.conftest import REPO
+from harness import REPO
 from tests.unit.conftest import build_ctx
 from tests.unit.fakes import FakeHost
 
@@ -56,9 +57,12 @@ def test_image_record_round_trip_and_refusals(controller: ControllerCore) -> Non
         {**data, "formatted": 1},
         {**data, "sector_size": 100},
         {**data, "parameters": {"a": 1}},
+        {**data, "fs_type": "vfat"},
     ):
         with pytest.raises(RecordError):
             ImageRecord.from_json(json.dumps(broken))
+    block = ImageRecord.from_json(json.dumps({**data, "access_type": "block", "fs_type": ""}))
+    assert block.volume().fs_type is None
     with pytest.raises(RecordError):
         ImageRecord.from_json(b"\xff\x00")
     with pytest.raises(RecordError):
@@ -181,7 +185,14 @@ def _pool_with_volumes(host: FakeHost, root: str) -> tuple[PoolContext, list[str
     opened = open_pool_dir(root)
     ctx = build_ctx(host, opened.store, opened.backend, pool_uuid=opened.identity.uuid)
     c = ControllerCore(ctx)
-    vols = [c.create_volume(f"v{i}", [RW], CapacityRange(MiB), {}, None).id for i in range(3)]
+    # I/O limits given at creation (v0) and by ModifyVolume (v1) are in the records too.
+    limit = {"stowage.csi.io/read-iops": "100"}
+    vols = [
+        c.create_volume(f"v{i}", [RW], CapacityRange(MiB), {}, None, mutable=limit if i else {})
+        .id
+        for i in range(3)
+    ]
+    IoLimitsCore(ctx).modify(vols[0], {"stowage.csi.io/write-bps": "1Mi"})
     snap = c.create_snapshot("snap", vols[0], {}).id
     os.close(opened.lock_fd)
     return ctx, [*vols, snap]
@@ -192,6 +203,7 @@ def test_missing_store_is_rebuilt_from_records(host: FakeHost, tmp_path: os.Path
     os.mkdir(root)
     ctx, made = _pool_with_volumes(host, root)
     before = {v.id: v for v in ctx.store.list_volumes()}
+    assert all(v.mutable_parameters for v in before.values())
     ctx.store.close()
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(os.path.join(root, "meta.db" + suffix)):
@@ -291,6 +303,19 @@ def test_bad_durations(text: str) -> None:
 def test_flags_parse() -> None:
     cfg = parse(["--trash-grace", "7d", "--pool-require-mountpoint", "--metrics-address", ":9"])
     assert cfg.trash_grace == 604800 and cfg.pool_require_mountpoint
+    assert cfg.backup_verify_interval == 0  # off unless asked
+    assert parse(["--backup-verify-interval", "1d"]).backup_verify_interval == 86400
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0", 0.0), ("1s", 1.0), ("24h", 86400.0)])
+def test_interval_is_off_or_long_enough(text: str, seconds: float) -> None:
+    assert flags.interval(text, minimum=1.0) == seconds
+
+
+@pytest.mark.parametrize("text", ["0.5s", "often", ""])
+def test_bad_intervals(text: str) -> None:
+    with pytest.raises(ValueError, match=r"too short|duration"):
+        flags.interval(text, minimum=1.0)
 
 
 @pytest.mark.parametrize(
@@ -303,6 +328,8 @@ def test_flags_parse() -> None:
         ["--endpoint", "unix://relative.sock"],
         ["--workers", "0"],
         ["--store-backup-interval", "often"],
+        ["--backup-verify-interval", "daily"],
+        ["--backup-verify-interval", "0.5s"],
     ],
 )
 def test_bad_flag_is_one_line_and_exit_2_before_the_pool_opens(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 
@@ -13,6 +14,8 @@ from driver.model import (
     AccessMode,
     AccessType,
     ContentSource,
+    FsType,
+    MiB,
     Publication,
     Snapshot,
     Staging,
@@ -81,6 +84,62 @@ def test_store_persists_across_reopen(tmp_path: os.PathLike[str]) -> None:
         assert s2.healthy()
     finally:
         s2.close()
+
+
+def test_open_drops_the_attachments_table_of_older_versions(tmp_path: os.PathLike[str]) -> None:
+    """Stores written before the attach-free Controller have an `attachments` table; opening
+    one for writing drops it and keeps every other row."""
+    path = os.path.join(str(tmp_path), "m.db")
+    s = Store(path)
+    s.add_volume(vol(3))
+    s.close()
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE attachments (volume_id TEXT PRIMARY KEY, node_id TEXT NOT NULL)")
+    db.execute("INSERT INTO attachments VALUES (?, 'n1')", (vol(3).id,))
+    db.commit()
+    db.close()
+    s = Store(path)
+    try:
+        assert s.get_volume(vol(3).id) == vol(3)
+    finally:
+        s.close()
+    db = sqlite3.connect(path)
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    db.close()
+    assert "attachments" not in tables and "volumes" in tables
+
+
+def test_rows_of_older_versions_read_as_typed_filesystems(tmp_path: os.PathLike[str]) -> None:
+    """Every version wrote a block volume's filesystem as "" and a mount volume's by name:
+    those rows read back as None and as FsType members, and are written the same way."""
+    path = os.path.join(str(tmp_path), "m.db")
+    Store(path).close()
+    db = sqlite3.connect(path)
+    for n, access, fs in ((1, "block", ""), (2, "mount", "xfs")):
+        db.execute(
+            "INSERT INTO volumes (id, name, size, access_type, fs_type, formatted, source_kind,"
+            " source_id, parameters, created_at, sector_size) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (f"v-{n:032x}", f"old-{n}", MiB, access, fs, 1, None, None, "{}", 1.0, 4096),
+        )
+    db.execute(
+        "INSERT INTO stagings VALUES (?,?,?,?,?,?,?)",
+        (f"v-{1:032x}", "/s", "/dev/loop9", "block", "", 0, "[]"),
+    )
+    db.commit()
+    db.close()
+    s = Store(path)
+    try:
+        block, mount = s.get_volume(f"v-{1:032x}"), s.get_volume(f"v-{2:032x}")
+        assert block is not None and block.fs_type is None
+        assert mount is not None and mount.fs_type is FsType.XFS
+        staging = s.staging(f"v-{1:032x}")
+        assert staging is not None and staging.fs_type is None
+        s.add_volume(vol(3, access_type=AccessType.BLOCK, fs_type=None))
+    finally:
+        s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT fs_type FROM volumes WHERE name = 'pvc-3'").fetchone() == ("",)
+    db.close()
 
 
 def test_volume_names_are_unique_and_failed_insert_rolls_back(store: Store) -> None:

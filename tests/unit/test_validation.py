@@ -10,12 +10,13 @@ from driver import validation
 from driver.core import sizing
 from driver.core.sizing import DEFAULT_VOLUME_SIZE, MIN_BLOCK_SIZE, SIZE_ALIGNMENT
 from driver.errors import InvalidArgument, NotFound, OutOfRange
-from driver.host.fs import spec
+from driver.host.fs import FILESYSTEMS
 from driver.model import (
     AccessMode,
     AccessType,
     Capability,
     CapacityRange,
+    FsType,
     MiB,
 )
 
@@ -28,9 +29,7 @@ sizes = st.one_of(
     st.integers(min_value=0, max_value=4096).map(lambda n: n * MiB + 4096),
     st.just(0),
 )
-kinds = st.sampled_from(
-    [(AccessType.BLOCK, "")] + [(AccessType.MOUNT, fs) for fs in ("ext4", "xfs", "btrfs")]
-)
+kinds = st.sampled_from([None, *FsType])  # None: a block volume
 
 
 def _align(v: int, a: int) -> int:
@@ -39,27 +38,24 @@ def _align(v: int, a: int) -> int:
 
 # --- resolve_size ------------------------------------------------------------------------------
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(required=sizes, limit=sizes, kind=kinds, floor=st.one_of(st.just(0), sizes))
-@example(required=0, limit=MiB + 1, kind=(AccessType.BLOCK, ""), floor=0)
-@example(required=MiB + 1, limit=MiB + 8192, kind=(AccessType.BLOCK, ""), floor=0)
-def test_resolve_size_properties(
-    required: int, limit: int, kind: tuple[AccessType, str], floor: int
-) -> None:
-    access, fs = kind
+@given(required=sizes, limit=sizes, fs=kinds, floor=st.one_of(st.just(0), sizes))
+@example(required=0, limit=MiB + 1, fs=None, floor=0)
+@example(required=MiB + 1, limit=MiB + 8192, fs=None, floor=0)
+def test_resolve_size_properties(required: int, limit: int, fs: FsType | None, floor: int) -> None:
     rng = CapacityRange(required, limit)
-    minimum = spec(fs).min_size if access is AccessType.MOUNT else MIN_BLOCK_SIZE
+    minimum = FILESYSTEMS[fs].min_size if fs is not None else MIN_BLOCK_SIZE
     need = max(required, minimum, floor)
     if limit and required > limit:
         with pytest.raises(InvalidArgument):
-            sizing.resolve_size(rng, access, fs or "ext4", floor)
+            sizing.resolve_size(rng, fs, floor)
         return
     # Possible exactly when some 4 KiB-aligned size lies in [need, limit].
     possible = not limit or _align(need, 4096) <= limit
     if not possible:
         with pytest.raises(OutOfRange):
-            sizing.resolve_size(rng, access, fs or "ext4", floor)
+            sizing.resolve_size(rng, fs, floor)
         return
-    size = sizing.resolve_size(rng, access, fs or "ext4", floor)
+    size = sizing.resolve_size(rng, fs, floor)
     assert size % 4096 == 0
     assert size >= required and size >= minimum and size >= floor
     if limit:
@@ -73,55 +69,55 @@ def test_resolve_size_properties(
 def test_resolve_size_limit_only_below_default_and_not_page_aligned() -> None:
     """limit_bytes=500M (decimal) with no required_bytes: any 4 KiB multiple between 1 MiB and
     500,000,000 would do, yet the target is taken from the unaligned limit itself."""
-    size = sizing.resolve_size(CapacityRange(0, 500_000_000), AccessType.MOUNT, "ext4")
+    size = sizing.resolve_size(CapacityRange(0, 500_000_000), FsType.EXT4)
     assert MiB <= size <= 500_000_000 and size % 4096 == 0
 
 
 @given(required=st.integers(max_value=-1), limit=st.integers(min_value=-5, max_value=5))
 def test_resolve_size_negative_is_invalid(required: int, limit: int) -> None:
     with pytest.raises(InvalidArgument):
-        sizing.resolve_size(CapacityRange(required, limit), AccessType.MOUNT, "ext4")
+        sizing.resolve_size(CapacityRange(required, limit), FsType.EXT4)
     with pytest.raises(InvalidArgument):
-        sizing.resolve_size(CapacityRange(0, -1), AccessType.BLOCK, "")
+        sizing.resolve_size(CapacityRange(0, -1), None)
 
 
 @pytest.mark.parametrize(
-    ("rng", "access", "fs", "floor", "expected"),
+    ("rng", "fs", "floor", "expected"),
     [
-        (CapacityRange(), AccessType.MOUNT, "ext4", 0, DEFAULT_VOLUME_SIZE),
-        (CapacityRange(1), AccessType.MOUNT, "ext4", 0, 1 * MiB),
-        (CapacityRange(1), AccessType.MOUNT, "xfs", 0, 300 * MiB),
-        (CapacityRange(1), AccessType.MOUNT, "btrfs", 0, 128 * MiB),
-        (CapacityRange(1), AccessType.BLOCK, "", 0, 1 * MiB),
-        (CapacityRange(0, 10 * MiB), AccessType.MOUNT, "ext4", 0, 10 * MiB),
-        (CapacityRange(5 * MiB + 1), AccessType.BLOCK, "", 0, 6 * MiB),
-        (CapacityRange(1 * MiB), AccessType.MOUNT, "ext4", 10 * MiB, 10 * MiB),
+        (CapacityRange(), FsType.EXT4, 0, DEFAULT_VOLUME_SIZE),
+        (CapacityRange(1), FsType.EXT4, 0, 1 * MiB),
+        (CapacityRange(1), FsType.XFS, 0, 300 * MiB),
+        (CapacityRange(1), FsType.BTRFS, 0, 128 * MiB),
+        (CapacityRange(1), None, 0, 1 * MiB),
+        (CapacityRange(0, 10 * MiB), FsType.EXT4, 0, 10 * MiB),
+        (CapacityRange(5 * MiB + 1), None, 0, 6 * MiB),
+        (CapacityRange(1 * MiB), FsType.EXT4, 10 * MiB, 10 * MiB),
         # limit below the next MiB: falls back to 4 KiB alignment
-        (CapacityRange(MiB + 1, MiB + 8192), AccessType.BLOCK, "", 0, MiB + 4096),
+        (CapacityRange(MiB + 1, MiB + 8192), None, 0, MiB + 4096),
     ],
 )
 def test_resolve_size_examples(
-    rng: CapacityRange, access: AccessType, fs: str, floor: int, expected: int
+    rng: CapacityRange, fs: FsType | None, floor: int, expected: int
 ) -> None:
-    assert sizing.resolve_size(rng, access, fs, floor) == expected
+    assert sizing.resolve_size(rng, fs, floor) == expected
 
 
 @pytest.mark.parametrize(
     ("rng", "fs", "floor"),
     [
-        (CapacityRange(0, 100 * MiB), "xfs", 0),  # below xfs minimum
-        (CapacityRange(0, 5 * MiB), "ext4", 10 * MiB),  # below the source's size
-        (CapacityRange(MiB + 1, MiB + 1), "ext4", 0),  # no 4 KiB multiple fits
+        (CapacityRange(0, 100 * MiB), FsType.XFS, 0),  # below xfs minimum
+        (CapacityRange(0, 5 * MiB), FsType.EXT4, 10 * MiB),  # below the source's size
+        (CapacityRange(MiB + 1, MiB + 1), FsType.EXT4, 0),  # no 4 KiB multiple fits
     ],
 )
-def test_resolve_size_out_of_range(rng: CapacityRange, fs: str, floor: int) -> None:
+def test_resolve_size_out_of_range(rng: CapacityRange, fs: FsType, floor: int) -> None:
     with pytest.raises(OutOfRange):
-        sizing.resolve_size(rng, AccessType.MOUNT, fs, floor)
+        sizing.resolve_size(rng, fs, floor)
 
 
 def test_resolve_size_required_above_limit_is_invalid() -> None:
     with pytest.raises(InvalidArgument):
-        sizing.resolve_size(CapacityRange(2 * MiB, MiB), AccessType.MOUNT, "ext4")
+        sizing.resolve_size(CapacityRange(2 * MiB, MiB), FsType.EXT4)
 
 
 # --- strings -----------------------------------------------------------------------------------
@@ -275,7 +271,7 @@ def test_check_capabilities_empty_rejected() -> None:
 
 # --- fs_type_for -------------------------------------------------------------------------------
 def test_fs_type_for() -> None:
-    assert validation.fs_type_for([MOUNT_RW], {}) == (AccessType.MOUNT, "ext4")
+    assert validation.fs_type_for([MOUNT_RW], {}) == (AccessType.MOUNT, FsType.EXT4)
     assert validation.fs_type_for([MOUNT_RW], {"fsType": "xfs"}) == (AccessType.MOUNT, "xfs")
     assert validation.fs_type_for([MOUNT_RW], {"csi.storage.k8s.io/fstype": "btrfs"}) == (
         AccessType.MOUNT,
@@ -283,7 +279,7 @@ def test_fs_type_for() -> None:
     )
     xfs = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER, "xfs")
     assert validation.fs_type_for([xfs, MOUNT_RW], {"fsType": "xfs"}) == (AccessType.MOUNT, "xfs")
-    assert validation.fs_type_for([BLOCK_RW], {"fsType": "xfs"}) == (AccessType.BLOCK, "")
+    assert validation.fs_type_for([BLOCK_RW], {"fsType": "xfs"}) == (AccessType.BLOCK, None)
 
 
 @pytest.mark.parametrize(
@@ -431,11 +427,11 @@ def test_require_outside_the_pool() -> None:
 
 def test_sizes_beyond_int64_are_out_of_range() -> None:
     with pytest.raises(OutOfRange):
-        sizing.resolve_size(CapacityRange(2**63 - 1), AccessType.MOUNT, "ext4")
+        sizing.resolve_size(CapacityRange(2**63 - 1), FsType.EXT4)
     with pytest.raises(OutOfRange):
-        sizing.resolve_size(CapacityRange(2**63 - 1, 2**63 - 1), AccessType.BLOCK, "")
+        sizing.resolve_size(CapacityRange(2**63 - 1, 2**63 - 1), None)
     top = (2**63 - 1) // SIZE_ALIGNMENT * SIZE_ALIGNMENT
-    assert sizing.resolve_size(CapacityRange(top), AccessType.BLOCK, "") == top
+    assert sizing.resolve_size(CapacityRange(top), None) == top
 
 
 def test_check_range() -> None:

@@ -91,3 +91,68 @@ runAsUser: 0
 runAsNonRoot: false
 {{ include "stowage.restrictedContainer" . }}
 {{- end -}}
+
+{{/* Off-node backups (docs/backup.md): "true" when at least one target is configured; the
+chart then requires the credentials Secret, the key Secret and a cluster ID. */}}
+{{- define "stowage.backupEnabled" -}}
+{{- if .Values.backup.targets -}}
+{{- if not .Values.backup.credentialsSecret -}}{{- fail "backup.targets needs backup.credentialsSecret (a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)" -}}{{- end -}}
+{{- if not .Values.backup.keySecret -}}{{- fail "backup.targets needs backup.keySecret (the repository key: backups are always encrypted)" -}}{{- end -}}
+{{- if not .Values.backup.clusterId -}}{{- fail "backup.targets needs backup.clusterId (the owner recorded in every manifest; unique per cluster)" -}}{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The managed-by label value the controller's csi-snapshotter serves. */}}
+{{- define "stowage.controllerIdentity" -}}
+{{- default (printf "%s-controller" (include "stowage.fullname" .)) .Values.backup.controllerIdentity | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "stowage.backupKeyDir" -}}/etc/stowage/backup-key{{- end -}}
+
+{{/* Driver flags for the backup targets (node and controller modes alike). */}}
+{{- define "stowage.backupArgs" -}}
+{{- range .Values.backup.targets }}
+- --backup-target={{ .name }}={{ .url }}
+{{- end }}
+- --backup-key-file={{ include "stowage.backupKeyDir" . }}/{{ .Values.backup.keySecretKey }}
+- --backup-cluster-id={{ .Values.backup.clusterId }}
+{{- end -}}
+
+{{/* The object store's credentials, from the Secret (never in the pod spec itself). */}}
+{{- define "stowage.backupEnv" -}}
+{{- range list "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.Values.backup.credentialsSecret }}
+      key: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{- define "stowage.backupKeyMount" -}}
+- name: backup-key
+  mountPath: {{ include "stowage.backupKeyDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{/* 0440: the controller pod reads it as its non-root fsGroup. */}}
+{{- define "stowage.backupKeyVolume" -}}
+- name: backup-key
+  secret:
+    secretName: {{ .Values.backup.keySecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.backup.keySecretKey }}
+        path: {{ .Values.backup.keySecretKey }}
+{{- end -}}
+
+{{/* The annotations of an object whose kind comes from a CRD this release may install (the
+snapshot classes): a post-install/post-upgrade hook. helm maps every manifest resource before it
+creates any, so such an object next to its CRD fails `helm install` ("no matches for kind"); a
+hook is mapped after the release's resources exist. Hooks stay on `helm uninstall` (like the
+CRDs) and are replaced on the next install. */}}
+{{- define "stowage.afterCRDsHook" -}}
+helm.sh/hook: post-install,post-upgrade
+helm.sh/hook-delete-policy: before-hook-creation
+{{- end -}}
