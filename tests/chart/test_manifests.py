@@ -325,6 +325,10 @@ def test_node_driver_flags_and_host_paths(render, name: str) -> None:
     assert drv["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert ms["pool-dir"]["mountPath"] == pool_dir(name)
     assert vols["dev-dir"]["hostPath"]["path"] == ms["dev-dir"]["mountPath"] == "/dev"
+    # ModifyVolume's I/O limits go into other pods' cgroups: the host's hierarchy over the
+    # container's own (driver/host/cgroups.py takes the last mount at a mount point).
+    assert vols["cgroup-dir"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    assert ms["cgroup-dir"]["mountPath"] == "/sys/fs/cgroup"
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
