@@ -110,7 +110,13 @@ class World:
 
     def install(self, *extra: str) -> None:
         sets = [a for v in [*self.values, *extra] for a in ("--set", v)]
-        self.helm("install", RELEASE, CHART, "-n", NAMESPACE, "--create-namespace", *sets)
+        # --wait: the snapshot classes are post-install hooks, and helm maps a hook's kind only
+        # when it runs it; without --wait that can be before the apiserver serves the CRDs the
+        # same release just created ("no matches for kind VolumeGroupSnapshotClass", 1 in 3
+        # installs here). --wait also waits for every CRD to be Established first.
+        self.helm(
+            "install", RELEASE, CHART, "-n", NAMESPACE, "--create-namespace", "--wait", *sets
+        )
 
     def upgrade(self, *extra: str) -> None:
         sets = [a for v in [*self.values, *extra] for a in ("--set", v)]
