@@ -129,7 +129,9 @@ clean:
 e2e-node-tools: deps
 	tests/e2e/tools/build-node.sh
 
-e2e-node: deps  # root: the control plane and a kubelet + containerd node running pods with Stowage volumes
+# root: the control plane, a kubelet + kube-proxy + containerd node, and Stowage installed on it
+# with `helm install` from the images of e2e-images (rebuilt first, so they are this checkout's)
+e2e-node: deps e2e-images
 	tests/e2e/tools/build-node.sh >/dev/null
 	STOWAGE_E2E_NODE=1 STOWAGE_E2E_BIN=$$(tests/e2e/tools/build.sh | tail -n 1) \
 	STOWAGE_HELM=$$(tests/tools/install-helm.sh | tail -n 1) \

@@ -7,6 +7,8 @@ operation. It does nothing unless the variable STOWAGE_FAULTS named it when the 
     STOWAGE_FAULTS="create-volume:recorded"            kill -9 the first time the point is reached
     STOWAGE_FAULTS="stage:mounted@2"                   ... the second time
     STOWAGE_FAULTS="create-volume:checked=sleep:0.5" pause there instead (to force overlaps)
+    STOWAGE_FAULTS="probe:answering@5=hang"           from the fifth hit on, every hit blocks
+                                                       for good (a hung driver, for probes)
 
 Several entries are separated by commas. Unknown names are refused at start-up, so a typo in a
 test cannot silently test nothing.
@@ -122,8 +124,15 @@ BACKUP_OPERATIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Points outside any mutating operation (the crash suite does not walk them): where a hung
+# driver is simulated, e.g. the CSI Probe that the chart's liveness probe goes through.
+HANG_POINTS: tuple[str, ...] = ("probe:answering",)
+
 POINTS: frozenset[str] = frozenset(
-    p for table in (OPERATIONS, BACKUP_OPERATIONS) for pts in table.values() for p in pts
+    [
+        *(p for table in (OPERATIONS, BACKUP_OPERATIONS) for pts in table.values() for p in pts),
+        *HANG_POINTS,
+    ]
 )
 
 
@@ -132,6 +141,7 @@ class _Armed:
     nth: int
     sleep: float | None  # None: crash
     seen: int = 0
+    hang: bool = False  # block every hit from the nth on, for good
 
 
 _armed: dict[str, _Armed] = {}
@@ -139,7 +149,7 @@ _lock = threading.Lock()
 
 
 def parse(spec: str) -> dict[str, _Armed]:
-    """`name[@N][=crash|=sleep:SECONDS]`, comma-separated; ValueError on anything else."""
+    """`name[@N][=crash|=sleep:SECONDS|=hang]`, comma-separated; ValueError on anything else."""
     out: dict[str, _Armed] = {}
     for raw in spec.split(","):
         entry = raw.strip()
@@ -153,10 +163,13 @@ def parse(spec: str) -> dict[str, _Armed]:
         if nth < 1:
             raise ValueError(f"{ENV}: {entry!r}: the hit number starts at 1")
         sleep: float | None = None
+        if action == "hang":
+            out[name] = _Armed(nth, None, hang=True)
+            continue
         if action and action != "crash":
             kind, _, seconds = action.partition(":")
             if kind != "sleep" or not seconds:
-                raise ValueError(f"{ENV}: {entry!r}: action must be crash or sleep:SECONDS")
+                raise ValueError(f"{ENV}: {entry!r}: action must be crash, sleep:SECONDS or hang")
             sleep = float(seconds)
         out[name] = _Armed(nth, sleep)
     return out
@@ -171,9 +184,13 @@ def configure(spec: str | None = None) -> list[str]:
     return sorted(armed)
 
 
+def _hang_forever() -> None:
+    threading.Event().wait()  # never set: this thread is stuck until the process ends
+
+
 def hit(name: str) -> None:
     if name not in POINTS:
-        raise KeyError(f"fault point {name!r} is not registered in driver.faults.OPERATIONS")
+        raise KeyError(f"fault point {name!r} is in neither OPERATIONS nor HANG_POINTS")
     if not _armed:
         return
     with _lock:
@@ -181,8 +198,13 @@ def hit(name: str) -> None:
         if armed is None:
             return
         armed.seen += 1
-        if armed.seen != armed.nth:
+        if armed.hang and armed.seen >= armed.nth:
+            pass
+        elif armed.seen != armed.nth:
             return
+    if armed.hang:
+        _hang_forever()
+        return
     if armed.sleep is not None:
         time.sleep(armed.sleep)
         return

@@ -8,7 +8,7 @@ import grpc
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from csi_proto import csi_pb2, csi_pb2_grpc
-from driver import DRIVER_NAME, __version__
+from driver import DRIVER_NAME, __version__, faults
 
 _Svc = csi_pb2.PluginCapability.Service
 _Exp = csi_pb2.PluginCapability.VolumeExpansion
@@ -44,4 +44,5 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
     def Probe(
         self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ProbeResponse:
+        faults.hit("probe:answering")
         return csi_pb2.ProbeResponse(ready=BoolValue(value=self._ready()))

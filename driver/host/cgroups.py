@@ -58,14 +58,29 @@ class IoHierarchy:
     version: int  # 1: blkio.throttle.*; 2: io.max
 
 
+def _whole(m: MountEntry) -> bool:
+    """The mount shows a whole hierarchy: its root is "/", or, read from inside a private
+    cgroup namespace, above that namespace's root ("/../.."), as the host's hierarchy mounted
+    into a container's is."""
+    return m.root == "/" or m.root.startswith("/..")
+
+
 def io_hierarchy(mounts: Iterable[MountEntry]) -> IoHierarchy | None:
     """v1 `blkio` if a hierarchy has it (then v2 cannot have `io`), else the unified hierarchy
-    if its root offers `io`; None when neither does."""
-    unified: str | None = None
+    if its root offers `io`; None when neither does. Only the last mount at a mount point
+    counts: the chart's node container mounts the host's /sys/fs/cgroup over its own cgroup
+    mounts (which show only the container's cgroup), and mountinfo lists the host's after."""
+    top: dict[str, MountEntry] = {}
     for m in mounts:
-        if m.fs_type == "cgroup" and "blkio" in m.super_options and m.root == "/":
+        top.pop(m.mount_point, None)  # re-inserted last: mountinfo order is mount order
+        top[m.mount_point] = m
+    unified: str | None = None
+    for m in top.values():
+        if not _whole(m):
+            continue
+        if m.fs_type == "cgroup" and "blkio" in m.super_options:
             return IoHierarchy(m.mount_point, 1)
-        if m.fs_type == "cgroup2" and m.root == "/" and unified is None:
+        if m.fs_type == "cgroup2" and unified is None:
             unified = m.mount_point
     if unified is not None:
         try:

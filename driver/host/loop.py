@@ -1,19 +1,51 @@
-"""Loop devices: one per image, direct I/O verified through sysfs."""
+"""Loop devices: one per image, direct I/O verified through sysfs.
+
+sysfs names a loop's backing file by its path as seen from the reader's root. A file opened in a
+mount namespace that is gone (the node plugin's container before a restart or an upgrade: it
+attached the loop through its own bind mount of the pool) is named by its path below the root
+of the mount it was opened through (`/volumes/v-….img`). Such a path is resolved again through
+the mounts of this namespace, confirmed by the device and inode the kernel reports for the loop
+(LOOP_GET_STATUS64), so a restarted driver still finds the loops of its volumes.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import logging
 import os
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from driver.errors import CommandFailed, Internal
+from driver.host import mountinfo
 from driver.host.exec import Runner
 
 log = logging.getLogger(__name__)
 
 SYS_BLOCK = "/sys/block"
 _DELETED = " (deleted)"
+LOOP_GET_STATUS64 = 0x4C05
+_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")  # struct loop_info64
+BackingId = Callable[[str], "tuple[int, int] | None"]  # /dev/loopN -> (st_dev, st_ino)
+
+
+def kernel_backing_id(device: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the loop's backing file as the kernel holds it."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        buf = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_INFO64.size))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    dev, ino = _INFO64.unpack(buf)[:2]
+    major, minor = (dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)  # new_encode_dev
+    return os.makedev(major, minor), ino
 
 
 @dataclass(frozen=True)
@@ -37,9 +69,37 @@ def _read(path: str) -> str:
 
 
 class LoopManager:
-    def __init__(self, runner: Runner, sys_block: str = SYS_BLOCK) -> None:
+    def __init__(
+        self, runner: Runner, sys_block: str = SYS_BLOCK, backing_id: BackingId | None = None
+    ) -> None:
         self._runner = runner
         self._sys_block = sys_block
+        # /dev/loopN answers for the real sysfs only; another sysfs root brings its own.
+        self._backing_id = backing_id or (kernel_backing_id if sys_block == SYS_BLOCK else None)
+
+    def _resolve(self, backing: str, device: str) -> str:
+        """`backing` if it exists here, else its path through this namespace's mounts of the
+        loop's filesystem when that file is the loop's (device and inode); else unchanged."""
+        if os.path.lexists(backing) or self._backing_id is None:
+            return backing
+        held = self._backing_id(device)
+        if held is None:
+            return backing
+        dev, ino = held
+        for m in mountinfo.read():
+            if os.makedev(m.major, m.minor) != dev:
+                continue
+            root = m.root.rstrip("/")
+            if backing != root and not backing.startswith(root + "/"):
+                continue
+            candidate = m.mount_point.rstrip("/") + backing[len(root) :]
+            try:
+                st = os.stat(candidate)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                return candidate
+        return backing
 
     def devices(self) -> list[LoopDevice]:
         devices = []
@@ -48,11 +108,11 @@ class LoopManager:
             if not backing:
                 continue
             deleted = backing.endswith(_DELETED)
-            if deleted:
-                backing = backing[: -len(_DELETED)]
+            device = "/dev/" + os.path.basename(loop_dir)
+            backing = backing[: -len(_DELETED)] if deleted else self._resolve(backing, device)
             devices.append(
                 LoopDevice(
-                    device="/dev/" + os.path.basename(loop_dir),
+                    device=device,
                     backing_file=backing,
                     direct_io=_read(os.path.join(loop_dir, "loop", "dio")) == "1",
                     deleted=deleted,
@@ -77,7 +137,12 @@ class LoopManager:
         real = os.path.realpath(image)
         found = []
         for loop_dir in sorted(glob.glob(os.path.join(self._sys_block, "loop*"))):
-            if _read(os.path.join(loop_dir, "loop", "backing_file")) != real:
+            backing = _read(os.path.join(loop_dir, "loop", "backing_file"))
+            if backing != real and not (
+                real.endswith(backing)  # a path below its filesystem's root only (see above)
+                and backing.startswith("/")
+                and self._resolve(backing, "/dev/" + os.path.basename(loop_dir)) == real
+            ):
                 continue  # "(deleted)" backings never equal a live path
             found.append(
                 LoopDevice(

@@ -326,6 +326,10 @@ def test_node_driver_flags_and_host_paths(render, name: str) -> None:
     assert drv["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert ms["pool-dir"]["mountPath"] == pool_dir(name)
     assert vols["dev-dir"]["hostPath"]["path"] == ms["dev-dir"]["mountPath"] == "/dev"
+    # ModifyVolume's I/O limits go into other pods' cgroups: the host's hierarchy over the
+    # container's own (driver/host/cgroups.py takes the last mount at a mount point).
+    assert vols["cgroup-dir"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    assert ms["cgroup-dir"]["mountPath"] == "/sys/fs/cgroup"
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
@@ -545,6 +549,23 @@ def test_default_storage_classes(render) -> None:
     assert (
         vsc["metadata"]["annotations"]["snapshot.storage.kubernetes.io/is-default-class"] == "true"
     )
+    # a hook: `helm install` maps it only once the release's snapshot CRDs exist (make e2e-node)
+    assert vsc["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_object_of_a_crd_kind_is_a_post_install_hook(render, name: str) -> None:
+    # helm maps a release's resources before creating any: an object whose kind comes from a
+    # CRD of the same release (the snapshot and group snapshot classes, the backup class)
+    # fails `helm install` unless it is a hook, created after the CRDs (make e2e-node).
+    docs = render(values_of(name))
+    crds = util.by_kind(docs, "CustomResourceDefinition")
+    crd_kinds = {d["spec"]["names"]["kind"] for d in crds}
+    for d in (d for d in docs if d["kind"] in crd_kinds):
+        annotations = d["metadata"].get("annotations", {})
+        assert annotations.get("helm.sh/hook") == "post-install,post-upgrade", (
+            f"{d['kind']} {d['metadata']['name']}"
+        )
 
 
 def test_custom_storage_class(render) -> None:
@@ -555,7 +576,8 @@ def test_custom_storage_class(render) -> None:
     assert sc["parameters"] == {"csi.storage.k8s.io/fstype": "xfs", "example.com/tier": "gold"}
     assert sc["mountOptions"] == ["noatime"] and sc["reclaimPolicy"] == "Retain"
     vsc = util.one(docs, "VolumeSnapshotClass")
-    assert vsc["metadata"]["name"] == "fast-snap" and "annotations" not in vsc["metadata"]
+    assert vsc["metadata"]["name"] == "fast-snap"
+    assert "snapshot.storage.kubernetes.io/is-default-class" not in vsc["metadata"]["annotations"]
 
 
 def test_namespace_is_the_release_namespace(render) -> None:

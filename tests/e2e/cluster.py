@@ -1,13 +1,14 @@
 """A Kubernetes control plane and Stowage with the real CSI sidecars, all as local processes.
 
 etcd and kube-apiserver listen on loopback with certificates made for this run (with
-`node_address`, the apiserver also serves a kubelet in a network namespace, and a kube-scheduler
-runs); the chart (rendered by helm, not copied) supplies the CRDs, RBAC, CSIDriver,
-StorageClasses and even the DaemonSet and Deployments, whose pods stay Pending (or, for the
-DaemonSet on a real node, cannot start) but give the sidecars a real owner for
-CSIStorageCapacity. Each sidecar runs with the arguments of its chart container and
-authenticates with a token of its chart ServiceAccount. Everything lives under one temporary
-directory and is stopped by PID. `stowage_world` is the session of both e2e tiers.
+`node_address`, the apiserver also serves a kubelet in a network namespace and the node's pods
+through the `kubernetes` Service, and a kube-scheduler runs: the node tier, tests/e2e_node,
+which installs the chart with helm and runs Stowage as its pods). In the control-plane tier
+(`stowage_world`) the chart (rendered by helm, not copied) supplies the CRDs, RBAC, CSIDriver,
+StorageClasses and even the DaemonSet and Deployments, whose pods stay Pending but give the
+sidecars a real owner for CSIStorageCapacity. Each sidecar runs with the arguments of its chart
+container and authenticates with a token of its chart ServiceAccount. Everything lives under
+one temporary directory and is stopped by PID.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ NAMESPACE = "stowage-system"
 RELEASE = "stw"
 NODE = "e2e-node"
 SNAP_GROUP, SNAP_VERSION = "snapshot.storage.k8s.io", "v1"
+SERVICE_CIDR, SERVICE_IP = "10.96.0.0/16", "10.96.0.1"  # the `kubernetes` Service's ClusterIP
 
 
 def free_port() -> int:
@@ -60,7 +62,9 @@ def make_certs(d: str, address: str = "", nodes: tuple[str, ...] = ()) -> None:
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
         "-keyout", p("ca.key"), "-out", p("ca.crt"), "-subj", "/CN=stowage-e2e-ca",
     )  # fmt: skip
-    sans = "IP:127.0.0.1,DNS:localhost" + (f",IP:{address}" if address else "")
+    sans = "IP:127.0.0.1,DNS:localhost"
+    if address:  # and the `kubernetes` Service, which the node's pods reach it through
+        sans += f",IP:{address},IP:{SERVICE_IP},DNS:kubernetes.default.svc"
     client_auth = "extendedKeyUsage=clientAuth\n"
     for name, subj, ext in (
         (
@@ -201,8 +205,18 @@ class Cluster:
                 f"--service-account-key-file={c('sa.pub')}",
                 f"--service-account-signing-key-file={c('sa.key')}",
                 "--authorization-mode=Node,RBAC",
-                *(["--enable-admission-plugins=NodeRestriction"] if with_node else []),
-                "--service-cluster-ip-range=10.96.0.0/16",
+                *(
+                    [
+                        "--enable-admission-plugins=NodeRestriction",
+                        # kubectl exec/logs: the kubelet trusts this CA (Node client_ca_file)
+                        f"--kubelet-client-certificate={c('admin.crt')}",
+                        f"--kubelet-client-key={c('admin.key')}",
+                        "--kubelet-preferred-address-types=InternalIP",  # no DNS for nodes
+                    ]
+                    if with_node
+                    else []
+                ),
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
@@ -652,32 +666,28 @@ def start_s3(cluster: Cluster) -> None:
 
 @contextlib.contextmanager
 def stowage_world(
-    join: Callable[[E2E, contextlib.ExitStack], None],
-    node_address: str = "",
-    chart_values: Callable[[Cluster], tuple[str, ...]] = lambda _c: (),
-    backups: bool = False,
+    join: Callable[[E2E, contextlib.ExitStack], None], backups: bool = False
 ) -> Iterator[E2E]:
     """A pool, the control plane with the chart, both driver modes, then `join` (which makes
-    the node known: fake_node, or a real kubelet that registers the driver; it pushes its own
-    teardown on the stack, which runs first), then every sidecar. With `backups`, first a
-    loopback S3 that both drivers use as their backup target, and the chart rendered with the
-    backup values. Torn down even on failure: processes by PID, mounts, loops and the
+    the node known: fake_node; it may push its own teardown on the stack, which runs first),
+    then every sidecar. With `backups`, first a loopback S3 that both drivers use as their
+    backup target, and the chart rendered with the backup values. Torn down even on failure:
+    processes by PID, mounts, loops and the
     temporary directory."""
     pool, teardown = make_pool("xfs", 64 << 30)
     cluster = Cluster(
-        pool.base, os.environ["STOWAGE_E2E_BIN"], os.environ["STOWAGE_HELM"], pool.mount,
-        node_address=node_address,
-    )  # fmt: skip
+        pool.base, os.environ["STOWAGE_E2E_BIN"], os.environ["STOWAGE_HELM"], pool.mount
+    )
     with contextlib.ExitStack() as stack:
         stack.callback(teardown)
         stack.callback(lambda: print("\n--- e2e logs kept until teardown in", cluster.path("logs")))
         stack.callback(cluster.stop_all)
-        values = chart_values(cluster)
+        values: tuple[str, ...] = ()
         if backups:
             start_s3(cluster)
             assert cluster.s3 is not None
             stack.callback(cluster.s3.stop)
-            values = (*values, *backup_chart_values(cluster))
+            values = backup_chart_values(cluster)
         e = bring_up(cluster, *values)
         stack.callback(e.node.close)
         start_drivers(e)

@@ -20,6 +20,13 @@ a partial `start()` or twice.
         node.add_static_pod({...})
     finally:
         node.stop()
+
+With a kubeconfig and `proxy_kubeconfig`, kube-proxy (iptables mode) runs in the node's network
+namespace too, so pods reach the apiserver through the `kubernetes` Service as in a cluster, and
+the host routes the pod subnet to the node (the apiserver's answers find their way back). The
+kubelet's root directory is a shared bind mount of itself: a real node's / is shared (systemd),
+this machine's is private, and containerd refuses a Bidirectional hostPath (the CSI node plugin's
+kubelet directory) on a mount that is not shared.
 """
 
 from __future__ import annotations
@@ -111,6 +118,21 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _wait_healthz(proc: Proc, url: str, timeout: float) -> None:
+    """Until `url` answers 200; at once if `proc` exits; its log's tail on a timeout."""
+
+    def healthy() -> bool:
+        if not proc.alive():
+            raise Fatal(f"{proc.name} exited:\n{proc.tail(40)}")
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+
+    try:
+        wait_for(healthy, timeout, f"{proc.name} healthz")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}\n{proc.tail(40)}") from None
+
+
 class Node:
     """One node. `index` (0-200) picks its addresses: veth 10.231.<index>.1 (host) and .2 (node),
     pods 10.232.<index>.0/24, so several nodes can run side by side."""
@@ -128,6 +150,8 @@ class Node:
         kubelet_args: tuple[str, ...] = (),
         kubelet_config: dict[str, Any] | None = None,
         runc: str = os.environ.get("STOWAGE_E2E_RUNC", "/usr/sbin/runc"),
+        proxy_kubeconfig: str | None = None,
+        client_ca_file: str = "",
     ) -> None:
         self.workdir = os.path.abspath(workdir)
         self.name = name
@@ -138,6 +162,8 @@ class Node:
         self.extra_kubelet_args = kubelet_args
         self.extra_kubelet_config = kubelet_config or {}
         self.runc = runc
+        self.proxy_kubeconfig = proxy_kubeconfig
+        self.client_ca_file = client_ca_file  # apiserver → kubelet (exec, logs) client certs
         tag = secrets.token_hex(3)
         self.netns = f"stw-{tag}"
         self.host_if = f"stwh{tag}"  # ≤ 15 characters
@@ -157,10 +183,12 @@ class Node:
         self.cni_conf_dir, self.cni_ipam_dir = d("cni", "net.d"), d("cni", "ipam")
         self.kubelet_root = d("kubelet")
         self.kubelet_config_path = d("kubelet-config.json")
+        self.proxy_config_path = d("kube-proxy-config.json")
         self.static_pod_dir = d("manifests")
         self.pod_logs_dir = d("pod-logs")
         self.containerd: Proc | None = None
         self.kubelet: Proc | None = None
+        self.kube_proxy: Proc | None = None
         # What stop() must undo; filled as start() goes.
         self._made_netns = False
         self._made_cgroups: list[str] = []
@@ -192,6 +220,7 @@ class Node:
         self._start_containerd()
         self._import_images()
         self._start_kubelet()
+        self._start_kube_proxy()
         log(f"node {self.name} up at {self.node_ip} in {time.monotonic() - started:.1f}s")
         return self
 
@@ -207,6 +236,8 @@ class Node:
         run(*ns, "addr", "add", f"{self.node_ip}/24", "dev", self.node_if)
         run(*ns, "link", "set", self.node_if, "up")
         run(*ns, "route", "add", "default", "via", self.host_ip)
+        # The pods' answers to the host (the apiserver): gone with the veth.
+        run("ip", "route", "add", self.pod_subnet, "via", self.node_ip, "dev", self.host_if)
 
     def _hierarchies(self) -> list[str]:
         """The mounted cgroup hierarchies (v1 controllers, name=systemd, and cgroup2 if mounted)."""
@@ -399,14 +430,56 @@ oom_score = 0
             "authentication": {
                 "anonymous": {"enabled": standalone},
                 "webhook": {"enabled": not standalone},
-                "x509": {},
+                "x509": {"clientCAFile": self.client_ca_file} if self.client_ca_file else {},
             },
             "authorization": {"mode": "AlwaysAllow" if standalone else "Webhook"},
         }
         cfg.update(self.extra_kubelet_config)
         return cfg
 
+    def _share_kubelet_root(self) -> None:
+        if self.kubelet_root not in _mountinfo_points():
+            run("mount", "--bind", self.kubelet_root, self.kubelet_root)
+        run("mount", "--make-rshared", self.kubelet_root)
+
+    def _start_kube_proxy(self) -> None:
+        """kube-proxy in iptables mode in the node's network namespace (its rules die with it).
+        Conntrack sysctls are left alone (they are not per namespace on this kernel)."""
+        if not (self.kubeconfig and self.proxy_kubeconfig):
+            return
+        cfg = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": self.proxy_kubeconfig},
+            "hostnameOverride": self.name,
+            "bindAddress": self.node_ip,
+            "mode": "iptables",
+            "clusterCIDR": self.pod_subnet,
+            "conntrack": {
+                "maxPerCore": 0,
+                "tcpEstablishedTimeout": "0s",
+                "tcpCloseWaitTimeout": "0s",
+            },
+            "healthzBindAddress": f"{self.node_ip}:10256",
+            "metricsBindAddress": "127.0.0.1:10249",
+        }
+        with open(self.proxy_config_path, "w", encoding="utf-8") as fh:
+            json.dump(cfg, fh, indent=1)
+        self.kube_proxy = Proc(
+            "kube-proxy",
+            self._in_netns(
+                os.path.join(self.bin_dir, "kube-proxy"),
+                f"--config={self.proxy_config_path}",
+                "--v=2",
+            ),
+            os.path.join(self.logs, "kube-proxy.log"),
+        )
+        self.kube_proxy.start()
+        self._save_state()
+        _wait_healthz(self.kube_proxy, f"http://{self.node_ip}:10256/healthz", 60)
+
     def _start_kubelet(self) -> None:
+        self._share_kubelet_root()
         with open(self.kubelet_config_path, "w", encoding="utf-8") as fh:
             json.dump(self.kubelet_configuration(), fh, indent=1)
         argv = [
@@ -426,18 +499,7 @@ oom_score = 0
         )
         self.kubelet.start()
         self._save_state()
-
-        def healthy() -> bool:
-            if not self.kubelet or not self.kubelet.alive():
-                raise Fatal(f"kubelet exited:\n{self.kubelet and self.kubelet.tail(40)}")
-            url = f"http://{self.node_ip}:{self.healthz_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return bool(r.status == 200)
-
-        try:
-            wait_for(healthy, 90, "kubelet healthz")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{self.kubelet.tail(40)}") from None
+        _wait_healthz(self.kubelet, f"http://{self.node_ip}:{self.healthz_port}/healthz", 90)
 
     # ---------------------------------------------------------------- use
     def add_static_pod(self, pod: dict[str, Any]) -> str:
@@ -484,6 +546,8 @@ oom_score = 0
         is emptied. The kubelet's root, containerd's root and images stay, as on a disk."""
         if self.kubelet:
             self.kubelet.stop()
+        if self.kube_proxy:
+            self.kube_proxy.stop()
         tasks = self._task_ids()  # before their shims die and containerd drops their state
         self._past_task_ids.update(tasks)
         self._kill_cgroup_pids()
@@ -502,6 +566,7 @@ oom_score = 0
         """containerd, then the kubelet, with the configuration of start()."""
         self._start_containerd()
         self._start_kubelet()
+        self._start_kube_proxy()
         log(f"node {self.name} powered on")
 
     # ---------------------------------------------------------------- stop
@@ -519,6 +584,7 @@ oom_score = 0
 
         step("static pods", self._drain_pods)
         step("kubelet", lambda: self.kubelet and self.kubelet.stop())
+        step("kube-proxy", lambda: self.kube_proxy and self.kube_proxy.stop())
         shim_ids = sorted(self._past_task_ids.union(self._task_ids()))
         step("pod processes", self._kill_cgroup_pids)
         step("shims", self._kill_shims)
@@ -680,7 +746,7 @@ oom_score = 0
     def leftovers(self) -> list[str]:
         """What of this node is still on the machine (empty after a clean stop)."""
         out = []
-        for proc in (self.containerd, self.kubelet):
+        for proc in (self.containerd, self.kubelet, self.kube_proxy):
             if proc and proc.alive():
                 out.append(f"process {proc.name} {proc.popen and proc.popen.pid}")
         out += [f"shim pid {p}" for p in self._our_shims()]
@@ -713,7 +779,8 @@ oom_score = 0
             "name": self.name, "netns": self.netns, "host_if": self.host_if,
             "cgroups": self._made_cgroups, "sysctls": self._saved_sysctls,
             "cni_network": self.cni_network,
-            "pids": {p.name: p.popen.pid for p in (self.containerd, self.kubelet) if p and p.popen},
+            "pids": {p.name: p.popen.pid for p in (self.containerd, self.kubelet, self.kube_proxy)
+                     if p and p.popen},
         }  # fmt: skip
         with (
             contextlib.suppress(OSError),

@@ -26,7 +26,7 @@ from driver.host.exec import SubprocessRunner
 from driver.host.loop import LoopManager
 from tests.e2e.cluster import DRIVER, E2E, NODE, SNAP_GROUP, SNAP_VERSION, TOPOLOGY_KEY, wait
 from tests.e2e.node import BUSYBOX_IMAGE
-from tests.e2e_node.conftest import NS, World
+from tests.e2e_node.conftest import NS, World, read_text
 
 STS, CLAIM = "web", "data-web-0"
 STS_CREATED: dict[str, float] = {}  # monotonic time the StatefulSet (and so its claim) was made
@@ -216,7 +216,12 @@ def sts(world: World) -> Iterator[World]:
 # --- tests --------------------------------------------------------------------------------------
 def test_the_kubelet_registered_stowage_from_node_get_info(world: World) -> None:
     e = world.e
-    assert world.registrar.status == (True, "")
+    pod = world.node_pod()
+    assert pod.spec.node_name == NODE
+    statuses = {c.name: c for c in pod.status.container_statuses}
+    # the registrar stand-in's liveness probe (kubelet-registration-probe) passes
+    assert statuses["node-driver-registrar"].ready, statuses["node-driver-registrar"]
+    assert all(c.ready for c in statuses.values()), statuses
     entry = next(d for d in e.storage.read_csi_node(NODE).spec.drivers if d.name == DRIVER)
     assert entry.node_id == NODE  # NodeGetInfo's node_id, written by the kubelet
     assert entry.topology_keys == [TOPOLOGY_KEY]
@@ -317,10 +322,10 @@ def test_node_reboot_keeps_the_data_on_the_right_device(sts: World) -> None:
     old_logs = tuple(log_files(sts, "web-0"))
     uid = e.core.read_namespaced_pod("web-0", NS).metadata.uid
     vid = pv_of(e, CLAIM).spec.csi.volume_handle
-    mark = len(e.cluster.procs["driver-node"].log())
+    old_driver_logs = set(sts.driver_log_files())
     sts.reboot()
     after = sts_ready(sts, exclude=old_logs)
-    since = e.cluster.procs["driver-node"].log()[mark:]  # the restarted driver's lines
+    since = "".join(read_text(f) for f in sts.driver_log_files() if f not in old_driver_logs)
     for step in ("staged", "published"):  # by the restarted kubelet, on the restarted driver
         assert f"{step} {vid}" in since, step
     assert e.core.read_namespaced_pod("web-0", NS).metadata.uid == uid  # restarted, not recreated

@@ -53,6 +53,23 @@ def test_sleep_action_pauses_only_on_the_chosen_hit(monkeypatch: pytest.MonkeyPa
     assert slept == [0.5]
 
 
+def test_hang_action_blocks_every_hit_from_the_chosen_one_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blocked: list[int] = []
+    monkeypatch.setattr(faults, "_hang_forever", lambda: blocked.append(len(blocked)))
+    faults.configure("probe:answering@3=hang")
+    for _ in range(5):
+        faults.hit("probe:answering")
+    assert blocked == [0, 1, 2]  # hits 3, 4 and 5
+
+
+def test_hang_points_are_no_operation_the_crash_suite_walks() -> None:
+    walked = {p for pts in faults.OPERATIONS.values() for p in pts}
+    assert set(faults.HANG_POINTS) <= faults.POINTS
+    assert not walked & set(faults.HANG_POINTS)
+
+
 def test_crash_action_sends_sigkill_to_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[tuple[int, int]] = []
     monkeypatch.setattr("os.kill", lambda pid, sig: killed.append((pid, sig)))

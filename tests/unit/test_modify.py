@@ -294,8 +294,8 @@ def test_v2_limits_go_into_the_pod_cgroup_once(tmp_path: os.PathLike[str]) -> No
     assert _read(os.path.join(root, pod_dir, "ctr", "io.max")) == ""
 
 
-def _mount(fs: str, point: str, sup: tuple[str, ...]) -> MountEntry:
-    return MountEntry(1, 0, 0, 1, "/", point, ("rw",), fs, fs, sup)
+def _mount(fs: str, point: str, sup: tuple[str, ...], root: str = "/") -> MountEntry:
+    return MountEntry(1, 0, 0, 1, root, point, ("rw",), fs, fs, sup)
 
 
 def test_io_hierarchy_prefers_v1_blkio_then_v2_io(tmp_path: os.PathLike[str]) -> None:
@@ -311,6 +311,20 @@ def test_io_hierarchy_prefers_v1_blkio_then_v2_io(tmp_path: os.PathLike[str]) ->
     with open(os.path.join(unified, "cgroup.controllers"), "w", encoding="ascii") as fh:
         fh.write("hugetlb\n")  # a hybrid host whose blkio is on v1
     assert cgroups.io_hierarchy([cpu, v2]) is None
+
+
+def test_io_hierarchy_in_a_container_takes_the_hosts_mounted_over_its_own() -> None:
+    # runc's own v1 mount shows only the container's cgroup; the chart's hostPath of the
+    # host's /sys/fs/cgroup is mounted over it and listed after it.
+    own = _mount("cgroup", "/sys/fs/cgroup/blkio", ("rw", "blkio"), "/kubepods/pod1/ctr")
+    host = _mount("cgroup", "/sys/fs/cgroup/blkio", ("rw", "blkio"))
+    assert cgroups.io_hierarchy([own]) is None
+    assert cgroups.io_hierarchy([own, host]) == cgroups.IoHierarchy("/sys/fs/cgroup/blkio", 1)
+    # the other way round the host's is hidden
+    assert cgroups.io_hierarchy([host, own]) is None
+    # read from a private cgroup namespace, the host's root is above the namespace's
+    above = _mount("cgroup", "/sys/fs/cgroup/blkio", ("rw", "blkio"), "/../../..")
+    assert cgroups.io_hierarchy([own, above]) == cgroups.IoHierarchy("/sys/fs/cgroup/blkio", 1)
 
 
 # --- the node's PersistentVolume watch (controller mode -> node) -------------------------------

@@ -146,3 +146,13 @@ true
       - key: {{ .Values.backup.keySecretKey }}
         path: {{ .Values.backup.keySecretKey }}
 {{- end -}}
+
+{{/* The annotations of an object whose kind comes from a CRD this release may install (the
+snapshot classes): a post-install/post-upgrade hook. helm maps every manifest resource before it
+creates any, so such an object next to its CRD fails `helm install` ("no matches for kind"); a
+hook is mapped after the release's resources exist. Hooks stay on `helm uninstall` (like the
+CRDs) and are replaced on the next install. */}}
+{{- define "stowage.afterCRDsHook" -}}
+helm.sh/hook: post-install,post-upgrade
+helm.sh/hook-delete-policy: before-hook-creation
+{{- end -}}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the pinned node tools for the e2e node (kubelet, containerd, node-driver-registrar) from
+# Build the pinned node tools for the e2e node (kubelet, kube-proxy, kubectl, containerd,
+# node-driver-registrar) from
 # the Go module proxy, install the Debian packages a node needs, and make the pause and busybox
 # images without a container engine (tests/e2e/tools/mkimage.py).
 #
@@ -34,7 +35,7 @@ export CGO_ENABLED=0
 
 log() { echo "e2e-node-tools: $*" >&2; }
 
-PROGRAMS="kubelet containerd ctr containerd-shim-runc-v2"
+PROGRAMS="kubelet kube-proxy kubectl containerd ctr containerd-shim-runc-v2"
 [ -n "$REGISTRAR_PSEUDO" ] && PROGRAMS="$PROGRAMS csi-node-driver-registrar"
 IMAGES="pause.tar busybox.tar"
 
@@ -119,9 +120,11 @@ build() {  # build OUT DIR PKG LDFLAGS [TAGS]
 }
 
 k8s_stamp="-X k8s.io/component-base/version.gitVersion=${K8S_VERSION} -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X k8s.io/component-base/version.gitTreeState=clean"
-if [ -x "${bin}/kubelet" ]; then log "kubelet cached"; else
-  build kubelet "$(k8s_wrapper)" k8s.io/kubernetes/cmd/kubelet "$k8s_stamp"
-fi
+# kube-proxy gives the node's pods the `kubernetes` Service; kubectl applies the examples.
+for cmd in kubelet kube-proxy kubectl; do
+  if [ -x "${bin}/${cmd}" ]; then log "${cmd} cached"; continue; fi
+  build "$cmd" "$(k8s_wrapper)" "k8s.io/kubernetes/cmd/${cmd}" "$k8s_stamp"
+done
 
 ctd_module=github.com/containerd/containerd/v2
 ctd_stamp="-X ${ctd_module}/version.Version=${CONTAINERD_VERSION} -X ${ctd_module}/version.Revision=module-proxy -X ${ctd_module}/version.Package=${ctd_module}"
@@ -155,6 +158,8 @@ image busybox.tar "$BUSYBOX_REF" --busybox /bin/busybox --cmd /bin/sh
 
 {
   echo "kubelet ${K8S_VERSION}"
+  echo "kube-proxy ${K8S_VERSION}"
+  echo "kubectl ${K8S_VERSION}"
   echo "containerd ${CONTAINERD_VERSION}"
   [ -n "$REGISTRAR_PSEUDO" ] && echo "csi-node-driver-registrar ${REGISTRAR_VERSION} (${REGISTRAR_PSEUDO})"
   echo "image ${PAUSE_REF} ${images}/pause.tar"
