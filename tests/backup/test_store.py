@@ -181,6 +181,7 @@ class _Objects(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Last-Modified", "Thu, 03 Dec 2026 04:00:00 GMT")
         self.end_headers()
         self.wfile.write(body)
 
