@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import botocore.exceptions
 import grpc
@@ -115,9 +116,9 @@ class _SlowDown(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def slowdown_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowDown)
+def _serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server on loopback answering with `handler`, stopped and joined afterwards."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     try:
@@ -126,6 +127,11 @@ def slowdown_server() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         t.join()
+
+
+@pytest.fixture
+def slowdown_server() -> Iterator[str]:
+    yield from _serve(_SlowDown)
 
 
 def test_slowdown_is_retried_with_backoff(slowdown_server: str) -> None:
@@ -163,3 +169,73 @@ def test_rate_limiter_spaces_transfers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert slept == [0.5, 1.0]
     s3mod.RateLimiter(None).take(10**9)
     assert slept == [0.5, 1.0]
+
+
+class _Objects(BaseHTTPRequestHandler):
+    """GET: answers `fails_left` times 503 SlowDown, then the object (or 404 NoSuchKey)."""
+
+    body = b""
+    fails_left = 0
+    gets: ClassVar[list[tuple[str, str, str]]] = []
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Last-Modified", "Thu, 03 Dec 2026 04:00:00 GMT")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        cls.gets.append((self.path, self.headers.get("Authorization", ""),
+                         self.headers.get("User-Agent", "")))
+        if cls.fails_left > 0:
+            cls.fails_left -= 1
+            self._send(503, b"<?xml version='1.0'?><Error><Code>SlowDown</Code>"
+                            b"<Message>Please reduce your request rate.</Message></Error>")
+        elif not cls.body:
+            self._send(404, b"<?xml version='1.0'?><Error><Code>NoSuchKey</Code>"
+                            b"<Message>The specified key does not exist.</Message></Error>")
+        else:
+            self._send(200, cls.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def objects_server() -> Iterator[str]:
+    yield from _serve(_Objects)
+
+
+def test_get_is_one_signed_request(objects_server: str) -> None:
+    _Objects.body, _Objects.fails_left, _Objects.gets = b"x" * 70000, 0, []
+    assert store(objects_server).get("manifests/snap:1") == b"x" * 70000
+    assert len(_Objects.gets) == 1
+    path, auth, agent = _Objects.gets[0]
+    assert "Boto3" not in agent  # the fast path answered, not boto3
+    assert path == "/bucket/p/manifests/snap%3A1"
+    assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKID/")
+    assert SECRET not in auth
+
+
+def test_get_falls_back_to_boto3_retries(objects_server: str) -> None:
+    # the fast GET gets a 503, boto3 a second 503 and retries with backoff
+    _Objects.body, _Objects.fails_left, _Objects.gets = b"data", 2, []
+    assert store(objects_server, attempts=4).get("chunks/ab/abc") == b"data"
+    assert ["Boto3" in agent for _, _, agent in _Objects.gets] == [False, True, True]
+    _Objects.fails_left, _Objects.gets = 10, []
+    with pytest.raises(errors.Unavailable, match="SlowDown"):
+        store(objects_server, attempts=2).get("chunks/ab/abc")
+    assert len(_Objects.gets) == 3
+
+
+def test_get_missing_object_is_not_found(objects_server: str) -> None:
+    _Objects.body, _Objects.fails_left, _Objects.gets = b"", 0, []
+    with pytest.raises(errors.NotFound, match="s3://bucket/p/chunks/ab/abc"):
+        store(objects_server).get("chunks/ab/abc")
+
+
+def test_get_unreachable_is_unavailable() -> None:
+    with pytest.raises(errors.Unavailable, match="unreachable"):
+        store().get("k")
