@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 WEED_PORTS = ("master", "volume", "filer", "admin", "iceberg", "lance", "webdav")
 
@@ -85,6 +86,40 @@ def weed_argv(
     ]  # fmt: skip
 
 
+PROBE_BUCKET = "stowage-ready-probe"
+
+
+def s3_client(endpoint: str, access_key: str, secret_key: str) -> object:
+    """A plain boto3 client for a loopback store: path-style, no retries, short timeouts."""
+    import boto3
+    import botocore.config
+
+    cfg = botocore.config.Config(
+        s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+        connect_timeout=2, read_timeout=10,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )  # fmt: skip
+    return boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key, region_name="us-east-1", config=cfg,
+    )  # fmt: skip
+
+
+def check_ready(client: Any) -> None:
+    """Ready means an object can be written and read back: SeaweedFS answers listings before its
+    volume server has registered, and fails reads (InternalError) until then. Raises a botocore
+    error while not ready."""
+    import botocore.exceptions
+
+    buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if PROBE_BUCKET not in buckets:
+        client.create_bucket(Bucket=PROBE_BUCKET)
+    client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+    if client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() != b"ready":
+        raise botocore.exceptions.BotoCoreError()
+
+
 @dataclass
 class LocalS3:
     """One `weed mini` process on loopback, started and stopped by its PID."""
@@ -107,19 +142,7 @@ class LocalS3:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
     def client(self) -> object:
-        import boto3
-        import botocore.config
-
-        cfg = botocore.config.Config(
-            s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-            connect_timeout=2, read_timeout=10,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )  # fmt: skip
-        return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name="us-east-1", config=cfg,
-        )  # fmt: skip
+        return s3_client(self.endpoint, self.access_key, self.secret_key)
 
     def start(self, timeout: float = 90.0) -> LocalS3:
         import botocore.exceptions
@@ -140,7 +163,7 @@ class LocalS3:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited early (log: {self.log_path})")
             try:
-                client.list_buckets()  # type: ignore[attr-defined]
+                check_ready(client)
                 return self
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
                 time.sleep(0.3)

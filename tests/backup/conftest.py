@@ -14,15 +14,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import pytest
 
 from driver.backup import Credentials, Repository, RepositoryKey, Store, parse_target
-from driver.ctl.s3local import WEED_PORTS, free_port, weed_argv
+from driver.ctl.s3local import WEED_PORTS, check_ready, free_port, s3_client, weed_argv
 from harness import DriverProcess, Pool, make_pool
 
 BIN = os.path.dirname(sys.executable)
@@ -30,7 +28,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 ACCESS_KEY = "stowagetestak"
 SECRET_KEY = "stowage-test-secret-key-0123456789"
 KINDS = ["seaweedfs", "rclone"]
-PROBE_BUCKET = "stowage-ready-probe"
 
 
 @dataclass
@@ -74,23 +71,12 @@ class S3Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.kind} exited early:\n{self.log()}")
             try:
-                self._probe(client)
+                check_ready(client)
                 return
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
                 time.sleep(0.3)
         self.stop()
         raise AssertionError(f"{self.kind} did not become ready:\n{self.log()}")
-
-    @staticmethod
-    def _probe(client: Any) -> None:
-        """Ready means objects can be written and read back: SeaweedFS answers listings before
-        its volume server has registered, and fails reads (InternalError) until then."""
-        buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-        if PROBE_BUCKET not in buckets:
-            client.create_bucket(Bucket=PROBE_BUCKET)
-        client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
-        if client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() != b"ready":
-            raise botocore.exceptions.BotoCoreError()
 
     def stop(self) -> None:
         if self.proc is None:
@@ -112,14 +98,7 @@ class S3Server:
             return ""
 
     def client(self, secret: str = SECRET_KEY) -> object:
-        cfg = botocore.config.Config(
-            s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-            connect_timeout=2, read_timeout=10,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=secret, region_name="us-east-1", config=cfg)
+        return s3_client(self.endpoint, ACCESS_KEY, secret)
 
     def make_bucket(self) -> str:
         name = "b" + uuid.uuid4().hex[:16]
