@@ -1,13 +1,15 @@
 """The backup engine: back an image up into a repository, restore, verify, list, delete, collect
 garbage. A library with a small typed API; the CSI core calls it (docs/backup-format.md).
 
-Data path: a thread pool runs read -> zero check -> keyed BLAKE3 -> zstd -> AES-GCM -> upload
-per chunk; those steps run in native code that releases the GIL, so two cores stay busy. At most
-`2 * workers` chunks are in flight, which bounds memory. Chunks that need no read (holes,
-unchanged since the base) never enter the pool. Whether a chunk is already stored comes from one
-listing of `chunks/` when that takes fewer requests than a HEAD per chunk to read. A restore's
-checkpoints (fsync, then the state file) run on their own thread while downloads go on.
-Figures: docs/performance.md, "Backups".
+Data path: the image is planned block by block (a hole, unchanged since the base, or to read);
+a thread pool runs read -> zero check -> keyed BLAKE3 -> zstd -> AES-GCM -> upload per run of
+blocks to read (at most one aligned region of the chunk size: one chunk, split at all-zero
+blocks); those steps run in native code that releases the GIL, so two cores stay busy. At most
+`2 * workers` runs are in flight, which bounds memory. Blocks that need no read never enter the
+pool. Whether a chunk is already stored comes from one listing of `chunks/` when that takes
+fewer requests than a HEAD per chunk to read. A restore fetches each chunk once and writes every
+slice of it the manifest places; its checkpoints (fsync, then the state file) run on their own
+thread while downloads go on. Figures: docs/performance.md, "Backups".
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, TypeVar
 from driver import errors, faults
 from driver.backup import extents
 from driver.backup.format import (
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
     ChunkRef,
     Manifest,
@@ -39,6 +42,7 @@ from driver.backup.format import (
     chunk_id,
     chunk_key_name,
     manifest_key_name,
+    merge_runs,
     open_chunk,
     open_document,
     open_manifest,
@@ -95,9 +99,9 @@ class BackupResult:
     mode: str  # "full", "extents" (incremental from extent maps), "read-and-hash"
     read_bytes: int = 0
     uploaded_bytes: int = 0
-    uploaded_chunks: int = 0
-    reused_chunks: int = 0
-    hole_chunks: int = 0
+    uploaded_chunks: int = 0  # chunk objects written
+    reused_chunks: int = 0  # blocks taken from the base or already stored
+    hole_chunks: int = 0  # blocks left holes
     already_done: bool = False
 
 
@@ -236,19 +240,26 @@ class Repository:
         workers: int = 4,
         stale_after: float = 600.0,
         refresh_interval: float | None = None,
+        block_size: int | None = None,
     ) -> None:
-        if chunk_size < 4096 or chunk_size % 4096 or chunk_size > 64 << 20:
-            raise errors.InvalidArgument("chunk size must be a multiple of 4 KiB up to 64 MiB")
+        block_size = block_size or min(chunk_size, DEFAULT_BLOCK_SIZE)
+        if block_size < 4096 or block_size % 4096:
+            raise errors.InvalidArgument("block size must be a multiple of 4 KiB")
+        if chunk_size % block_size or chunk_size > 64 << 20:
+            raise errors.InvalidArgument(
+                "chunk size must be a multiple of the block size up to 64 MiB"
+            )
         if workers < 1:
             raise errors.InvalidArgument("workers must be at least 1")
         self.store = store
         self.key = key
         self.cluster_id = cluster_id
         self.chunk_size = chunk_size
+        self.block_size = block_size
         self.workers = workers
         self.stale_after = stale_after
         self.refresh_interval = refresh_interval or stale_after / 4
-        self._zero = bytes(chunk_size)
+        self._zero = bytes(block_size)
         #: A restore records its durable chunks at least this often (seconds).
         self.checkpoint_interval = 2.0
         self._config_checked = False
@@ -437,8 +448,8 @@ class Repository:
         if base is None:
             return "full", None, None
         base_path, bm = base
-        if bm.chunk_size != self.chunk_size:
-            log.info("base %s has another chunk size: full backup", bm.snapshot_id)
+        if bm.block_size != self.block_size:
+            log.info("base %s has another block size: full backup", bm.snapshot_id)
             return "full", None, None
         if self.store.head(manifest_key_name(bm.snapshot_id)) is None:
             log.info("base backup %s is gone from the target: full backup", bm.snapshot_id)
@@ -466,7 +477,7 @@ class Repository:
         candidates: set[str],
     ) -> BackupResult:
         size = os.fstat(fd).st_size
-        cs = self.chunk_size
+        cs, bs = self.chunk_size, self.block_size
         mode, bm, changed = self._plan_base(image_path, base)
         try:
             alloc: list[extents.Range] | None = extents.allocated_extents(
@@ -476,11 +487,9 @@ class Repository:
             alloc = None
         alloc_starts = [r.offset for r in alloc] if alloc is not None else []
         changed_starts = [r.offset for r in changed] if changed is not None else []
-        base_at: dict[int, ChunkRef] = {}
-        known: set[str] = set()
-        if bm is not None:
-            base_at = {c.offset: c for c in bm.chunks}
-            known = bm.chunk_ids()
+        base_entries: list[ChunkRef] = bm.chunks if bm is not None else []
+        base_starts = [c.offset for c in base_entries]
+        known: set[str] = bm.chunk_ids() if bm is not None else set()
         manifest = Manifest(
             snapshot_id=record.snapshot_id,
             source_volume_id=record.source_volume_id,
@@ -491,24 +500,11 @@ class Repository:
             created=record.created or _now_rfc3339(),
             cluster_id=self.cluster_id,
             chunk_size=cs,
+            block_size=bs,
             base_snapshot_id=bm.snapshot_id if bm is not None else None,
         )
         result = BackupResult(manifest, mode)
-        # Which chunks the target holds: one listing of chunks/, or a HEAD per chunk read. A LIST
-        # page names 1,000 chunks but costs about as much as 75 HEADs (parsing its XML; measured
-        # on SeaweedFS), so list only for backups that read many chunks, and give up (HEAD
-        # instead) once the listing would cost more than the HEADs it saves.
-        to_read = sum(
-            1 for off in range(0, size, cs)
-            if (alloc is None or _overlaps(alloc, alloc_starts, off, off + cs))
-            and (changed is None or _overlaps(changed, changed_starts, off, off + cs))
-        )
-        present = (
-            self._present_chunks(limit=to_read * LIST_PER_HEAD) if to_read >= LIST_MIN else None
-        )
-        stats_lock = threading.Lock()
-        entries: list[ChunkRef] = []
-        done = 0
+        trusted: dict[str, bool] = {}
 
         def relies_on(cid: str) -> bool:
             """True when `cid` may be used without uploading it."""
@@ -518,32 +514,68 @@ class Repository:
                 return False  # re-upload: the sweep may have removed it
             return True
 
-        def unread(off: int) -> tuple[str, ChunkRef] | None:
-            """A chunk that needs no read: a hole, or unchanged since the base."""
-            length = min(cs, size - off)
-            if alloc is not None and not _overlaps(alloc, alloc_starts, off, off + length):
-                return "hole", ChunkRef(off, length, None)
-            if changed is not None:
-                b = base_at.get(off)
-                if (
-                    b is not None
-                    and b.length == length
-                    and not _overlaps(changed, changed_starts, off, off + length)
-                ) and (b.id is None or relies_on(b.id)):
-                    return ("hole" if b.id is None else "reused"), b
-            return None
+        def from_base(off: int, end: int) -> ChunkRef | None:
+            """The base's bytes for [off, end) when one base entry covers them and may be
+            relied on; None when the blocks must be read."""
+            i = bisect.bisect_right(base_starts, off) - 1
+            if i < 0 or base_entries[i].end < end:
+                return None
+            e = base_entries[i]
+            if e.id is not None:
+                if e.id not in trusted:
+                    trusted[e.id] = relies_on(e.id)
+                if not trusted[e.id]:
+                    return None
+            return e.slice(off, end)
 
-        def work(off: int) -> tuple[str, ChunkRef]:
-            length = min(cs, size - off)
-            data = os.pread(fd, length, off)
-            if len(data) != length:
-                raise errors.Internal(f"short read from {image_path} at {off}")
-            with stats_lock:
-                result.read_bytes += length
-            if data == self._zero[:length]:
-                return "hole", ChunkRef(off, length, None)
+        # The plan, block by block: a hole in the extent map, or unchanged since the base, needs
+        # no read; runs of blocks to read inside one aligned region of the chunk size are read
+        # together and become one chunk (or a few, split at all-zero blocks).
+        Item = tuple[int, int, ChunkRef | None]
+        plan: list[Item] = []
+        for region in range(0, size, cs):
+            region_end = min(region + cs, size)
+            run: int | None = None
+            for b in range(region, region_end, bs):
+                b_end = min(b + bs, region_end)
+                quick: ChunkRef | None = None
+                if alloc is not None and not _overlaps(alloc, alloc_starts, b, b_end):
+                    quick = ChunkRef(b, b_end - b, None)
+                elif changed is not None and not _overlaps(changed, changed_starts, b, b_end):
+                    quick = from_base(b, b_end)
+                if quick is None:
+                    run = b if run is None else run
+                    continue
+                if run is not None:
+                    plan.append((run, b, None))
+                    run = None
+                plan.append((b, b_end, quick))
+            if run is not None:
+                plan.append((run, region_end, None))
+        # Which chunks the target holds: one listing of chunks/, or a HEAD per chunk read. A LIST
+        # page names 1,000 chunks but costs about as much as 75 HEADs (parsing its XML; measured
+        # on SeaweedFS), so list only for backups that read many chunks, and give up (HEAD
+        # instead) once the listing would cost more than the HEADs it saves.
+        to_read = sum(1 for item in plan if item[2] is None)
+        present = (
+            self._present_chunks(limit=to_read * LIST_PER_HEAD) if to_read >= LIST_MIN else None
+        )
+        stats_lock = threading.Lock()
+        entries: list[ChunkRef] = []
+        done = 0
+
+        def blocks(ref: ChunkRef) -> int:
+            return -(-ref.length // bs)
+
+        def unread(item: Item) -> list[tuple[str, ChunkRef]] | None:
+            ref = item[2]
+            if ref is None:
+                return None
+            return [("hole" if ref.id is None else "reused", ref)]
+
+        def store_chunk(off: int, data: memoryview) -> tuple[str, ChunkRef]:
             cid = chunk_id(self.key, data)
-            ref = ChunkRef(off, length, cid)
+            ref = ChunkRef(off, len(data), cid)
             name = chunk_key_name(cid)
             if cid in candidates:
                 relies_on(cid)  # claimed; uploaded again below
@@ -558,30 +590,51 @@ class Repository:
                 result.uploaded_chunks += 1
             return "uploaded", ref
 
-        def on_done(off: int, res: tuple[str, ChunkRef]) -> None:
+        def work(item: Item) -> list[tuple[str, ChunkRef]]:
+            off, end, _ = item
+            data = os.pread(fd, end - off, off)
+            if len(data) != end - off:
+                raise errors.Internal(f"short read from {image_path} at {off}")
+            with stats_lock:
+                result.read_bytes += len(data)
+            view = memoryview(data)
+            out: list[tuple[str, ChunkRef]] = []
+            start: int | None = None  # of the current run of blocks that are not all zero
+            for b in range(off, end, bs):
+                b_end = min(b + bs, end)
+                zero = data.startswith(
+                    self._zero if b_end - b == bs else self._zero[: b_end - b], b - off
+                )
+                if not zero:
+                    start = b if start is None else start
+                    continue
+                if start is not None:
+                    out.append(store_chunk(start, view[start - off : b - off]))
+                    start = None
+                out.append(("hole", ChunkRef(b, b_end - b, None)))
+            if start is not None:
+                out.append(store_chunk(start, view[start - off :]))
+            return out
+
+        def on_done(item: Item, res: list[tuple[str, ChunkRef]]) -> None:
             nonlocal done
-            kind, ref = res
-            if kind == "hole":
-                result.hole_chunks += 1
-            elif kind == "reused":
-                result.reused_chunks += 1
-            entries.append(ref)
-            done += ref.length
-            if kind == "uploaded":
-                faults.hit("backup-upload:chunk-stored")
+            for kind, ref in res:
+                if kind == "hole":
+                    result.hole_chunks += blocks(ref)
+                elif kind == "reused":
+                    result.reused_chunks += blocks(ref)
+                else:
+                    faults.hit("backup-upload:chunk-stored")
+                entries.append(ref)
+                done += ref.length
             if progress is not None:
                 progress(Progress("backup", done, size, result.uploaded_bytes))
 
-        self._pipeline(range(0, size, cs), work, on_done, shortcut=unread)
-        # Runs of holes become one entry each: a sparse 10 GiB image has a small manifest.
-        for ref in entries:
-            prev = manifest.chunks[-1] if manifest.chunks else None
-            if ref.id is None and prev is not None and prev.id is None:
-                manifest.chunks[-1] = ChunkRef(prev.offset, prev.length + ref.length, None)
-            else:
-                manifest.chunks.append(ref)
+        self._pipeline(plan, work, on_done, shortcut=unread)
+        manifest.chunks = merge_runs(entries)
         log.info(
-            "backup %s (%s): %d bytes, read %d, uploaded %d in %d chunks, reused %d, holes %d",
+            "backup %s (%s): %d bytes, read %d, uploaded %d in %d chunks, reused %d blocks, "
+            "holes %d blocks",
             record.snapshot_id, mode, size, result.read_bytes, result.uploaded_bytes,
             result.uploaded_chunks, result.reused_chunks, result.hole_chunks,
         )
@@ -630,7 +683,12 @@ class Repository:
             fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, m.size)
-            todo = [c for c in m.chunks if c.id is not None and c.offset not in done]
+            # Each chunk is fetched once and written wherever the manifest places its bytes.
+            groups: dict[str, list[ChunkRef]] = {}
+            for c in m.chunks:
+                if c.id is not None and c.offset not in done:
+                    groups.setdefault(c.id, []).append(c)
+            todo = list(groups.items())
             total = m.size
             progressed = sum(c.length for c in m.chunks if c.id is None or c.offset in done)
             pending: list[int] = []
@@ -645,28 +703,30 @@ class Repository:
                 done.update(batch)
                 self._save_state(state_path, ident, snapshot_id, done)
 
-            def fetch(c: ChunkRef) -> int:
-                assert c.id is not None
+            def fetch(group: tuple[str, list[ChunkRef]]) -> int:
+                cid, refs = group
                 try:
-                    blob = self.store.get(chunk_key_name(c.id))
+                    blob = self.store.get(chunk_key_name(cid))
                 except errors.NotFound:
                     raise errors.DataLoss(
-                        f"backup {snapshot_id}: chunk {c.id} (offset {c.offset}) is missing "
+                        f"backup {snapshot_id}: chunk {cid} (offset {refs[0].offset}) is missing "
                         f"from target {self.store.target.name}"
                     ) from None
-                data = open_chunk(self.key, c.id, blob, m.chunk_size)
-                if len(data) != c.length:
-                    raise errors.DataLoss(f"backup chunk {c.id} has the wrong length")
-                os.pwrite(fd, data, c.offset)
+                data = memoryview(open_chunk(self.key, cid, blob, m.chunk_size))
+                for c in refs:
+                    if c.skip + c.length > len(data) or (m.version == 1 and len(data) != c.length):
+                        raise errors.DataLoss(f"backup chunk {cid} has the wrong length")
+                    os.pwrite(fd, data[c.skip : c.skip + c.length], c.offset)
                 return len(blob)
 
             transferred = 0
 
-            def on_done(c: ChunkRef, n: int) -> None:
+            def on_done(group: tuple[str, list[ChunkRef]], n: int) -> None:
                 nonlocal progressed, transferred, last_save, checkpoint
-                pending.append(c.offset)
+                refs = group[1]
+                pending.extend(c.offset for c in refs)
                 faults.hit("backup-restore:chunk-written")
-                progressed += c.length
+                progressed += sum(c.length for c in refs)
                 transferred += n
                 due = time.monotonic() - last_save > self.checkpoint_interval or len(pending) >= 256
                 if due and (checkpoint is None or checkpoint.done()):

@@ -6,6 +6,11 @@ over the plaintext, 64 hex digits; opening a chunk checks the tag and then recom
 
 Manifest object ``manifests/<snapshot id>``: b"STM1" | key id (16) | nonce (12) | AES-256-GCM(
 manifest key, nonce, zstd(JSON), aad = the 32 header bytes + snapshot id).
+
+The image is cut into blocks of ``block_size``; a chunk is a run of whole blocks inside one
+aligned region of ``chunk_size`` (version 2; in version 1 every chunk is one block). A manifest
+entry names bytes of the image and where they start inside a chunk, so an incremental backup
+references the unchanged blocks of an older, larger chunk without reading them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +37,13 @@ NONCE_BYTES = 12
 CHUNK_AAD = b"stowage-chunk-v1:"
 MANIFEST_FORMAT = "stowage-backup-manifest"
 #: The manifest version this code writes. Readers accept every version in READABLE_VERSIONS.
-MANIFEST_VERSION = 1
-READABLE_VERSIONS = frozenset({1})
-DEFAULT_CHUNK_SIZE = 1 << 20
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = frozenset({1, 2})
+#: Chunks are runs of whole blocks within one aligned region of the chunk size: an incremental
+#: backup reads and uploads changed blocks, a restore fetches objects of up to the chunk size
+#: (fewer, larger GETs: docs/performance.md, "Backups").
+DEFAULT_CHUNK_SIZE = 4 << 20
+DEFAULT_BLOCK_SIZE = 1 << 20
 ZSTD_LEVEL = 3
 MAX_MANIFEST_BYTES = 256 << 20
 
@@ -113,15 +123,47 @@ def open_chunk(key: RepositoryKey, cid: str, blob: bytes, max_size: int) -> byte
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """Bytes [offset, offset + length) of the image: a stored chunk, or a hole (id None)."""
+    """Bytes [offset, offset + length) of the image: a hole (id None), or the bytes
+    [skip, skip + length) of the stored chunk `id`."""
 
     offset: int
     length: int
     id: str | None
+    skip: int = 0
 
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+    def slice(self, offset: int, end: int) -> ChunkRef:
+        """The part of this entry that covers image bytes [offset, end)."""
+        assert self.offset <= offset < end <= self.end
+        skip = self.skip + offset - self.offset if self.id is not None else 0
+        return ChunkRef(offset, end - offset, self.id, skip)
+
+    def joins(self, nxt: ChunkRef) -> bool:
+        """True when `nxt` continues this entry: both holes, or the next bytes of one chunk."""
+        return nxt.offset == self.end and nxt.id == self.id and (
+            self.id is None or nxt.skip == self.skip + self.length
+        )
+
+    def to_json(self) -> list[Any]:
+        if self.id is None or self.skip == 0:
+            return [self.offset, self.length, self.id]
+        return [self.offset, self.length, self.id, self.skip]
+
+
+def merge_runs(entries: Iterable[ChunkRef]) -> list[ChunkRef]:
+    """Adjacent entries that continue each other become one (runs of holes; consecutive slices
+    of one chunk), so a sparse or incrementally built image has a small manifest."""
+    out: list[ChunkRef] = []
+    for e in entries:
+        if out and out[-1].joins(e):
+            prev = out[-1]
+            out[-1] = ChunkRef(prev.offset, prev.length + e.length, prev.id, prev.skip)
+        else:
+            out.append(e)
+    return out
 
 
 @dataclass
@@ -139,6 +181,14 @@ class Manifest:
     key_id: str = ""
     version: int = MANIFEST_VERSION
     chunks: list[ChunkRef] = field(default_factory=list)
+    #: 0: the chunk size (version 1, where a chunk is one block).
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.block_size:
+            self.block_size = min(self.chunk_size, DEFAULT_BLOCK_SIZE)
+            if self.version == 1:
+                self.block_size = self.chunk_size
 
     def chunk_ids(self) -> set[str]:
         return {c.id for c in self.chunks if c.id is not None}
@@ -147,9 +197,11 @@ class Manifest:
         return sum(c.length for c in self.chunks if c.id is not None)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The document in this manifest's own version (a version-1 manifest read back is
+        written as it was stored)."""
+        doc: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
+            "version": self.version,
             "key_id": self.key_id,
             "cluster_id": self.cluster_id,
             "snapshot_id": self.snapshot_id,
@@ -161,8 +213,11 @@ class Manifest:
             "created": self.created,
             "chunk_size": self.chunk_size,
             "base_snapshot_id": self.base_snapshot_id,
-            "chunks": [[c.offset, c.length, c.id] for c in self.chunks],
+            "chunks": [c.to_json() for c in self.chunks],
         }
+        if self.version >= 2:
+            doc["block_size"] = self.block_size
+        return doc
 
 
 def _bad(snapshot_id: str, what: str) -> errors.DataLoss:
@@ -199,22 +254,33 @@ def manifest_from_json(doc: Any, snapshot_id: str) -> Manifest:
         raise _bad(snapshot_id, "it names another snapshot (swapped object?)")
     size = _int(doc, "size", snapshot_id)
     chunk_size = _int(doc, "chunk_size", snapshot_id)
+    block_size = chunk_size
+    if version >= 2:
+        block_size = _int(doc, "block_size", snapshot_id)
+        if not block_size or block_size % 4096 or chunk_size % block_size:
+            raise _bad(snapshot_id, "block_size must be a multiple of 4 KiB dividing chunk_size")
     raw = doc.get("chunks")
     if not isinstance(raw, list):
         raise _bad(snapshot_id, "chunks must be a list")
     chunks: list[ChunkRef] = []
     pos = 0
     for item in raw:
-        if not (isinstance(item, list) and len(item) == 3):
-            raise _bad(snapshot_id, "every chunk entry is [offset, length, id|null]")
-        off, length, cid = item
-        if off != pos or not isinstance(length, int) or length <= 0:
+        # version 1: [offset, length, id|null]; version 2 adds an optional skip for stored ones
+        if not (isinstance(item, list) and (len(item) == 3 or (version >= 2 and len(item) == 4))):
+            raise _bad(snapshot_id, "every chunk entry is [offset, length, id|null(, skip)]")
+        off, length, cid = item[:3]
+        skip = item[3] if len(item) == 4 else 0
+        if off != pos or not isinstance(length, int) or isinstance(length, bool) or length <= 0:
             raise _bad(snapshot_id, f"chunk list not contiguous at offset {pos}")
         if cid is not None and (not isinstance(cid, str) or not _CHUNK_ID.fullmatch(cid)):
             raise _bad(snapshot_id, f"bad chunk id at offset {off}")
-        if cid is not None and length > chunk_size:
+        if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0 or (
+            cid is None and len(item) == 4
+        ):
+            raise _bad(snapshot_id, f"bad skip at offset {off}")
+        if cid is not None and skip + length > chunk_size:
             raise _bad(snapshot_id, f"chunk at offset {off} is longer than chunk_size")
-        chunks.append(ChunkRef(off, length, cid))
+        chunks.append(ChunkRef(off, length, cid, skip))
         pos += length
     if pos != size:
         raise _bad(snapshot_id, f"chunks cover {pos} bytes, size is {size}")
@@ -232,6 +298,7 @@ def manifest_from_json(doc: Any, snapshot_id: str) -> Manifest:
         key_id=_str(doc, "key_id", snapshot_id) or "",
         version=version,
         chunks=chunks,
+        block_size=block_size,
     )
 
 

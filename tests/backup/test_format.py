@@ -294,3 +294,59 @@ def test_diff_same_physical_other_offset_is_changed() -> None:
 def test_allocated_extents_skips_unwritten_and_clips() -> None:
     e = [ext(0, 1, 2), ext(2, 3, 1), ext(4, 9, 1, FIEMAP_EXTENT_UNWRITTEN), ext(6, 20, 4)]
     assert allocated_extents(e, 7 * M) == [Range(0, 3 * M), Range(6 * M, M)]
+
+
+# --- version 2: chunks of several blocks, entries that name part of a chunk ------------------
+
+
+def _v2_doc() -> dict[str, object]:
+    doc = json.loads(json.dumps(V1_DOC))
+    doc.update(version=2, chunk_size=4 << 20, block_size=1 << 20, size=9 << 20, chunks=[
+        [0, 1 << 20, "ab" * 32, 1 << 20], [1 << 20, 1 << 20, "ef" * 32],
+        [2 << 20, 2 << 20, "ab" * 32, 2 << 20], [4 << 20, 1 << 20, None],
+        [5 << 20, 4 << 20, "cd" * 32],
+    ])
+    return doc
+
+
+def test_version_2_manifest_roundtrip() -> None:
+    doc = _v2_doc()
+    m = fmt.open_manifest(KEY, "s-old", fmt.seal_document(KEY, "s-old", doc))
+    assert (m.version, m.chunk_size, m.block_size) == (2, 4 << 20, 1 << 20)
+    assert [c.skip for c in m.chunks] == [1 << 20, 0, 2 << 20, 0, 0]
+    assert m.chunk_ids() == {"ab" * 32, "cd" * 32, "ef" * 32}
+    assert m.to_json() == doc
+    assert fmt.ChunkRef(0, 4, "ab" * 32).slice(1, 3) == fmt.ChunkRef(1, 2, "ab" * 32, 1)
+    assert fmt.merge_runs(m.chunks[2].slice(o, o + (1 << 20)) for o in (2 << 20, 3 << 20)) == [
+        m.chunks[2]
+    ]
+
+
+def test_version_1_manifest_keeps_one_block_per_chunk() -> None:
+    m = fmt.open_manifest(KEY, "s-old", V1_SEALED_MANIFEST)
+    assert m.block_size == m.chunk_size == 1 << 20
+    assert "block_size" not in m.to_json()
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.pop("block_size"),
+    lambda d: d.update(block_size=3 << 20),
+    lambda d: d.update(block_size=1000),
+    lambda d: d["chunks"].__setitem__(3, [4 << 20, 1 << 20, None, 0]),
+    lambda d: d["chunks"].__setitem__(0, [0, 1 << 20, "ab" * 32, -1]),
+    lambda d: d["chunks"].__setitem__(0, [0, 1 << 20, "ab" * 32, True]),
+    lambda d: d["chunks"].__setitem__(0, [0, 1 << 20, "ab" * 32, 7 << 20]),
+    lambda d: d["chunks"].__setitem__(4, [5 << 20, 4 << 20, "cd" * 32, 1]),
+])
+def test_invalid_version_2_documents(mutate: object) -> None:
+    doc = _v2_doc()
+    mutate(doc)  # type: ignore[operator]
+    with pytest.raises(errors.DataLoss):
+        fmt.manifest_from_json(doc, "s-old")
+
+
+def test_version_1_entries_have_no_skip() -> None:
+    doc = json.loads(json.dumps(V1_DOC))
+    doc["chunks"][0] = [0, 1 << 20, "ab" * 32, 0]
+    with pytest.raises(errors.DataLoss):
+        fmt.manifest_from_json(doc, "s-old")
