@@ -208,8 +208,12 @@ class Ours:
         assert self.base is not None
         sizes = _object_sizes(self.server, self.bucket, "stowage/chunks/")
         plain = sealed = 0
-        for c in self.base[1].chunks:
-            if c.id is not None and PATTERN[c.offset // REGION % len(PATTERN)] == "compressible":
+        seen: set[str] = set()
+        for c in self.base[1].chunks:  # after the full backup: every entry is a whole chunk
+            if c.id is None or c.id in seen:
+                continue
+            seen.add(c.id)
+            if PATTERN[c.offset // REGION % len(PATTERN)] == "compressible":
                 plain += c.length
                 sealed += sizes["stowage/" + chunk_key_name(c.id)]
         return plain / sealed if sealed else None
