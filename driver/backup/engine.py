@@ -41,6 +41,8 @@ from driver.backup.format import (
     check_snapshot_id,
     chunk_id,
     chunk_key_name,
+    holds,
+    manifest_from_json,
     manifest_key_name,
     merge_runs,
     open_chunk,
@@ -59,8 +61,9 @@ CONFIG_KEY = "config"
 CANDIDATES_KEY = "gc/candidates"
 SWEEPING_PREFIX = "gc/sweeping/"
 MARKERS_PREFIX = "inflight/"
-#: A backup that reads at least LIST_MIN chunks lists chunks/ instead of a HEAD per chunk, as long
-#: as the target holds at most LIST_PER_HEAD times as many chunks as it reads.
+#: A backup that reads at least LIST_MIN runs of blocks (each at most one chunk) lists chunks/
+#: instead of a HEAD per chunk, as long as the target holds at most LIST_PER_HEAD times as many
+#: chunks as it reads.
 LIST_MIN = 1000
 LIST_PER_HEAD = 10
 #: Server timestamps have one-second resolution: anything this close to the candidate list's
@@ -245,7 +248,7 @@ class Repository:
         block_size = block_size or min(chunk_size, DEFAULT_BLOCK_SIZE)
         if block_size < 4096 or block_size % 4096:
             raise errors.InvalidArgument("block size must be a multiple of 4 KiB")
-        if chunk_size % block_size or chunk_size > 64 << 20:
+        if chunk_size < block_size or chunk_size % block_size or chunk_size > 64 << 20:
             raise errors.InvalidArgument(
                 "chunk size must be a multiple of the block size up to 64 MiB"
             )
@@ -432,6 +435,10 @@ class Repository:
             except OSError as exc:
                 raise _local_error(exc, f"reading {image_path}") from exc
             marker.check_fresh()
+            try:  # what a reader would refuse is never stored
+                manifest_from_json(result.manifest.to_json(), sid)
+            except errors.DataLoss as exc:
+                raise errors.Internal(f"refusing to store an invalid manifest: {exc}") from None
             self.store.put(manifest_key_name(sid), seal_manifest(self.key, result.manifest))
             ok = True
             return result
@@ -466,6 +473,15 @@ class Repository:
             return "read-and-hash", bm, None
         return "extents", bm, ranges
 
+    @staticmethod
+    def _open_base(path: str) -> int | None:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.info("cannot read the local base %s (%s): blocks are not compared with it",
+                     path, exc.strerror)
+            return None
+
     def _backup(
         self,
         fd: int,
@@ -499,7 +515,8 @@ class Repository:
             sector_size=record.sector_size,
             created=record.created or _now_rfc3339(),
             cluster_id=self.cluster_id,
-            chunk_size=cs,
+            # entries taken from the base point into its chunks, which may be larger
+            chunk_size=max(cs, bm.chunk_size) if bm is not None else cs,
             block_size=bs,
             base_snapshot_id=bm.snapshot_id if bm is not None else None,
         )
@@ -513,6 +530,10 @@ class Repository:
                 self._wait_no_sweep(marker.server_now())
                 return False  # re-upload: the sweep may have removed it
             return True
+
+        # Without comparable extent maps, blocks are compared with the local base copy instead:
+        # an equal block keeps the base's entry, so scattered changes upload only their blocks.
+        base_fd = self._open_base(base[0]) if mode == "read-and-hash" and base else None
 
         def from_base(off: int, end: int) -> ChunkRef | None:
             """The base's bytes for [off, end) when one base entry covers them and may be
@@ -595,23 +616,30 @@ class Repository:
             data = os.pread(fd, end - off, off)
             if len(data) != end - off:
                 raise errors.Internal(f"short read from {image_path} at {off}")
+            old = os.pread(base_fd, end - off, off) if base_fd is not None else b""
             with stats_lock:
-                result.read_bytes += len(data)
+                result.read_bytes += len(data) + len(old)
             view = memoryview(data)
             out: list[tuple[str, ChunkRef]] = []
-            start: int | None = None  # of the current run of blocks that are not all zero
+            start: int | None = None  # of the current run of blocks to store
             for b in range(off, end, bs):
                 b_end = min(b + bs, end)
-                zero = data.startswith(
+                keep: tuple[str, ChunkRef] | None = None
+                if data.startswith(
                     self._zero if b_end - b == bs else self._zero[: b_end - b], b - off
-                )
-                if not zero:
+                ):
+                    keep = ("hole", ChunkRef(b, b_end - b, None))
+                elif len(old) >= b_end - off and data.startswith(old[b - off : b_end - off],
+                                                                 b - off):
+                    ref = from_base(b, b_end)
+                    keep = ("reused", ref) if ref is not None else None
+                if keep is None:
                     start = b if start is None else start
                     continue
                 if start is not None:
                     out.append(store_chunk(start, view[start - off : b - off]))
                     start = None
-                out.append(("hole", ChunkRef(b, b_end - b, None)))
+                out.append(keep)
             if start is not None:
                 out.append(store_chunk(start, view[start - off :]))
             return out
@@ -630,7 +658,11 @@ class Repository:
             if progress is not None:
                 progress(Progress("backup", done, size, result.uploaded_bytes))
 
-        self._pipeline(plan, work, on_done, shortcut=unread)
+        try:
+            self._pipeline(plan, work, on_done, shortcut=unread)
+        finally:
+            if base_fd is not None:
+                os.close(base_fd)
         manifest.chunks = merge_runs(entries)
         log.info(
             "backup %s (%s): %d bytes, read %d, uploaded %d in %d chunks, reused %d blocks, "
@@ -646,9 +678,10 @@ class Repository:
         self, snapshot_id: str, dest_path: str, progress: ProgressFn | None = None
     ) -> Manifest:
         """Restore a backup into a new sparse file at `dest_path`. Bytes go to
-        `dest_path + ".stowage-partial"`; `dest_path + ".stowage-restore"` records which chunks
-        are durable there, so a restart continues where the last run stopped. `dest_path` appears
-        (rename) only when every chunk has been authenticated and written and the file synced."""
+        `dest_path + ".stowage-partial"`; `dest_path + ".stowage-restore"` records which manifest
+        entries are durable there, so a restart continues where the last run stopped. `dest_path`
+        appears (rename) only when every chunk has been authenticated and written and the file
+        synced."""
         try:
             return self._restore(snapshot_id, dest_path, progress)
         except OSError as exc:
@@ -673,7 +706,7 @@ class Repository:
                 and os.stat(tmp).st_size == m.size
             ):
                 done = {int(o) for o in st.get("done", [])}
-                log.info("resuming restore of %s: %d chunks already written", snapshot_id,
+                log.info("resuming restore of %s: %d entries already written", snapshot_id,
                          len(done))
         except (FileNotFoundError, ValueError, TypeError, AttributeError):
             pass
@@ -684,11 +717,7 @@ class Repository:
         try:
             os.ftruncate(fd, m.size)
             # Each chunk is fetched once and written wherever the manifest places its bytes.
-            groups: dict[str, list[ChunkRef]] = {}
-            for c in m.chunks:
-                if c.id is not None and c.offset not in done:
-                    groups.setdefault(c.id, []).append(c)
-            todo = list(groups.items())
+            todo = list(m.by_chunk(done).items())
             total = m.size
             progressed = sum(c.length for c in m.chunks if c.id is None or c.offset in done)
             pending: list[int] = []
@@ -713,9 +742,9 @@ class Repository:
                         f"from target {self.store.target.name}"
                     ) from None
                 data = memoryview(open_chunk(self.key, cid, blob, m.chunk_size))
+                if not holds(m.version, refs, len(data)):
+                    raise errors.DataLoss(f"backup chunk {cid} has the wrong length")
                 for c in refs:
-                    if c.skip + c.length > len(data) or (m.version == 1 and len(data) != c.length):
-                        raise errors.DataLoss(f"backup chunk {cid} has the wrong length")
                     os.pwrite(fd, data[c.skip : c.skip + c.length], c.offset)
                 return len(blob)
 
@@ -780,7 +809,8 @@ class Repository:
     def verify(self, snapshot_id: str, progress: ProgressFn | None = None) -> VerifyReport:
         """Download and authenticate every chunk of a backup; the damaged ones are listed."""
         m = self._manifest(check_snapshot_id(snapshot_id))
-        ids = sorted(m.chunk_ids())
+        refs = m.by_chunk()
+        ids = sorted(refs)
         report = VerifyReport(snapshot_id, chunks=len(ids))
 
         def check(cid: str) -> str | None:
@@ -789,9 +819,11 @@ class Repository:
             except errors.NotFound:
                 return "missing"
             try:
-                open_chunk(self.key, cid, blob, m.chunk_size)
+                data = open_chunk(self.key, cid, blob, m.chunk_size)
             except errors.DataLoss as exc:
                 return str(exc)
+            if not holds(m.version, refs[cid], len(data)):
+                return f"backup chunk {cid} is shorter than the manifest's entries need"
             return None
 
         def on_done(cid: str, problem: str | None) -> None:

@@ -153,6 +153,12 @@ class ChunkRef:
         return [self.offset, self.length, self.id, self.skip]
 
 
+def holds(version: int, refs: Iterable[ChunkRef], length: int) -> bool:
+    """True when a chunk of `length` bytes holds every slice these entries name (version 1:
+    an entry is exactly its chunk)."""
+    return all(c.skip + c.length <= length and (version >= 2 or c.length == length) for c in refs)
+
+
 def merge_runs(entries: Iterable[ChunkRef]) -> list[ChunkRef]:
     """Adjacent entries that continue each other become one (runs of holes; consecutive slices
     of one chunk), so a sparse or incrementally built image has a small manifest."""
@@ -192,6 +198,15 @@ class Manifest:
 
     def chunk_ids(self) -> set[str]:
         return {c.id for c in self.chunks if c.id is not None}
+
+    def by_chunk(self, skip_offsets: set[int] | None = None) -> dict[str, list[ChunkRef]]:
+        """The stored entries grouped by chunk, in order of first use (entries at the given
+        offsets left out)."""
+        out: dict[str, list[ChunkRef]] = {}
+        for c in self.chunks:
+            if c.id is not None and not (skip_offsets and c.offset in skip_offsets):
+                out.setdefault(c.id, []).append(c)
+        return out
 
     def stored_bytes(self) -> int:
         return sum(c.length for c in self.chunks if c.id is not None)

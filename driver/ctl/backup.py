@@ -140,8 +140,8 @@ def main(args: argparse.Namespace, emit: Any) -> int:
     elif args.action == "show":
         m = repo.show(snapshot).to_json()
         chunks = m.pop("chunks")
-        m["stored_chunks"] = sum(1 for c in chunks if c[2] is not None)
-        m["stored_bytes"] = sum(c[1] for c in chunks if c[2] is not None)
+        m["stored_chunks"] = len({c[2] for c in chunks if c[2] is not None})
+        m["data_bytes"] = sum(c[1] for c in chunks if c[2] is not None)  # not holes
         emit(m, None, ())
     elif args.action == "verify":
         wanted = args.snapshot or [s.snapshot_id for s in repo.list()]

@@ -31,14 +31,19 @@ def make_image(tmp_path: object, name: str, seed: int = 1, nchunks: int = 64,
     return path, chunks
 
 
+@pytest.mark.parametrize("per", [1, 4])
 def test_full_and_incremental_restore_byte_exact_and_sparse(repo_factory: RepoFactory,
-                                                            tmp_path: object) -> None:
-    repo = repo_factory()
+                                                            s3: S3Server, tmp_path: object,
+                                                            per: int) -> None:
+    """Blocks of CHUNK bytes, chunks of `per` blocks. /tmp cannot share extents, so the
+    incremental backup compares blocks with the local base copy (read-and-hash) and uploads only
+    the changed blocks, pointing into the base's chunks for the rest."""
+    repo = repo_factory(chunk_size=per * CHUNK, block_size=CHUNK)
     img, chunks = make_image(tmp_path, "a.img")
     seen: list[Progress] = []
     r1 = repo.backup(img, rec("s-1"), progress=seen.append)
     assert r1.mode == "full"
-    assert r1.uploaded_chunks == len(chunks)
+    assert r1.uploaded_chunks == _runs(sorted(chunks), per)
     assert r1.hole_chunks == 65 - len(chunks)
     assert seen and seen[-1].done_bytes == seen[-1].total_bytes == os.path.getsize(img)
 
@@ -54,24 +59,29 @@ def test_full_and_incremental_restore_byte_exact_and_sparse(repo_factory: RepoFa
         fh.seek(sorted(chunks)[5] * CHUNK)
         fh.write(bytes(CHUNK))
     r2 = repo.backup(img, rec("s-2"), base=(base, r1.manifest))
-    # /tmp cannot share extents: read-and-hash, but only changed chunks are uploaded.
     assert r2.mode in ("read-and-hash", "extents")
-    assert r2.uploaded_chunks == len(changed_idx)
+    assert r2.uploaded_chunks == _runs(changed_idx, per)
+    assert r2.uploaded_bytes < (len(changed_idx) + 1) * CHUNK
     assert r2.manifest.base_snapshot_id == "s-1"
+    if per > 1:
+        assert any(c.skip for c in r2.manifest.chunks)
 
     for sid, src in (("s-1", base), ("s-2", img)):
         out = os.path.join(str(tmp_path), f"restored-{sid}")
         m = repo.restore(sid, out)
         assert m.size == os.path.getsize(src)
         assert sha256(out) == sha256(src)
-        # Holes stay holes: no more is allocated than the source's data chunks.
-        data = sum(1 for c in m.chunks if c.id is not None)
-        assert allocated_bytes(out) <= data * CHUNK + 4096
+        # Holes stay holes: no more is allocated than the source's data blocks.
+        data = sum(c.length for c in m.chunks if c.id is not None)
+        assert allocated_bytes(out) <= data + 4096
         assert not os.path.exists(out + ".stowage-partial")
         assert not os.path.exists(out + ".stowage-restore")
     assert {s.snapshot_id for s in repo.list()} == {"s-1", "s-2"}
     assert repo.show("s-2").source_volume_id == "v-1"
     assert repo.verify("s-2").ok
+    third = os.path.join(str(tmp_path), "third.img")
+    _documented_restore(repo, s3, "s-2", third, str(tmp_path))
+    assert sha256(third) == sha256(img)
 
 
 def test_backup_is_idempotent(repo_factory: RepoFactory, tmp_path: object) -> None:
@@ -445,6 +455,45 @@ def test_version_1_backup_restores_and_serves_as_base(repo_factory: RepoFactory,
     new = repo_factory(chunk_size=4 * CHUNK, block_size=CHUNK)
     r2 = new.backup(img, rec("s-2"), base=(out, old.show("s-1")))
     assert r2.manifest.base_snapshot_id == "s-1" and r2.manifest.version == 2
+    assert r2.uploaded_chunks == 0  # every block equals the base's: its chunks are reused
     out2 = os.path.join(str(tmp_path), "out2.img")
     new.restore("s-2", out2)
     assert sha256(out2) == sha256(img)
+
+
+def test_base_with_larger_chunks(repo_factory: RepoFactory, tmp_path: object) -> None:
+    """A base made with larger chunks (another configuration) is still a base: the new
+    manifest's chunk size covers the base's chunks it points into, and it restores."""
+    big = repo_factory(chunk_size=8 * CHUNK, block_size=CHUNK)
+    img, _ = make_image(tmp_path, "a.img", nchunks=32, data_idx=list(range(32)))
+    base = os.path.join(str(tmp_path), "base.img")
+    shutil.copyfile(img, base)
+    r1 = big.backup(img, rec("s-1"))
+    with open(img, "r+b") as fh:
+        fh.seek(3 * CHUNK)
+        fh.write(os.urandom(CHUNK))
+    small = repo_factory(chunk_size=4 * CHUNK, block_size=CHUNK)
+    r2 = small.backup(img, rec("s-2"), base=(base, r1.manifest))
+    assert r2.uploaded_chunks == 1 and r2.manifest.chunk_size == 8 * CHUNK
+    out = os.path.join(str(tmp_path), "out.img")
+    small.restore("s-2", out)
+    assert sha256(out) == sha256(img)
+
+
+def test_entry_past_its_chunk_is_damage(repo_factory: RepoFactory, tmp_path: object) -> None:
+    """A manifest entry naming bytes its chunk does not have: verify reports the chunk, restore
+    is DATA_LOSS, nothing is left behind."""
+    from driver.backup.format import ChunkRef, manifest_key_name, seal_manifest
+
+    repo = repo_factory(chunk_size=4 * CHUNK, block_size=CHUNK)
+    img, _ = make_image(tmp_path, "a.img", nchunks=8, data_idx=[0, 4, 5])
+    m = repo.backup(img, rec("s-1")).manifest
+    i, one = next((i, c) for i, c in enumerate(m.chunks) if c.id and c.length == CHUNK)
+    m.chunks[i] = ChunkRef(one.offset, one.length, one.id, CHUNK)  # past its one block
+    repo.store.put(manifest_key_name("s-1"), seal_manifest(repo.key, m))
+    report = repo.verify("s-1")
+    assert not report.ok and "shorter" in report.damaged[str(one.id)]
+    out = os.path.join(str(tmp_path), "out.img")
+    with pytest.raises(errors.DataLoss, match="wrong length"):
+        repo.restore("s-1", out)
+    assert not os.path.exists(out)

@@ -350,3 +350,34 @@ def test_version_1_entries_have_no_skip() -> None:
     doc["chunks"][0] = [0, 1 << 20, "ab" * 32, 0]
     with pytest.raises(errors.DataLoss):
         fmt.manifest_from_json(doc, "s-old")
+
+
+#: A version-2 manifest as stored by the first writer of version 2 (sealed bytes, never
+#: regenerated), and its document. Later readers must keep opening it.
+V2_DOC = {
+    "format": "stowage-backup-manifest", "version": 2,
+    "key_id": KEY.key_id, "cluster_id": "c1", "snapshot_id": "s-v2",
+    "source_volume_id": "v-9", "name": "pvc-9", "size": 9 << 20, "filesystem": "ext4",
+    "sector_size": 4096, "created": "2026-12-01T10:00:00Z", "chunk_size": 4 << 20,
+    "block_size": 1 << 20, "base_snapshot_id": None,
+    "chunks": [[0, 1 << 20, "ab" * 32, 1 << 20], [1 << 20, 1 << 20, "ef" * 32],
+               [2 << 20, 2 << 20, "ab" * 32, 2 << 20], [4 << 20, 1 << 20, None],
+               [5 << 20, 4 << 20, "cd" * 32]],
+}
+V2_SEALED_MANIFEST = bytes.fromhex(
+    "53544d31aef209304bd08c0f4ce4de44f7597f1e81da3bbcf460603ab69b45a7ed7b59439f1787114a0de24250"
+    "e0afe5019a0871e11bbf246f5f37e68e5f603dcedb51df37a70f5b3dda199a28236a8bb5cc58e5387d1ea3e7c1"
+    "9b28d354a7ab64f36aa36d03c08ce79b04c323c003016a562cf594ca3a4d3410e35dbd54c079efda0a97212267"
+    "ac3882c02b989424da2529688730e4a501a3eda10c4106a35693b2d75a58d950a7512dc140a191c0b0019b50e1"
+    "73c32db1ba4bb3521fabc13effe4b83215d4443c6fd30d2e5c2e9727ef3fa9b8ccbda6995f7635e470dc777645"
+    "6ee37a1df68f89279f44af6d49db33bb5aa72252ff1f83ef3d1453a63f4997a647ff431403a028de326074d2c1"
+    "c74297abaa7c75b0cf466b13644a2f1dccc3cea7b181a78a972a8aea084e61bf41e5b68f44ea05e5b10071f36a"
+    "72c8ddc3058c52eaae99259dba1f28aff35cf33d2ee646c9c83365c752e5b9b33ce2def9dd28bfcc1adc266a16"
+    "928faab309a221"
+)
+
+
+def test_stored_version_2_manifest_still_opens() -> None:
+    m = fmt.open_manifest(KEY, "s-v2", V2_SEALED_MANIFEST)
+    assert m.to_json() == V2_DOC
+    assert [c.skip for c in m.chunks] == [1 << 20, 0, 2 << 20, 0, 0]
