@@ -27,6 +27,7 @@ from driver.backup import Credentials, Repository, RepositoryKey, parse_target
 from driver.backup.engine import SnapshotRecord
 from driver.backup.extents import reflink
 from driver.backup.format import Manifest, chunk_key_name
+from driver.host import memory
 from tests.backup.conftest import ACCESS_KEY, SECRET_KEY, S3Server
 
 MiB = 1 << 20
@@ -295,6 +296,8 @@ def run(base: str, pool_mount: str, settings: Settings, log: Callable[[str], Non
     the tools (Stowage first, then restic, per phase) so that both see the same machine at about
     the same time."""
     out: dict[str, Any] = {"settings": dict(settings.__dict__), "skipped": []}
+    # The engine runs in this process: the allocator as the driver sets it for its data path.
+    out["allocator_tuned"] = memory.keep_large_buffers()
     free = shutil.disk_usage(base).free
     out["free_bytes"] = free
     if free < settings.free_needed:

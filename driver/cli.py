@@ -17,6 +17,7 @@ from typing import NoReturn
 from driver import DRIVER_NAME, __version__, faults, flags, logs
 from driver.config import Config, Mode
 from driver.errors import StowageError
+from driver.host import memory
 from driver.quantity import parse_bytes
 
 log = logging.getLogger("driver")
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if armed:
         log.warning("fault injection armed (%s): %s", faults.ENV, ", ".join(armed))
     if cfg.backup_targets:
+        memory.keep_large_buffers()
         from driver.core.backups import load_config
 
         try:  # the key file and the credentials, before anything else starts

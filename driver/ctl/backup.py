@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from driver import errors, ids
+from driver.host import memory
 
 FORMS = "NAME=s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]"
 
@@ -125,6 +126,7 @@ def main(args: argparse.Namespace, emit: Any) -> int:
     from driver import faults
 
     faults.configure()  # STOWAGE_FAULTS, as in the driver: the crash tests of gc
+    memory.keep_large_buffers()  # as the driver does for its backup data path
     if args.action == "status":
         rows = upload_status(args.pool_dir)
         emit(rows, rows, ("snapshot", "target", "phase", "done", "total", "percent", "updated",
