@@ -145,30 +145,13 @@ class LocalS3:
         return s3_client(self.endpoint, self.access_key, self.secret_key)
 
     def start(self, timeout: float = 90.0) -> LocalS3:
-        import botocore.exceptions
-
         os.makedirs(self.base, exist_ok=True)
         if not self.port:
             self.port = free_port()
         ports = {name: free_port() for name in WEED_PORTS}
         argv = weed_argv(self.base, self.port, ports, self.access_key, self.secret_key)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.base, start_new_session=True,
-            )  # fmt: skip
-        client = self.client()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited early (log: {self.log_path})")
-            try:
-                check_ready(client)
-                return self
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"weed did not answer S3 within {timeout:.0f}s (log: {self.log_path})")
+        self.proc = launch(argv, self.base, self.log_path, self.client(), timeout)
+        return self
 
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)  # type: ignore[attr-defined]
@@ -180,6 +163,34 @@ class LocalS3:
         stop_pid(self.proc.pid)
         self.proc.wait()
         self.proc = None
+
+
+def launch(
+    argv: list[str], cwd: str, log_path: str, client: Any, timeout: float
+) -> subprocess.Popen[bytes]:
+    """Start an S3 server detached (its own session, output appended to `log_path`) and wait
+    until `check_ready(client)` passes; RuntimeError, with the server stopped, when it exits or
+    does not answer within `timeout` seconds."""
+    import botocore.exceptions
+
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, start_new_session=True,
+        )  # fmt: skip
+    name = os.path.basename(argv[0])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited early (log: {log_path})")
+        try:
+            check_ready(client)
+            return proc
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+            time.sleep(0.3)
+    stop_pid(proc.pid)
+    proc.wait()
+    raise RuntimeError(f"{name} did not answer S3 within {timeout:.0f}s (log: {log_path})")
 
 
 def stop_pid(pid: int, timeout: float = 20.0) -> None:

@@ -10,17 +10,21 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import botocore.config
-import botocore.exceptions
 import pytest
 
 from driver.backup import Credentials, Repository, RepositoryKey, Store, parse_target
-from driver.ctl.s3local import WEED_PORTS, check_ready, free_port, s3_client, weed_argv
+from driver.ctl.s3local import (
+    WEED_PORTS,
+    free_port,
+    launch,
+    s3_client,
+    stop_pid,
+    weed_argv,
+)
 from harness import DriverProcess, Pool, make_pool
 
 BIN = os.path.dirname(sys.executable)
@@ -61,33 +65,17 @@ class S3Server:
             self.port = free_port()
             for name in WEED_PORTS:
                 self.extra_ports[name] = free_port()
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.base, start_new_session=True)
-        log.close()
-        client = self.client()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.kind} exited early:\n{self.log()}")
-            try:
-                check_ready(client)
-                return
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
-                time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"{self.kind} did not become ready:\n{self.log()}")
+        try:
+            self.proc = launch(self.argv(), self.base, self.log_path, self.client(),
+                                     timeout)
+        except RuntimeError as exc:
+            raise AssertionError(f"{self.kind}: {exc}\n{self.log()}") from None
 
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_pid(self.proc.pid)
+        self.proc.wait()
         self.proc = None
 
     def log(self) -> str:
